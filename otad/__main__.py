@@ -1,0 +1,7 @@
+import sys
+
+from otad.cli import main
+
+__layer__ = "cli"
+
+sys.exit(main())

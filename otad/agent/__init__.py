@@ -1,0 +1,3 @@
+"""The device agent: everything that runs on the device."""
+
+__layer__ = "pure"

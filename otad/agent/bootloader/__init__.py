@@ -1,0 +1,3 @@
+"""Bootloader env codecs (pure) and one backend per bootloader (grub, uboot, sim)."""
+
+__layer__ = "pure"

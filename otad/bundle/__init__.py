@@ -1,0 +1,3 @@
+"""The signed otad bundle format: build, sign, inspect, streaming verify (pure)."""
+
+__layer__ = "pure"

@@ -1,0 +1,3 @@
+"""Shared fixtures live in tests/plugins/ (one module per area), registered here."""
+
+pytest_plugins: list[str] = []
