@@ -1,0 +1,1 @@
+"""Fixtures for the device agent: file-backed slots, sim bootloader, agent runs."""

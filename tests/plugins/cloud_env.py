@@ -1,0 +1,1 @@
+"""Fixtures for the cloud side: PKI, a real Mosquitto with TLS and ACL, replica, store."""
