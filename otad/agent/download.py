@@ -1,0 +1,421 @@
+"""HTTPS bundle downloads: one aiohttp session, verified TLS, Range resume, bounded retries.
+
+A :class:`Transfer` is one bundle being fetched. Its :meth:`Transfer.chunks` yields
+``(offset, bytes)`` pairs; after a cut it reconnects with ``Range: bytes=<offset>-`` and
+``If-Range: <ETag>`` and goes on where it stopped, so no byte is fetched twice. A server that
+answers a resume with ``200`` (it ignored Range, or the entity changed) makes the transfer start
+again at offset 0; the caller sees the offset jump back and resets what it built so far.
+
+Every aiohttp / TLS / OS error is translated here, once, into the
+:class:`~otad.errors.DownloadError` tree. A pre-signed URL that is refused (401/403) is
+:class:`~otad.errors.UrlExpired`: the caller asks for a fresh URL, calls
+:meth:`Transfer.replace_source`, iterates again, and the transfer resumes at the same offset.
+URLs are logged without their query; tokens never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+
+from otad.agent.config import AgentConfig, DownloadConfig
+from otad.errors import (
+    DownloadError,
+    DownloadForbidden,
+    DownloadNotFound,
+    DownloadProtocolError,
+    DownloadTimeout,
+    DownloadTooLarge,
+    InsecureUrl,
+    RetriesExhausted,
+    UrlExpired,
+)
+from otad.logs import redact_url
+
+__layer__ = "adapter"
+
+log = structlog.get_logger(__name__)
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_MAX_REDIRECTS = 5
+_RETRY_AFTER_CAP = 60.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a bundle comes from: a pre-signed https URL, or an artifact URL plus token auth."""
+
+    url: str
+    auth: str | None = None  # None: pre-signed URL; "token": temporary credential flow
+
+    def __post_init__(self) -> None:
+        check_https(self.url)
+
+    @property
+    def safe(self) -> str:
+        return redact_url(self.url)
+
+
+def check_https(url: str) -> None:
+    """Raise :class:`InsecureUrl` unless ``url`` is an absolute ``https://`` URL with a host."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InsecureUrl(f"download: not a URL: {redact_url(url)}") from exc
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise InsecureUrl(
+            f"download: only https:// URLs are accepted, got {parts.scheme or 'no'} scheme"
+        )
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Exponential backoff with jitter (50-100 % of the capped step); ``attempt`` from 1."""
+    step = min(maximum, initial * (2 ** max(0, attempt - 1)))
+    return float(step * random.uniform(0.5, 1.0))
+
+
+def make_ssl_context(
+    ca: Any = None, cert: tuple[Any, Any] | None = None, *, what: str = "download"
+) -> ssl.SSLContext:
+    """A verifying client context for ``ca`` (system store when None), optional client cert."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    except (OSError, ssl.SSLError) as exc:
+        raise DownloadForbidden(f"{what}: cannot load TLS material: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Downloader:
+    """Owns the agent's one :class:`aiohttp.ClientSession` and the credential for token auth."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.settings: DownloadConfig = config.download
+        self._ssl = make_ssl_context(config.store_ca, config.store_cert)
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_deadline = 0.0
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.settings.sock_connect,
+                sock_read=self.settings.sock_read,
+            )
+            self._session = aiohttp.ClientSession(
+                timeout=timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4),
+                auto_decompress=False,  # the bundle is the bytes; never let aiohttp rewrite them
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def transfer(self, source: Source, *, max_size: int | None = None) -> Transfer:
+        limit = self.settings.max_bundle_size
+        if max_size is not None:
+            limit = min(limit, max_size)
+        return Transfer(self, source, limit)
+
+    def forget_token(self) -> None:
+        self._token = None
+
+    async def token(self, source: Source) -> str:
+        """A temporary credential from ``POST <store>/v1/credentials`` (cert = proof)."""
+        if self._token is not None and time.monotonic() < self._token_deadline:
+            return self._token
+        base = self.config.store.url or _origin(source.url)
+        url = f"{base}/v1/credentials"
+        check_https(url)
+        artifact = urlsplit(source.url).path.rsplit("/", 1)[-1]
+        try:
+            async with self.session().post(
+                url, json={"artifact": artifact}, allow_redirects=False
+            ) as resp:
+                if resp.status in (401, 403):
+                    raise DownloadForbidden(
+                        f"download: credential request refused ({resp.status})",
+                        status=resp.status,
+                    )
+                if resp.status != 200:
+                    raise DownloadProtocolError(
+                        f"download: credential request answered {resp.status}", status=resp.status
+                    )
+                body = await resp.json(content_type=None)
+        except DownloadError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "credential request") from exc
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise DownloadProtocolError("download: credential answer has no token")
+        lifetime = body.get("expires_in", 300)
+        lifetime = float(lifetime) if isinstance(lifetime, int | float) else 300.0
+        self._token = token
+        # Renew a little early so a long download does not hit the edge of the token's life.
+        self._token_deadline = time.monotonic() + max(1.0, lifetime * 0.8)
+        log.info("credential_obtained", store=redact_url(base), expires_in=lifetime)
+        return token
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _translate(exc: BaseException, what: str) -> DownloadError:
+    """The one place where aiohttp / TLS / OS errors become otad errors."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+        return DownloadForbidden(f"download: {what}: server certificate not trusted")
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return DownloadTimeout(f"download: {what}: timed out")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return DownloadProtocolError(f"download: {what}: body cut short")
+    if isinstance(exc, aiohttp.ClientError | OSError | ssl.SSLError):
+        return DownloadProtocolError(f"download: {what}: {type(exc).__name__}: {exc}")
+    return DownloadProtocolError(f"download: {what}: {type(exc).__name__}")
+
+
+class _Restart(Exception):
+    """Internal: the server sent the whole entity again; restart at offset 0."""
+
+
+class Transfer:
+    """One bundle fetch, resumable within the process."""
+
+    def __init__(self, downloader: Downloader, source: Source, max_size: int) -> None:
+        self.downloader = downloader
+        self.source = source
+        self.max_size = max_size
+        self.offset = 0
+        self.total: int | None = None
+        self.etag: str | None = None
+        self.restarts = 0
+        self.resumes = 0
+        self.requests = 0
+        self.bytes_received = 0
+        self._token_refused = False
+
+    def replace_source(self, source: Source) -> None:
+        """A fresh URL for the same artifact (after :class:`UrlExpired`); the offset is kept."""
+        self.source = source
+        self.downloader.forget_token()
+
+    def limit(self, size: int) -> None:
+        """Lower the byte limit, e.g. to the size the verified bundle header declares."""
+        if size > self.max_size:
+            raise DownloadTooLarge(
+                f"download: bundle declares {size} bytes, limit is {self.max_size}"
+            )
+        if self.total is not None and self.total != size:
+            raise DownloadProtocolError(
+                f"download: server length {self.total} differs from the bundle's {size}"
+            )
+        self.max_size = size
+
+    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(offset, data)`` until the whole entity arrived; retry transient errors."""
+        cfg = self.downloader.settings
+        failures = 0
+        progress_mark = self.offset
+        while self.total is None or self.offset < self.total:
+            try:
+                async for item in self._request():
+                    yield item
+                if self.total is None:
+                    return  # a body without a length ended cleanly: that is the whole entity
+            except DownloadError as exc:
+                if not exc.retryable:
+                    raise
+                # Progress since the last failure earns a fresh retry budget; a server that cuts
+                # every connection before sending anything still runs out of retries.
+                if self.offset - progress_mark >= cfg.chunk_size:
+                    failures = 0
+                progress_mark = self.offset
+                failures += 1
+                if failures > cfg.retries:
+                    raise RetriesExhausted(
+                        f"download: gave up after {cfg.retries} retries: {exc}", cause=exc.code
+                    ) from exc
+                delay = exc.details.get("retry_after") or backoff_delay(
+                    failures, cfg.backoff_initial, cfg.backoff_max
+                )
+                log.warning(
+                    "download_retrying",
+                    url=self.source.safe,
+                    offset=self.offset,
+                    attempt=failures,
+                    delay=round(delay, 2),
+                    error=exc.code,
+                    reason=exc.message,
+                )
+                await asyncio.sleep(delay)
+            except _Restart:
+                continue
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept-Encoding": "identity"}
+        if self.offset > 0:
+            headers["Range"] = f"bytes={self.offset}-"
+            if self.etag:
+                headers["If-Range"] = self.etag
+        return headers
+
+    async def _request(self) -> AsyncIterator[tuple[int, bytes]]:
+        downloader = self.downloader
+        url = self.source.url
+        headers = self._headers()
+        if self.source.auth == "token":
+            headers["Authorization"] = f"Bearer {await downloader.token(self.source)}"
+        self.requests += 1
+        if self.offset > 0:
+            self.resumes += 1
+            log.info("download_resumed", url=self.source.safe, offset=self.offset)
+        try:
+            for _ in range(_MAX_REDIRECTS + 1):
+                async with downloader.session().get(
+                    url, headers=headers, allow_redirects=False
+                ) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        location = resp.headers.get("Location", "")
+                        url = urljoin(url, location)
+                        check_https(url)
+                        continue
+                    self._check_status(resp)
+                    async for item in self._body(resp):
+                        yield item
+                    return
+            raise DownloadProtocolError("download: too many redirects")
+        except (DownloadError, _Restart):
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "transfer") from exc
+
+    def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        status = resp.status
+        if status in (200, 206):
+            self._token_refused = False
+            return
+        if status in (401, 403):
+            if self.source.auth == "token":
+                # The token may have just expired: drop it and retry once with a fresh one.
+                self.downloader.forget_token()
+                if not self._token_refused:
+                    self._token_refused = True
+                    raise DownloadProtocolError(
+                        f"download: token refused ({status})", status=status
+                    )
+                raise DownloadForbidden(
+                    f"download: access refused with a fresh token ({status})", status=status
+                )
+            raise UrlExpired(
+                f"download: pre-signed URL refused ({status}); a fresh URL is needed",
+                status=status,
+            )
+        if status in (404, 410):
+            raise DownloadNotFound(f"download: artifact not found ({status})", status=status)
+        if status == 416:
+            # Our offset is past the entity (it changed under us): start over.
+            self.offset, self.etag, self.total = 0, None, None
+            raise DownloadProtocolError("download: range not satisfiable; restarting", status=416)
+        if status in (408, 425, 429) or status >= 500:
+            retry_after = _retry_after(resp.headers.get("Retry-After"))
+            raise DownloadProtocolError(
+                f"download: server answered {status}", status=status, retry_after=retry_after
+            )
+        raise DownloadForbidden(f"download: server answered {status}", status=status)
+
+    async def _body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[int, bytes]]:
+        etag = resp.headers.get("ETag")
+        if resp.status == 200:
+            length = resp.content_length
+            if self.offset > 0:
+                # Range ignored or If-Range did not match: the bytes we hold may be of another
+                # entity, so the caller must start over from the first byte.
+                log.warning("download_restarted", url=self.source.safe, had=self.offset)
+                self.restarts += 1
+                self.offset = 0
+            start = 0
+            total = length
+        else:
+            start, total = self._content_range(resp.headers.get("Content-Range", ""))
+            if etag and self.etag and etag != self.etag:
+                raise DownloadProtocolError("download: ETag changed on resume")
+        if total is not None:
+            if total > self.max_size:
+                raise DownloadTooLarge(
+                    f"download: server declares {total} bytes, limit is {self.max_size}"
+                )
+            if self.total is not None and total != self.total and resp.status == 206:
+                raise DownloadProtocolError("download: entity length changed on resume")
+            self.total = total
+        if etag:
+            self.etag = etag
+        offset = start
+        cfg = self.downloader.settings
+        window_start, window_bytes = time.monotonic(), 0
+        async for data in resp.content.iter_chunked(cfg.chunk_size):
+            end = offset + len(data)
+            limit = self.total if self.total is not None else self.max_size
+            if end > limit or end > self.max_size:
+                raise DownloadTooLarge(
+                    f"download: server sent more than the {limit} bytes declared"
+                )
+            self.bytes_received += len(data)
+            yield offset, data
+            offset = end
+            self.offset = end
+            if cfg.min_rate:
+                window_bytes += len(data)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= cfg.rate_window:
+                    if window_bytes / elapsed < cfg.min_rate:
+                        raise DownloadTimeout(
+                            f"download: below the minimum rate of {cfg.min_rate} B/s"
+                        )
+                    window_start, window_bytes = time.monotonic(), 0
+        if self.total is not None and offset < self.total:
+            raise DownloadProtocolError(
+                f"download: body ended at {offset} of {self.total} bytes", offset=offset
+            )
+
+    def _content_range(self, value: str) -> tuple[int, int | None]:
+        match = _CONTENT_RANGE.match(value.strip())
+        if match is None:
+            raise DownloadProtocolError("download: 206 without a valid Content-Range")
+        start, end = int(match.group(1)), int(match.group(2))
+        total = None if match.group(3) == "*" else int(match.group(3))
+        if start != self.offset or end < start or (total is not None and end >= total):
+            raise DownloadProtocolError(
+                f"download: Content-Range {start}-{end} does not continue at {self.offset}"
+            )
+        return start, total
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(_RETRY_AFTER_CAP, max(0.0, float(value)))
+    except ValueError:
+        return None
