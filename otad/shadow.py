@@ -1,0 +1,713 @@
+"""Device shadow documents with AWS IoT Device Shadow semantics (pure: no I/O).
+
+Both sides use this module: the replica applies requests to stored documents, the agent reads
+deltas and builds reported updates, operator tools parse responses.
+
+The rules, the same as AWS IoT's classic shadow so an agent works against either:
+
+* A document is ``{"state": {"desired": {..}, "reported": {..}}, "metadata": {..},
+  "version": N, "timestamp": T}``; a section with no keys is left out.
+* An update is a partial merge: objects merge key by key, ``null`` deletes a key (``"desired":
+  null`` deletes the whole section), arrays and scalars are replaced whole. An object left without
+  keys by deletions is removed, so ``{}`` never lingers in a document.
+* Every accepted update raises ``version`` by exactly one (the first one creates version 1). An
+  update that names ``version`` is applied only if it equals the current version, else 409.
+* The delta holds every desired key whose value differs from reported (absent included),
+  recursing into objects; keys only in reported are left out. ``true`` differs from ``1``;
+  ``1`` equals ``1.0``.
+* Metadata mirrors the state: each leaf (scalar or array) set by an update gets
+  ``{"timestamp": T}`` (seconds since the epoch).
+* Limits: 8 KiB of compact JSON for desired + reported together (413), 64 bytes of
+  ``clientToken`` (400), 8 levels of nesting inside desired/reported (400), and 16 KiB for a
+  request payload (413, checked before parsing). Payloads must be UTF-8 (415).
+
+Errors are :class:`otad.errors.ShadowError` subclasses whose ``status`` is the wire code of the
+``rejected`` document; the request's ``clientToken``, when it was readable, is in
+``error.details["client_token"]`` so the rejection can echo it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias, cast
+
+from otad.errors import (
+    ShadowBadRequest,
+    ShadowError,
+    ShadowForbidden,
+    ShadowInternal,
+    ShadowNotFound,
+    ShadowThrottled,
+    ShadowTooLarge,
+    ShadowUnauthorized,
+    ShadowUnsupportedEncoding,
+    ShadowVersionConflict,
+)
+
+__layer__ = "pure"
+
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+JsonObject: TypeAlias = "dict[str, JsonValue]"
+
+MAX_STATE_BYTES: Final = 8 * 1024
+MAX_CLIENT_TOKEN_BYTES: Final = 64
+MAX_DEPTH: Final = 8
+MAX_REQUEST_BYTES: Final = 16 * 1024
+DEFAULT_TEMPLATE: Final = "state/{device_id}"
+AWS_TEMPLATE: Final = "$aws/things/{device_id}/shadow"
+
+# Device ids become one topic level: no MQTT wildcards, separators or control characters.
+# This is AWS's thing-name alphabet plus '.'.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9:_.\-]{1,128}")
+
+RequestKind = Literal["update", "get"]
+
+_UPDATE_FIELDS: Final = frozenset({"state", "version", "clientToken"})
+_GET_FIELDS: Final = frozenset({"clientToken"})
+_STATE_FIELDS: Final = frozenset({"desired", "reported"})
+
+
+# --- topics ------------------------------------------------------------------------------------
+
+
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it can be one topic level, else raise ShadowBadRequest."""
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        raise ShadowBadRequest(
+            f"shadow: invalid device id {device_id!r} (1-128 of A-Z a-z 0-9 : _ . -)"
+        )
+    return device_id
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it names ``{device_id}`` as one whole topic level."""
+    levels = template.split("/")
+    if levels.count("{device_id}") != 1 or template.count("{") != 1 or template.count("}") != 1:
+        raise ShadowBadRequest(
+            f"shadow: topic template {template!r} must contain {{device_id}} once, "
+            "as a whole topic level"
+        )
+    if any(ch in template for ch in "+#\0") or any(level == "" for level in levels):
+        raise ShadowBadRequest(
+            f"shadow: topic template {template!r} must not contain wildcards or empty levels"
+        )
+    return template
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The shadow topics of one device under a prefix template.
+
+    ``Topics("dev1").update == "state/dev1/update"``;
+    ``Topics("dev1", AWS_TEMPLATE).update == "$aws/things/dev1/shadow/update"``.
+    """
+
+    device_id: str
+    template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        check_device_id(self.device_id)
+        check_template(self.template)
+
+    @property
+    def prefix(self) -> str:
+        return self.template.replace("{device_id}", self.device_id)
+
+    @property
+    def update(self) -> str:
+        return f"{self.prefix}/update"
+
+    @property
+    def update_accepted(self) -> str:
+        return f"{self.prefix}/update/accepted"
+
+    @property
+    def update_rejected(self) -> str:
+        return f"{self.prefix}/update/rejected"
+
+    @property
+    def update_delta(self) -> str:
+        return f"{self.prefix}/update/delta"
+
+    @property
+    def update_documents(self) -> str:
+        return f"{self.prefix}/update/documents"
+
+    @property
+    def get(self) -> str:
+        return f"{self.prefix}/get"
+
+    @property
+    def get_accepted(self) -> str:
+        return f"{self.prefix}/get/accepted"
+
+    @property
+    def get_rejected(self) -> str:
+        return f"{self.prefix}/get/rejected"
+
+    def accepted(self, kind: RequestKind) -> str:
+        return self.update_accepted if kind == "update" else self.get_accepted
+
+    def rejected(self, kind: RequestKind) -> str:
+        return self.update_rejected if kind == "update" else self.get_rejected
+
+
+def request_filters(template: str = DEFAULT_TEMPLATE, share_group: str | None = None) -> list[str]:
+    """The subscription filters a replica needs for the request topics of every device.
+
+    With ``share_group`` the filters are MQTT 5 shared subscriptions so several replica
+    processes split the load. Mosquitto delivers nothing to a shared subscription whose filter
+    starts with ``$`` (the AWS layout), so for such templates the plain filters are returned:
+    one replica process per broker then, or split by another means.
+    """
+    check_template(template)
+    wildcard = template.replace("{device_id}", "+")
+    filters = [f"{wildcard}/update", f"{wildcard}/get"]
+    if share_group is None or wildcard.startswith("$"):
+        return filters
+    return [f"$share/{share_group}/{f}" for f in filters]
+
+
+def parse_request_topic(topic: str, template: str = DEFAULT_TEMPLATE) -> tuple[str, RequestKind]:
+    """``("dev1", "update")`` for ``state/dev1/update``; ShadowBadRequest for anything else."""
+    check_template(template)
+    head, _, tail = template.partition("{device_id}")
+    if not topic.startswith(head) or not (topic.endswith("/update") or topic.endswith("/get")):
+        raise ShadowBadRequest(f"shadow: {topic!r} is not a shadow request topic")
+    kind: RequestKind = "update" if topic.endswith("/update") else "get"
+    middle = topic[len(head) : len(topic) - len(kind) - 1]
+    if not middle.endswith(tail):
+        raise ShadowBadRequest(f"shadow: {topic!r} is not a shadow request topic")
+    device_id = middle[: len(middle) - len(tail)]
+    return check_device_id(device_id), kind
+
+
+# --- JSON values -------------------------------------------------------------------------------
+
+
+def json_equal(a: JsonValue, b: JsonValue) -> bool:
+    """JSON equality: booleans are not numbers, 1 equals 1.0, arrays compare in order."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def compact_json(value: Any) -> str:
+    """Compact JSON text (no spaces), the form sizes are measured in."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode(value: Any) -> bytes:
+    """The UTF-8 payload of a message."""
+    return compact_json(value).encode("utf-8")
+
+
+# --- merge, delta, metadata --------------------------------------------------------------------
+
+
+def merge_state(base: Mapping[str, JsonValue], patch: Mapping[str, JsonValue]) -> JsonObject:
+    """``base`` with ``patch`` merged in: objects recurse, ``null`` deletes, the rest replaces.
+
+    Neither argument is modified. An object emptied by deletions is removed.
+    """
+    out: JsonObject = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+            continue
+        if isinstance(value, dict):
+            current = out.get(key)
+            merged = merge_state(current if isinstance(current, dict) else {}, value)
+            if merged:
+                out[key] = merged
+            else:
+                out.pop(key, None)
+            continue
+        out[key] = value
+    return out
+
+
+def compute_delta(
+    desired: Mapping[str, JsonValue], reported: Mapping[str, JsonValue]
+) -> JsonObject:
+    """Desired keys whose value differs from reported (absent counts as different), nested."""
+    delta: JsonObject = {}
+    for key, want in desired.items():
+        if key not in reported:
+            delta[key] = want
+            continue
+        have = reported[key]
+        if isinstance(want, dict) and isinstance(have, dict):
+            sub = compute_delta(want, have)
+            if sub:
+                delta[key] = sub
+        elif not json_equal(want, have):
+            delta[key] = want
+    return delta
+
+
+def metadata_for(patch: Mapping[str, JsonValue], timestamp: int) -> JsonObject:
+    """Metadata of the keys a patch names: ``{"timestamp": T}`` per leaf, objects mirrored."""
+    out: JsonObject = {}
+    for key, value in patch.items():
+        if isinstance(value, dict) and value:
+            out[key] = metadata_for(value, timestamp)
+        else:
+            out[key] = {"timestamp": timestamp}
+    return out
+
+
+def merge_metadata(
+    metadata: Mapping[str, JsonValue], patch: Mapping[str, JsonValue], timestamp: int
+) -> JsonObject:
+    """The metadata of a section after ``patch`` was merged into it (same shape as the state)."""
+    out: JsonObject = dict(metadata)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            current = out.get(key)
+            # A leaf's metadata ({"timestamp": T}) is not an object of per-key metadata.
+            nested = current if isinstance(current, dict) and not _is_leaf_meta(current) else {}
+            merged = merge_metadata(nested, value, timestamp)
+            if merged:
+                out[key] = merged
+            else:
+                out.pop(key, None)
+        else:
+            out[key] = {"timestamp": timestamp}
+    return out
+
+
+def restrict_metadata(
+    metadata: Mapping[str, JsonValue], shape: Mapping[str, JsonValue]
+) -> JsonObject:
+    """The part of ``metadata`` for the keys of ``shape`` (used for the delta's metadata)."""
+    out: JsonObject = {}
+    for key, value in shape.items():
+        meta = metadata.get(key)
+        if meta is None:
+            continue
+        if isinstance(value, dict) and isinstance(meta, dict) and not _is_leaf_meta(meta):
+            out[key] = restrict_metadata(meta, value)
+        else:
+            out[key] = meta
+    return out
+
+
+def _is_leaf_meta(meta: Mapping[str, JsonValue]) -> bool:
+    return meta.keys() == {"timestamp"} and isinstance(meta["timestamp"], int)
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class _Absent:
+    """The section was not named in the request (``null`` means delete it)."""
+
+    _instance: _Absent | None = None
+
+    def __new__(cls) -> _Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()
+SectionPatch: TypeAlias = "JsonObject | _Absent | None"
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    """A parsed update: each section is a patch, ``None`` (delete the section) or ABSENT."""
+
+    desired: SectionPatch = ABSENT
+    reported: SectionPatch = ABSENT
+    version: int | None = None
+    client_token: str | None = None
+
+    def to_payload(self) -> JsonObject:
+        state: JsonObject = {}
+        if not isinstance(self.desired, _Absent):
+            state["desired"] = self.desired
+        if not isinstance(self.reported, _Absent):
+            state["reported"] = self.reported
+        out: JsonObject = {"state": state}
+        if self.version is not None:
+            out["version"] = self.version
+        if self.client_token is not None:
+            out["clientToken"] = self.client_token
+        return out
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    client_token: str | None = None
+
+
+def _bad(message: str, token: str | None) -> ShadowBadRequest:
+    return ShadowBadRequest(f"shadow: {message}", client_token=token)
+
+
+def _decode(payload: bytes, *, allow_empty: bool) -> Any:
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ShadowTooLarge(
+            f"shadow: request of {len(payload)} bytes is over the {MAX_REQUEST_BYTES}-byte limit"
+        )
+    if allow_empty and not payload.strip():
+        return {}
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShadowUnsupportedEncoding(
+            "shadow: unsupported document encoding; supported encoding is UTF-8"
+        ) from exc
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ShadowBadRequest(f"shadow: payload is not valid JSON: {exc}") from exc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _client_token(doc: Mapping[str, Any]) -> str | None:
+    """The request's clientToken; raise with no token to echo if it is not a valid one."""
+    if "clientToken" not in doc:
+        return None
+    token = doc["clientToken"]
+    if not isinstance(token, str):
+        raise _bad("clientToken must be a string", None)
+    try:
+        size = len(token.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise _bad("clientToken is not valid Unicode", None) from exc
+    if size > MAX_CLIENT_TOKEN_BYTES:
+        raise _bad(
+            f"clientToken of {size} bytes is over the {MAX_CLIENT_TOKEN_BYTES}-byte limit", None
+        )
+    return token
+
+
+def _check_value(value: Any, depth: int, where: str, token: str | None) -> None:
+    """Reject what JSON text cannot round-trip: lone surrogates, huge floats, deep nesting."""
+    if isinstance(value, dict):
+        if depth > MAX_DEPTH:
+            raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
+        for key, item in value.items():
+            _check_text(key, where, token)
+            _check_value(item, depth + 1, where, token)
+    elif isinstance(value, list):
+        if depth > MAX_DEPTH:
+            raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
+        for item in value:
+            _check_value(item, depth + 1, where, token)
+    elif isinstance(value, str):
+        _check_text(value, where, token)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _bad(f"{where} holds a number out of range", token)
+
+
+def _check_text(text: str, where: str, token: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"{where} holds a string that is not valid Unicode", token) from exc
+
+
+def parse_update(payload: bytes) -> UpdateRequest:
+    """Parse and validate an update request; raise a ShadowError with the wire status."""
+    doc = _decode(payload, allow_empty=False)
+    if not isinstance(doc, dict):
+        raise _bad("update must be a JSON object", None)
+    token = _client_token(doc)
+    unknown = sorted(set(doc) - _UPDATE_FIELDS)
+    if unknown:
+        raise _bad(f"unexpected field {unknown[0]!r} in update", token)
+    if "state" not in doc:
+        raise _bad("missing required node: state", token)
+    state = doc["state"]
+    if not isinstance(state, dict):
+        raise _bad("state must be a JSON object", token)
+    unknown = sorted(set(state) - _STATE_FIELDS)
+    if unknown:
+        raise _bad(f"state node may hold only desired and reported, not {unknown[0]!r}", token)
+    if not state:
+        raise _bad("state must name desired or reported", token)
+    version = doc.get("version")
+    if version is not None and (type(version) is not int or version < 0):
+        raise _bad("version must be a non-negative integer", token)
+    sections: dict[str, SectionPatch] = {}
+    for name in ("desired", "reported"):
+        if name not in state:
+            sections[name] = ABSENT
+            continue
+        section = state[name]
+        if section is not None and not isinstance(section, dict):
+            raise _bad(f"state.{name} must be a JSON object or null", token)
+        if section is not None:
+            _check_value(section, 1, f"state.{name}", token)
+        sections[name] = section
+    return UpdateRequest(
+        desired=sections["desired"],
+        reported=sections["reported"],
+        version=version,
+        client_token=token,
+    )
+
+
+def parse_get(payload: bytes) -> GetRequest:
+    """Parse a get request: empty, ``{}`` or ``{"clientToken": ...}``."""
+    doc = _decode(payload, allow_empty=True)
+    if not isinstance(doc, dict):
+        raise _bad("get request must be a JSON object", None)
+    token = _client_token(doc)
+    unknown = sorted(set(doc) - _GET_FIELDS)
+    if unknown:
+        raise _bad(f"unexpected field {unknown[0]!r} in get request", token)
+    return GetRequest(client_token=token)
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShadowDocument:
+    """The stored shadow of one device."""
+
+    desired: JsonObject
+    reported: JsonObject
+    metadata_desired: JsonObject
+    metadata_reported: JsonObject
+    version: int
+    timestamp: int
+
+    @property
+    def delta(self) -> JsonObject:
+        return compute_delta(self.desired, self.reported)
+
+    def state_size(self) -> int:
+        """Bytes of compact JSON of desired + reported, the quantity the 8 KiB limit bounds."""
+        return len(encode({"desired": self.desired, "reported": self.reported}))
+
+    def state(self) -> JsonObject:
+        out: JsonObject = {}
+        if self.desired:
+            out["desired"] = self.desired
+        if self.reported:
+            out["reported"] = self.reported
+        return out
+
+    def metadata(self) -> JsonObject:
+        out: JsonObject = {}
+        if self.metadata_desired:
+            out["desired"] = self.metadata_desired
+        if self.metadata_reported:
+            out["reported"] = self.metadata_reported
+        return out
+
+    def to_storage(self) -> str:
+        """The JSON text a store keeps (round-trips through :meth:`from_storage`)."""
+        return compact_json(
+            {
+                "state": self.state(),
+                "metadata": self.metadata(),
+                "version": self.version,
+                "timestamp": self.timestamp,
+            }
+        )
+
+    @classmethod
+    def from_storage(cls, text: str) -> ShadowDocument:
+        try:
+            doc = json.loads(text)
+            state, meta = doc["state"], doc["metadata"]
+            version, timestamp = doc["version"], doc["timestamp"]
+            desired, reported = state.get("desired", {}), state.get("reported", {})
+            meta_desired, meta_reported = meta.get("desired", {}), meta.get("reported", {})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ShadowInternal(f"shadow: stored document is corrupt: {exc}") from exc
+        parts = (desired, reported, meta_desired, meta_reported)
+        if not all(isinstance(p, dict) for p in parts) or not (
+            type(version) is int and type(timestamp) is int
+        ):
+            raise ShadowInternal("shadow: stored document has fields of the wrong type")
+        return cls(desired, reported, meta_desired, meta_reported, version, timestamp)
+
+    def get_response(self, client_token: str | None) -> JsonObject:
+        """The ``get/accepted`` payload: state with delta, metadata, version, timestamp."""
+        state = self.state()
+        delta = self.delta
+        if delta:
+            state["delta"] = delta
+        out: JsonObject = {
+            "state": state,
+            "metadata": self.metadata(),
+            "version": self.version,
+            "timestamp": self.timestamp,
+        }
+        return _with_token(out, client_token)
+
+    def _snapshot(self) -> JsonObject:
+        return {"state": self.state(), "metadata": self.metadata(), "version": self.version}
+
+
+def _with_token(doc: JsonObject, client_token: str | None) -> JsonObject:
+    if client_token is not None:
+        doc["clientToken"] = client_token
+    return doc
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """What an accepted update produces: the new document and the messages to publish."""
+
+    document: ShadowDocument
+    accepted: JsonObject
+    documents: JsonObject
+    delta: JsonObject | None  # the update/delta message, or None when nothing is to be sent
+
+
+def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: int) -> UpdateOutcome:
+    """Apply an update to a document (None: the shadow does not exist yet).
+
+    Raises ShadowVersionConflict (409) or ShadowTooLarge (413) with the clientToken attached;
+    never a partial result.
+    """
+    token = request.client_token
+    version = current.version if current is not None else 0
+    if request.version is not None and request.version != version:
+        raise ShadowVersionConflict(
+            f"shadow: version conflict: request has {request.version}, shadow is at {version}",
+            client_token=token,
+        )
+    base = current or ShadowDocument({}, {}, {}, {}, 0, now)
+    desired, meta_desired = _apply_section(
+        base.desired, base.metadata_desired, request.desired, now
+    )
+    reported, meta_reported = _apply_section(
+        base.reported, base.metadata_reported, request.reported, now
+    )
+    new = ShadowDocument(desired, reported, meta_desired, meta_reported, version + 1, now)
+    size = new.state_size()
+    if size > MAX_STATE_BYTES:
+        raise ShadowTooLarge(
+            f"shadow: the document's state would be {size} bytes, over the "
+            f"{MAX_STATE_BYTES}-byte limit",
+            client_token=token,
+        )
+    request_state = cast(JsonObject, request.to_payload()["state"])
+    request_meta: JsonObject = {}
+    for name in ("desired", "reported"):
+        section = request_state.get(name, ABSENT)
+        if isinstance(section, dict):
+            request_meta[name] = metadata_for(section, now)
+        elif section is None:
+            request_meta[name] = {"timestamp": now}
+    accepted = _with_token(
+        {
+            "state": request_state,
+            "metadata": request_meta,
+            "version": new.version,
+            "timestamp": now,
+        },
+        token,
+    )
+    previous = {} if current is None else {"previous": current._snapshot()}
+    documents = _with_token({**previous, "current": new._snapshot(), "timestamp": now}, token)
+    old_delta = current.delta if current is not None else {}
+    new_delta = new.delta
+    delta_message: JsonObject | None = None
+    if new_delta and not json_equal(new_delta, old_delta):
+        delta_message = _with_token(
+            {
+                "state": new_delta,
+                "metadata": restrict_metadata(new.metadata_desired, new_delta),
+                "version": new.version,
+                "timestamp": now,
+            },
+            token,
+        )
+    return UpdateOutcome(new, accepted, documents, delta_message)
+
+
+def _apply_section(
+    state: JsonObject, metadata: JsonObject, patch: SectionPatch, now: int
+) -> tuple[JsonObject, JsonObject]:
+    if isinstance(patch, _Absent):
+        return state, metadata
+    if patch is None:
+        return {}, {}
+    return merge_state(state, patch), merge_metadata(metadata, patch, now)
+
+
+def get_document(current: ShadowDocument | None, request: GetRequest, device_id: str) -> JsonObject:
+    """The ``get/accepted`` payload, or ShadowNotFound (404) for a shadow never written."""
+    if current is None:
+        raise ShadowNotFound(
+            f"shadow: no shadow exists for {device_id!r}", client_token=request.client_token
+        )
+    return current.get_response(request.client_token)
+
+
+# --- rejections --------------------------------------------------------------------------------
+
+_BY_STATUS: Final[dict[int, type[ShadowError]]] = {
+    400: ShadowBadRequest,
+    401: ShadowUnauthorized,
+    403: ShadowForbidden,
+    404: ShadowNotFound,
+    409: ShadowVersionConflict,
+    413: ShadowTooLarge,
+    415: ShadowUnsupportedEncoding,
+    429: ShadowThrottled,
+    500: ShadowInternal,
+}
+
+
+def rejected_document(error: ShadowError, now: int) -> JsonObject:
+    """The ``rejected`` payload for an error: code, message, timestamp, echoed clientToken."""
+    doc: JsonObject = {"code": error.status, "message": error.message, "timestamp": now}
+    token = error.details.get("client_token")
+    return _with_token(doc, token if isinstance(token, str) else None)
+
+
+def error_from_rejected(payload: Mapping[str, Any]) -> ShadowError:
+    """The ShadowError a ``rejected`` document stands for (for clients of the shadow)."""
+    code = payload.get("code")
+    message = payload.get("message")
+    text = message if isinstance(message, str) else "rejected without a message"
+    cls = _BY_STATUS.get(code, ShadowError) if type(code) is int else ShadowError
+    return cls(f"shadow rejected ({code}): {text}", client_token=payload.get("clientToken"))
+
+
+def client_token_of(payload: bytes) -> str | None:
+    """Best effort: the valid clientToken of a payload that may be invalid otherwise."""
+    try:
+        doc = _decode(payload, allow_empty=True)
+        return _client_token(doc) if isinstance(doc, dict) else None
+    except ShadowError:
+        return None
