@@ -1,1 +1,102 @@
-"""Fixtures for the cloud side: PKI, a real Mosquitto with TLS and ACL, replica, store."""
+"""Fixtures for the cloud side: PKI, a real Mosquitto with TLS and ACL, replica, store.
+
+Fixtures
+--------
+``cloud_dir`` (session)
+    A :class:`otad.cloud.pki.CloudDir` made by ``init_cloud`` with devices ``dev1`` .. ``dev4``,
+    free loopback ports for the broker and the store, and the default topic template
+    ``state/{device_id}``. Paths: ``cloud_dir.ca_cert``, ``cloud_dir.device("dev1").cert/.key``,
+    ``cloud_dir.service("fleet")``, ``cloud_dir.signing_key``, ``cloud_dir.keyring_dir`` ...
+    Read-only for tests: make your own with ``init_cloud(tmp_path)`` to change it.
+
+``broker`` (function; one mosquitto per session behind it)
+    A running :class:`otad.cloud.broker.BrokerProcess` (TLS, client certificates required,
+    ACL on) with ``.host``, ``.port``, ``.stop()``, ``.start()``, ``.restart()``, ``.kill()``
+    (SIGKILL) and ``.log_path``. A test may stop or kill it: the next test gets it running again.
+    On a test failure the tail of the mosquitto log is attached to the report.
+
+``cloud`` (function, async)
+    A :class:`CloudEnv`: the artifact store (HTTPS on a free port) and the replica running in the
+    test's event loop against ``broker``, each test with its own database and artifacts dir.
+    Helpers: ``await upload(bundle_path) -> artifact_id``, ``presign(artifact_id, device_id,
+    expires_in=3600) -> url``, ``store_url``, ``await set_desired(device_id, dict)``,
+    ``await get_document(device_id)``, ``mqtt(who)``.
+
+Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
+    ``identity(cloud_dir, who)``: the Identity of a device id or of a service ("replica", "fleet").
+    ``mqtt_client(cloud_dir, who, broker, **kwargs) -> aiomqtt.Client``: a TLS client presenting
+    that identity (kwargs go to aiomqtt, e.g. ``identifier``, ``protocol``, ``clean_session``).
+    Use it as ``async with mqtt_client(cloud_dir, "dev1", broker) as client: ...``.
+    ``free_port()``: a currently free loopback TCP port.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from otad.cloud.broker import BrokerProcess
+from otad.cloud.pki import SERVICES, CloudDir, Identity, init_cloud
+
+DEVICES = ("dev1", "dev2", "dev3", "dev4")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def identity(cloud: CloudDir, who: str) -> Identity:
+    """A device identity by id, or a service identity by name ("replica", "fleet")."""
+    return cloud.service(who) if who in SERVICES else cloud.device(who)
+
+
+def mqtt_client(cloud: CloudDir, who: str, broker: Any, **kwargs: Any) -> aiomqtt.Client:
+    """An aiomqtt client over TLS presenting ``who``'s certificate (not yet connected)."""
+    kwargs.setdefault("timeout", 10)
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        tls_context=cloud.client_context(identity(cloud, who)),
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def cloud_dir(tmp_path_factory: pytest.TempPathFactory) -> CloudDir:
+    root = tmp_path_factory.mktemp("cloud")
+    return init_cloud(root, DEVICES, broker_port=free_port(), store_port=free_port())
+
+
+@pytest.fixture(scope="session")
+def _broker_process(cloud_dir: CloudDir) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(cloud_dir, log_path=cloud_dir.broker_dir / "mosquitto.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def broker(_broker_process: BrokerProcess) -> BrokerProcess:
+    # A previous test may have stopped or killed it on purpose.
+    if not _broker_process.running:
+        _broker_process.start()
+    return _broker_process
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        process = getattr(item, "funcargs", {}).get("broker")
+        if isinstance(process, BrokerProcess):
+            report.sections.append(("mosquitto log (tail)", process.log_tail()))

@@ -1,0 +1,484 @@
+"""The cloud dir: a private CA, server/device/service identities, the broker ACL, the config.
+
+``otad cloud init DIR`` creates everything a backend needs on one host::
+
+    DIR/
+      otad-cloud.toml              the cloud config (see otad.cloud.config)
+      pki/ca.pem, ca.key           the CA (ECDSA P-256); ca.key never leaves this dir
+      pki/server.pem, server.key   broker + store TLS identity (SAN 127.0.0.1, ::1, localhost)
+      pki/devices/<id>.pem, .key   one client identity per device, CN = device id
+      pki/services/<name>.pem,.key service identities: replica, fleet (CN otad-svc-<name>)
+      keys/signing.key             the bundle signing key (ECDSA P-256, PKCS#8)
+      keys/keyring/<key id>.pem    its public key, as the keyring devices and the store trust
+      broker/mosquitto.conf, acl   generated from otad-cloud.toml (see render_mosquitto_conf)
+      broker/data/                 mosquitto persistence
+      secrets/presign.key          HMAC key for pre-signed URLs and tokens
+      state/                       the replica's database
+      artifacts/                   uploaded bundles
+
+Private keys and secrets are written with mode 0600 (created that way, never chmod'ed after a
+window in which they were readable). Every file is written to a temporary name, fsync'd and
+renamed, so an interrupted init never leaves a half-written key behind a valid name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import pwd
+import re
+import secrets
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from otad.cloud.config import CONFIG_NAME, CloudConfig, load_config, parse_config, render_config
+from otad.errors import ConfigError
+
+__layer__ = "adapter"
+
+SERVICE_PREFIX = "otad-svc-"
+SERVICES = ("replica", "fleet")
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+CA_DAYS = 3650
+SERVER_DAYS = 825
+CLIENT_DAYS = 1825
+# Certificates start 5 minutes in the past: a device whose clock is slightly behind still
+# accepts them.
+_BACKDATE = dt.timedelta(minutes=5)
+
+
+def validate_device_id(device_id: str) -> str:
+    """A device id is a certificate CN, an MQTT user name and a topic level: keep it plain."""
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ConfigError(
+            f"pki: invalid device id {device_id!r}: use 1-64 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    if device_id.startswith(SERVICE_PREFIX):
+        raise ConfigError(
+            f"pki: device id {device_id!r} uses the reserved prefix {SERVICE_PREFIX!r}"
+        )
+    return device_id
+
+
+def service_cn(name: str) -> str:
+    """The certificate CN (= MQTT user name) of a backend service identity."""
+    if name not in SERVICES:
+        raise ConfigError(f"pki: unknown service {name!r}; known: {', '.join(SERVICES)}")
+    return SERVICE_PREFIX + name
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A TLS identity: certificate, private key, and the CN the broker uses as user name."""
+
+    name: str
+    cert: Path
+    key: Path
+
+
+class CloudDir:
+    """The paths of a cloud dir (nothing is read or created by constructing one)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.root = Path(path).resolve()
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki_dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.pki_dir / "ca.key"
+
+    @property
+    def server(self) -> Identity:
+        return Identity("server", self.pki_dir / "server.pem", self.pki_dir / "server.key")
+
+    @property
+    def devices_dir(self) -> Path:
+        return self.pki_dir / "devices"
+
+    def device(self, device_id: str) -> Identity:
+        validate_device_id(device_id)
+        return Identity(
+            device_id,
+            self.devices_dir / f"{device_id}.pem",
+            self.devices_dir / f"{device_id}.key",
+        )
+
+    def device_ids(self) -> list[str]:
+        """Ids of the devices that have an identity here, sorted."""
+        if not self.devices_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.devices_dir.glob("*.pem"))
+
+    def service(self, name: str) -> Identity:
+        cn = service_cn(name)
+        base = self.pki_dir / "services"
+        return Identity(cn, base / f"{name}.pem", base / f"{name}.key")
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "keys" / "signing.key"
+
+    @property
+    def keyring_dir(self) -> Path:
+        return self.root / "keys" / "keyring"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.broker_dir / "mosquitto.conf"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.broker_dir / "acl"
+
+    @property
+    def broker_data_dir(self) -> Path:
+        return self.broker_dir / "data"
+
+    @property
+    def presign_secret(self) -> Path:
+        return self.root / "secrets" / "presign.key"
+
+    def config(self) -> CloudConfig:
+        return load_config(self.root)
+
+    def client_context(self, identity: Identity | None = None) -> ssl.SSLContext:
+        """A TLS client context trusting only this CA, presenting ``identity`` if given."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_cert))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if identity is not None:
+            ctx.load_cert_chain(str(identity.cert), str(identity.key))
+        return ctx
+
+    def server_context(self, *, client_certs: ssl.VerifyMode = ssl.CERT_OPTIONAL) -> ssl.SSLContext:
+        """A TLS server context with the server identity; client certificates from this CA."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_cert))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.server.cert), str(self.server.key))
+        ctx.verify_mode = client_certs
+        return ctx
+
+
+# --- creation ----------------------------------------------------------------------------------
+
+
+def init_cloud(
+    path: Path | str,
+    devices: Iterable[str] = (),
+    *,
+    broker_port: int = 8883,
+    store_port: int = 8443,
+    topic_template: str = "state/{device_id}",
+) -> CloudDir:
+    """Create a complete cloud dir; refuse to touch one that already has a config."""
+    cloud = CloudDir(path)
+    device_ids = [validate_device_id(d) for d in devices]
+    if len(set(device_ids)) != len(device_ids):
+        raise ConfigError("pki: duplicate device id in --devices")
+    if cloud.config_file.exists():
+        raise ConfigError(
+            f"pki: {cloud.root} is already a cloud dir; add devices with "
+            f"`otad cloud add-device {cloud.root} ID`"
+        )
+    for sub in ("pki/devices", "pki/services", "keys/keyring", "broker/data", "state"):
+        (cloud.root / sub).mkdir(parents=True, exist_ok=True)
+    (cloud.root / "artifacts").mkdir(exist_ok=True)
+    (cloud.root / "secrets").mkdir(mode=0o700, exist_ok=True)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _ca_certificate(ca_key)
+    _write_key(cloud.ca_key, ca_key)
+    _write(cloud.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+    _issue(cloud.server, ca_key, ca_cert, server=True)
+    for name in SERVICES:
+        _issue(cloud.service(name), ca_key, ca_cert, server=False)
+    for device_id in device_ids:
+        _issue(cloud.device(device_id), ca_key, ca_cert, server=False)
+
+    _write_signing_key(cloud)
+    _write(cloud.presign_secret, secrets.token_hex(32).encode() + b"\n", 0o600)
+    text = render_config(
+        broker_port=broker_port,
+        store_port=store_port,
+        topic_template=topic_template,
+        uploaders=(service_cn("fleet"),),
+    )
+    config = parse_config(text, root=cloud.root)
+    write_broker_files(cloud, config)
+    # The config goes last: its presence marks the dir complete (init refuses to redo it).
+    _write(cloud.config_file, text.encode(), 0o644)
+    return cloud
+
+
+def add_device(path: Path | str, device_id: str) -> Identity:
+    """Issue a client identity for another device; refuse to replace an existing one."""
+    cloud = CloudDir(path)
+    identity = cloud.device(device_id)
+    if not cloud.config_file.exists():
+        raise ConfigError(f"pki: {cloud.root} is not a cloud dir (run `otad cloud init` first)")
+    if identity.cert.exists() or identity.key.exists():
+        raise ConfigError(f"pki: device {device_id!r} already has an identity in {cloud.root}")
+    ca_key = _load_private_key(cloud.ca_key)
+    ca_cert = x509.load_pem_x509_certificate(cloud.ca_cert.read_bytes())
+    _issue(identity, ca_key, ca_cert, server=False)
+    return identity
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "otad"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    name = _name(f"otad cloud CA {secrets.token_hex(4)}")
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _issue(
+    identity: Identity,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    server: bool,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    days = SERVER_DAYS if server else CLIENT_DAYS
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(identity.name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                    x509.DNSName("localhost"),
+                ]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_key(identity.key, key)
+    _write(identity.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_signing_key(cloud: CloudDir) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write_key(cloud.signing_key, key)
+    _write(cloud.keyring_dir / f"{_key_id(key)}.pem", public_pem, 0o644)
+
+
+def _key_id(key: ec.EllipticCurvePrivateKey) -> str:
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
+def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"pki: cannot load private key {path}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"pki: {path} is not an EC private key")
+    return key
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(path, pem, 0o600)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write: temp file created with ``mode``, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed or the file may have existed
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- broker configuration ----------------------------------------------------------------------
+
+
+_GENERATED = "# Generated by otad from otad-cloud.toml; `otad cloud broker` overwrites edits."
+
+
+def topic_acl_filters(template: str) -> tuple[str, str]:
+    """(pattern for devices with %u, filter for services with +) of a topic template."""
+    return template.replace("{device_id}", "%u") + "/#", template.replace("{device_id}", "+") + "/#"
+
+
+def render_acl(config: CloudConfig) -> str:
+    """Mosquitto ACL: a device reads/writes only its own shadow topics; services all of them."""
+    pattern, every_device = topic_acl_filters(config.topic_template)
+    lines = [
+        _GENERATED,
+        "# The user name is the client certificate CN (use_identity_as_username).",
+        "",
+    ]
+    for name in SERVICES:
+        lines += [f"user {service_cn(name)}", f"topic readwrite {every_device}", ""]
+    lines += [
+        "# Every device: only its own shadow topics. Anything not allowed is denied.",
+        f"pattern readwrite {pattern}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_mosquitto_conf(cloud: CloudDir, config: CloudConfig) -> str:
+    """Mosquitto 2.0 config: one TLS listener, client certificates required, ACL enforced."""
+    # Mosquitto started as root drops to the "mosquitto" user unless told otherwise, and then
+    # cannot read the 0600 server key; run it as the user that owns the cloud dir.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    return "\n".join(
+        [
+            _GENERATED,
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"acl_file {cloud.acl_file}",
+            f"user {user}",
+            "persistence true",
+            f"persistence_location {cloud.broker_data_dir}/",
+            "autosave_interval 60",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            # Shadow documents are at most 8 KiB; larger packets still reach the replica so it
+            # can answer 413, but nothing huge is buffered by the broker.
+            "max_packet_size 262144",
+            "",
+            f"listener {config.broker_port} {config.broker_host}",
+            "protocol mqtt",
+            f"cafile {cloud.ca_cert}",
+            f"certfile {cloud.server.cert}",
+            f"keyfile {cloud.server.key}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "",
+        ]
+    )
+
+
+def write_broker_files(cloud: CloudDir, config: CloudConfig) -> None:
+    """(Re)generate broker/mosquitto.conf and broker/acl from the config."""
+    cloud.broker_data_dir.mkdir(parents=True, exist_ok=True)
+    _write(cloud.acl_file, render_acl(config).encode(), 0o644)
+    _write(cloud.mosquitto_conf, render_mosquitto_conf(cloud, config).encode(), 0o644)
