@@ -69,7 +69,11 @@ this tree once, at the adapter edge, keeping the cause with ``raise ... from exc
     ├── StoreError                     store_error
     │   ├── ArtifactNotFound           artifact_not_found
     │   ├── AuthError                  auth_failed
-    │   └── ArtifactRejected           artifact_rejected
+    │   │   ├── AuthRequired           auth_required
+    │   │   └── AuthExpired            auth_expired            (needs a fresh URL/token)
+    │   ├── ArtifactRejected           artifact_rejected
+    │   ├── RangeNotSatisfiable        range_not_satisfiable
+    │   └── StoreBadRequest            store_bad_request
     └── RolloutError                   rollout_error
 
 Messages name the layer and the thing (``grub: cannot write grubenv at /boot/grubenv: ...``)
@@ -403,8 +407,26 @@ class AuthError(StoreError):
     code = "auth_failed"
 
 
+class AuthRequired(AuthError):
+    code = "auth_required"
+
+
+class AuthExpired(AuthError):
+    """The pre-signed URL or token is past its expiry; a fresh one is needed."""
+
+    code = "auth_expired"
+
+
 class ArtifactRejected(StoreError):
     code = "artifact_rejected"
+
+
+class RangeNotSatisfiable(StoreError):
+    code = "range_not_satisfiable"
+
+
+class StoreBadRequest(StoreError):
+    code = "store_bad_request"
 
 
 class RolloutError(OtadError):
