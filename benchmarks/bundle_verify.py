@@ -1,0 +1,162 @@
+"""Throughput of the streaming bundle verifier next to its two ingredients, in one run.
+
+Generates a compressible image (default 1 GiB: random blocks, repeated random blocks, text-like
+records and zero runs, about 3-4:1 with zstd -3), builds a bundle, then measures over the same
+bytes, hot in the page cache:
+
+* ``sha256``: hashlib.sha256 over the image (1 MiB updates),
+* ``zstd``: python-zstandard stream_reader decompression of the payload (1 MiB reads, discarded),
+* ``verifier``: StreamVerifier fed the bundle in 1 MiB chunks, output discarded (checks the
+  signature, decompresses, hashes payload and image).
+
+MiB/s counts image bytes. Prints min / median / max over ``--reps`` and the goal ratio
+``verifier / min(sha256, zstd)`` (goal >= 0.8). Usage::
+
+    .venv/bin/python benchmarks/bundle_verify.py [--size 256M] [--reps 3] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zstandard
+
+from otad.bundle import Keyring, StreamVerifier, VerifyPolicy, build_bundle, generate_private_key
+
+CHUNK = 1 << 20
+MIB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def generate_image(path: Path, size: int, seed: int = 7) -> None:
+    """A file-system-like mix: incompressible blocks, repeats, text, zero runs."""
+    rng = random.Random(seed)
+    pool = [rng.randbytes(64 << 10) for _ in range(64)]
+    words = [rng.randbytes(rng.randint(3, 9)).hex() for _ in range(4000)]
+    text = "\n".join(
+        " ".join(rng.choice(words) for _ in range(12)) + f" {i}" for i in range(20000)
+    ).encode()
+    zeros = bytes(256 << 10)
+    written = 0
+    with path.open("wb") as out:
+        while written < size:
+            kind = rng.random()
+            if kind < 0.22:
+                block = rng.randbytes(64 << 10)  # already compressed data (libraries, media)
+            elif kind < 0.55:
+                block = rng.choice(pool)  # duplicated files
+            elif kind < 0.85:
+                start = rng.randrange(0, len(text) - (128 << 10))
+                block = text[start : start + (128 << 10)]  # text-like content
+            else:
+                block = zeros  # free space
+            block = block[: size - written]
+            out.write(block)
+            written += len(block)
+
+
+def timed(fn: Callable[[], None], reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def hash_image(image: Path) -> None:
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with image.open("rb", buffering=0) as source:
+        while n := source.readinto(buffer):
+            digest.update(view[:n])
+
+
+def decompress_payload(bundle: Path, offset: int) -> None:
+    with bundle.open("rb") as source:
+        source.seek(offset)
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK)
+        while reader.read(CHUNK):
+            pass
+
+
+def verify_bundle(bundle: Path, keyring: Keyring) -> None:
+    verifier = StreamVerifier(keyring, VerifyPolicy(compatible="bench"))
+    with bundle.open("rb", buffering=0) as source:
+        while chunk := source.read(CHUNK):
+            for _ in verifier.feed(chunk):
+                pass
+    verifier.finish()
+
+
+def warm(path: Path) -> None:
+    with path.open("rb", buffering=0) as source:
+        while source.read(8 * CHUNK):
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1G", help="image size, e.g. 256M or 1G")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the image")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="otad-bench-") as tmp:
+        work = Path(tmp)
+        image, bundle = work / "image.img", work / "image.otab"
+        generate_image(image, size)
+        key = generate_private_key()
+        start = time.perf_counter()
+        manifest = build_bundle(image, bundle, key=key, version="1", compatible="bench")
+        build_s = time.perf_counter() - start
+        keyring = Keyring.from_keys([key.public_key()])
+        offset = bundle.stat().st_size - manifest.size
+        print(
+            f"image {size / MIB:.0f} MiB, payload {manifest.size / MIB:.1f} MiB "
+            f"(ratio {size / manifest.size:.2f}:1), build {build_s:.1f} s "
+            f"({size / MIB / build_s:.0f} MiB/s), cpus {os.cpu_count()}"
+        )
+        runs = {
+            "sha256 (image)": lambda: hash_image(image),
+            "zstd decompress (payload)": lambda: decompress_payload(bundle, offset),
+            "StreamVerifier (bundle)": lambda: verify_bundle(bundle, keyring),
+        }
+        warm(image)
+        warm(bundle)
+        rates: dict[str, float] = {}
+        # Interleave the reps so a noisy neighbour hits all three alike.
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                samples[name] += timed(fn, 1)
+        for name, times in samples.items():
+            mibs = sorted(size / MIB / t for t in times)
+            rates[name] = statistics.median(mibs)
+            print(
+                f"{name:28s} MiB/s min {mibs[0]:7.0f}  median {rates[name]:7.0f}  "
+                f"max {mibs[-1]:7.0f}"
+            )
+        slower = min(rates["sha256 (image)"], rates["zstd decompress (payload)"])
+        ratio = rates["StreamVerifier (bundle)"] / slower
+        print(f"verifier / slower of the two: {ratio:.2f}x (goal >= 0.80)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Payload decoders with bounded output: each pull returns at most :data:`OUTPUT_CHUNK` bytes.
+
+A zstd frame can expand tens of thousands of times (a 4-byte RLE block is 128 KiB of output), so
+"decompress what was fed" has no useful memory bound. These decoders queue the fed input and hand
+out the image one bounded chunk at a time; the caller consumes each chunk before asking for the
+next, so memory stays constant whatever the ratio. libzstd's streaming API is reached through the
+cffi backend that ships with ``zstandard`` because only it lets us pass a fixed-size output
+buffer; when that backend is missing, a ``decompressobj`` fallback feeds small input slices
+(weaker bound: at most ``slice * ratio``; the image-size check still stops a bomb).
+
+The decoders accept frames with a window of at most 2^:data:`WINDOW_LOG_MAX` bytes (8 MiB),
+which is what every compression level up to 19 uses; :func:`otad.bundle.builder.build_bundle`
+never writes a larger window. That caps the decoder's own memory on a device.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Final, Protocol
+
+import zstandard
+
+from otad.errors import DecompressFailed
+
+__layer__ = "pure"
+
+OUTPUT_CHUNK: Final = 1 << 20
+WINDOW_LOG_MAX: Final = 23
+_FALLBACK_SLICE: Final = 32 << 10
+
+try:  # the cffi backend exposes libzstd's streaming calls with caller-owned buffers
+    from zstandard import backend_cffi as _cffi
+
+    _lib: Any = getattr(_cffi, "lib")  # noqa: B009 - not re-exported in the type stubs
+    _ffi: Any = getattr(_cffi, "ffi")  # noqa: B009
+except ImportError:  # pragma: no cover - depends on how zstandard was built
+    _lib = _ffi = None
+
+
+class Decoder(Protocol):
+    def push(self, data: bytes) -> None:
+        """Queue payload bytes (owned, immutable) for decoding."""
+
+    def pull(self) -> bytes | None:
+        """The next image chunk (at most OUTPUT_CHUNK bytes), or None when input is needed."""
+
+    @property
+    def pending(self) -> bool:
+        """Whether queued input or buffered output is waiting to be pulled."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the input so far ends exactly at the end of a frame (or stream)."""
+
+
+class PassthroughDecoder:
+    """``compression: none``: the payload is the image."""
+
+    def __init__(self) -> None:
+        self._queue: deque[bytes] = deque()
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self._queue.append(data)
+
+    def pull(self) -> bytes | None:
+        return self._queue.popleft() if self._queue else None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    @property
+    def complete(self) -> bool:
+        return True
+
+
+class ZstdStreamDecoder:
+    """zstd through libzstd's ``ZSTD_decompressStream`` with a fixed output buffer."""
+
+    def __init__(self) -> None:
+        if _lib is None:  # pragma: no cover
+            raise RuntimeError("zstandard cffi backend unavailable")
+        self._dctx = _ffi.gc(_lib.ZSTD_createDCtx(), _lib.ZSTD_freeDCtx)
+        _check(_lib.ZSTD_DCtx_setParameter(self._dctx, _lib.ZSTD_d_windowLogMax, WINDOW_LOG_MAX))
+        self._out = _ffi.new("char[]", OUTPUT_CHUNK)
+        self._outbuf = _ffi.new("ZSTD_outBuffer *")
+        self._inbuf = _ffi.new("ZSTD_inBuffer *")
+        self._current: Any = None  # keeps the cffi view of the input being decoded alive
+        self._queue: deque[bytes] = deque()
+        self._flush_pending = False  # output buffer came back full: libzstd may hold more
+        self._frame_done = False
+        self._started = False
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self._queue.append(data)
+
+    def pull(self) -> bytes | None:
+        inbuf, outbuf = self._inbuf, self._outbuf
+        outbuf.dst = self._out
+        outbuf.size = OUTPUT_CHUNK
+        outbuf.pos = 0
+        while True:
+            if inbuf.pos == inbuf.size:
+                if self._queue:
+                    data = self._queue.popleft()
+                    self._current = _ffi.from_buffer(data)
+                    inbuf.src = self._current
+                    inbuf.size = len(data)
+                    inbuf.pos = 0
+                elif not self._flush_pending:
+                    break
+            self._started = True
+            _check(_lib.ZSTD_decompressStream(self._dctx, outbuf, inbuf), result=self)
+            self._flush_pending = outbuf.pos == outbuf.size
+            if self._flush_pending:
+                break
+        if inbuf.pos == inbuf.size and not self._queue:
+            self._current = None
+        if outbuf.pos == 0:
+            return None
+        return bytes(_ffi.buffer(self._out, outbuf.pos))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue) or self._inbuf.pos < self._inbuf.size or self._flush_pending
+
+    @property
+    def complete(self) -> bool:
+        return self._started and self._frame_done and not self.pending
+
+
+class ZstdObjectDecoder:
+    """Fallback over ``zstandard``'s decompressobj, fed in small slices."""
+
+    def __init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG_MAX)
+        self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
+        self._queue: deque[memoryview] = deque()
+        self._started = False
+        self._in_frame = False
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self._queue.append(memoryview(data))
+
+    def pull(self) -> bytes | None:
+        while self._queue:
+            head = self._queue[0]
+            piece, rest = head[:_FALLBACK_SLICE], head[_FALLBACK_SLICE:]
+            if rest:
+                self._queue[0] = rest
+            else:
+                self._queue.popleft()
+            self._started = True
+            self._in_frame = True
+            try:
+                out = self._obj.decompress(piece)
+            except zstandard.ZstdError as exc:
+                raise DecompressFailed(f"bundle: payload does not decompress: {exc}") from exc
+            if self._obj.eof:
+                # A frame ended; anything after it starts the next frame.
+                self._in_frame = False
+                leftover = self._obj.unused_data
+                self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
+                if leftover:
+                    self._queue.appendleft(memoryview(leftover))
+            if out:
+                return out
+        return None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    @property
+    def complete(self) -> bool:
+        return self._started and not self._in_frame and not self._queue
+
+
+def make_decoder(compression: str, *, fallback: bool = False) -> Decoder:
+    if compression == "none":
+        return PassthroughDecoder()
+    if compression == "zstd":
+        if fallback or _lib is None:
+            return ZstdObjectDecoder()
+        return ZstdStreamDecoder()
+    raise DecompressFailed(f"bundle: no decoder for compression {compression!r}")
+
+
+def _check(code: int, result: ZstdStreamDecoder | None = None) -> None:
+    if _lib.ZSTD_isError(code):
+        name = _ffi.string(_lib.ZSTD_getErrorName(code)).decode("ascii", "replace")
+        raise DecompressFailed(f"bundle: payload does not decompress: {name}")
+    if result is not None:
+        result._frame_done = code == 0
