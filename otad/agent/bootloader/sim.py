@@ -1,0 +1,195 @@
+"""A model of the boot ROM + bootloader at power-on, for fast tests of every fallback path.
+
+The state lives in a JSON file (written atomically), so a test models a power cut as: kill the
+agent (whatever reached the file is what the "env" holds), :meth:`SimBootloader.power_on`, start
+a new agent with the slot it returned.
+
+The model is the U-Boot counter scheme, which includes GRUB's (``attempts=1``): at power-on the
+first slot in the order that is not bad and has attempts left is chosen and one attempt is
+consumed; a slot told to fail (:meth:`fail_boot`, a kernel panic or a hang followed by a watchdog
+reset) consumes its attempt and the bootloader runs again, so the order falls through to the
+other slot once the attempts are used up. With no bootable slot left, power-on raises
+BootloaderError: in a test that is the one outcome that must never happen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, other_slot
+from otad.agent.bootloader.durable import replace_file
+from otad.errors import BootloaderEnvCorrupt, BootloaderError
+
+__layer__ = "adapter"
+
+log = structlog.get_logger(__name__)
+
+FORMAT = 1
+FOREVER = -1
+
+
+class SimBootloader:
+    """File-backed simulated bootloader.
+
+    ``attempts``: tries a committed slot gets (3 like RAUC's U-Boot script; 1 models GRUB).
+    ``durable``: fsync each write (turn off for a thousand simulated devices in one process).
+    A new file starts with both slots good, order ``initial`` first, and ``initial`` booted.
+    """
+
+    name = "sim"
+
+    def __init__(
+        self, path: Path, *, attempts: int = 3, initial: str = "A", durable: bool = True
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("sim: attempts must be at least 1")
+        check_slot(initial)
+        self.path = Path(path)
+        self.attempts = attempts
+        self.durable = durable
+        if not self.path.exists():
+            good = {"bad": False, "tries": attempts, "good": True}
+            self._save(
+                {
+                    "format": FORMAT,
+                    "order": [initial, other_slot(initial)],
+                    "slots": {s: dict(good) for s in SLOTS},
+                    "fails": {s: 0 for s in SLOTS},
+                    "booted": initial,
+                    "boots": 0,
+                }
+            )
+
+    # --- Bootloader protocol --------------------------------------------------------------
+
+    def state(self) -> BootState:
+        raw = self._load()
+        return BootState(
+            tuple(raw["order"]),
+            {
+                s: SlotBoot(bad=v["bad"], tries_left=v["tries"], good=v["good"])
+                for s, v in raw["slots"].items()
+            },
+        )
+
+    def mark_bad(self, slot: str) -> None:
+        check_slot(slot)
+        raw = self._load()
+        raw["slots"][slot] = {"bad": True, "tries": 0, "good": False}
+        self._save(raw)
+        log.info("slot_marked_bad", bootloader=self.name, slot=slot)
+
+    def try_once(self, slot: str) -> None:
+        check_slot(slot)
+        raw = self._load()
+        raw["slots"][slot] = {"bad": False, "tries": 1, "good": False}
+        raw["order"] = [slot, other_slot(slot)]
+        self._save(raw)
+        log.info("slot_set_to_try_once", bootloader=self.name, slot=slot)
+
+    def mark_good(self, slot: str) -> None:
+        check_slot(slot)
+        raw = self._load()
+        raw["slots"][slot] = {"bad": False, "tries": self.attempts, "good": True}
+        raw["order"] = [slot, other_slot(slot)]
+        self._save(raw)
+        log.info("slot_marked_good", bootloader=self.name, slot=slot)
+
+    def primary(self) -> str | None:
+        return self.state().next_boot()
+
+    # --- the simulated hardware -----------------------------------------------------------
+
+    def fail_boot(self, slot: str, times: int = FOREVER) -> None:
+        """Make the next ``times`` boots of ``slot`` fail (FOREVER: until :meth:`heal`)."""
+        check_slot(slot)
+        raw = self._load()
+        raw["fails"][slot] = times
+        self._save(raw)
+
+    def heal(self, slot: str) -> None:
+        self.fail_boot(slot, 0)
+
+    def booted(self) -> str | None:
+        """The slot the last power-on booted."""
+        value = self._load()["booted"]
+        return str(value) if value is not None else None
+
+    def power_on(self) -> str:
+        """Run the bootloader until a slot comes up; returns it. Consumes attempts."""
+        raw = self._load()
+        attempts_made: list[str] = []
+        # each iteration consumes an attempt, so the loop is bounded by the attempts in the env
+        for _ in range(2 * self.attempts + 2):
+            state = BootState(
+                tuple(raw["order"]),
+                {
+                    s: SlotBoot(bad=v["bad"], tries_left=v["tries"], good=v["good"])
+                    for s, v in raw["slots"].items()
+                },
+            )
+            slot = state.next_boot()
+            if slot is None:
+                break
+            raw["slots"][slot]["tries"] -= 1
+            attempts_made.append(slot)
+            fails = raw["fails"][slot]
+            if fails != 0:
+                if fails > 0:
+                    raw["fails"][slot] = fails - 1
+                continue
+            raw["booted"] = slot
+            raw["boots"] += 1
+            self._save(raw)
+            log.info("sim_powered_on", booted=slot, attempts=attempts_made)
+            return slot
+        raw["booted"] = None
+        self._save(raw)
+        raise BootloaderError(
+            f"sim: no bootable slot at power-on (attempts made: {attempts_made or 'none'})",
+            attempts=attempts_made,
+        )
+
+    # --- storage --------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.path.read_bytes())
+        except FileNotFoundError as exc:
+            raise BootloaderError(f"sim: no state file at {self.path}") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BootloaderEnvCorrupt(f"sim: state file {self.path} is not JSON: {exc}") from exc
+        if not _valid(raw):
+            raise BootloaderEnvCorrupt(f"sim: state file {self.path} has an unexpected shape")
+        return raw  # type: ignore[no-any-return]
+
+    def _save(self, raw: dict[str, Any]) -> None:
+        replace_file(
+            self.path, json.dumps(raw, sort_keys=True).encode() + b"\n", durable=self.durable
+        )
+
+
+def _valid(raw: object) -> bool:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        return False
+    order, slots, fails = raw.get("order"), raw.get("slots"), raw.get("fails")
+    if not (isinstance(order, list) and all(s in SLOTS for s in order)):
+        return False
+    if not (isinstance(slots, dict) and set(slots) == set(SLOTS)):
+        return False
+    if not (isinstance(fails, dict) and set(fails) == set(SLOTS)):
+        return False
+    for s in SLOTS:
+        v = slots[s]
+        if not isinstance(v, dict):
+            return False
+        if not (isinstance(v.get("bad"), bool) and isinstance(v.get("good"), bool)):
+            return False
+        if type(v.get("tries")) is not int or type(fails[s]) is not int:
+            return False
+    booted = raw.get("booted")
+    return (booted is None or booted in SLOTS) and type(raw.get("boots")) is int

@@ -1,0 +1,491 @@
+"""Slots: where A and B live, which one runs, and the only code that writes one.
+
+Slot layout (from the agent config, a mapping slot name -> location)::
+
+    A = "/dev/mmcblk0p2"          a path (block device, or a pre-sized file in tests/sim)
+    B = "PARTLABEL=rootfs_b"      a GPT partition name, resolved through
+                                  /dev/disk/by-partlabel, then udev (pyudev), then sysfs
+
+The booted slot comes from the kernel command line (``otad.slot=A``; RAUC's ``rauc.slot=A`` is
+accepted too) and, for block-device slots, is cross-checked against the device mounted at ``/``
+(``st_dev`` of ``/`` must equal the slot's ``st_rdev``): a command line that lies stops the
+agent instead of pointing the writer at the running system. File-backed slots (tests, the fleet
+simulator) skip the cross-check and name the booted slot with an explicit override.
+
+:class:`SlotWriter` refuses the booted slot by identity (device number for block devices,
+``(st_dev, st_ino)`` for files, never by name), refuses a mounted block device, opens without
+truncating (like a partition, a slot file keeps its size), and after the last byte fsyncs, drops
+the page cache for the range and re-reads it to hash what is really on the medium.
+It is synchronous and meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from otad.agent.bootloader import SLOTS, check_slot, other_slot
+from otad.errors import (
+    BootedSlotWrite,
+    ConfigError,
+    NoSpace,
+    SlotError,
+    SlotNotFound,
+    SlotTooSmall,
+    SlotVerifyFailed,
+    SlotWriteFailed,
+)
+
+__layer__ = "adapter"
+
+log = structlog.get_logger(__name__)
+
+CMDLINE_PATH = Path("/proc/cmdline")
+BY_PARTLABEL = Path("/dev/disk/by-partlabel")
+SYS_BLOCK = Path("/sys/class/block")
+MOUNTINFO = Path("/proc/self/mountinfo")
+_READ_CHUNK = 1 << 20
+_LABEL_PREFIXES = ("PARTLABEL=", "partlabel:")
+_SLOT_ARG = re.compile(r"^(?:otad|rauc)\.slot=(.*)$")
+
+
+# --- layout ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One slot: a path, or a GPT partition label resolved when needed."""
+
+    name: str
+    path: Path | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        check_slot(self.name)
+        if (self.path is None) == (self.label is None):
+            raise ConfigError(f"slots: slot {self.name} needs exactly one of a path or a label")
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else f"PARTLABEL={self.label}"
+
+
+class SlotLayout:
+    """The two slots of a device."""
+
+    def __init__(
+        self,
+        slots: Mapping[str, SlotSpec],
+        *,
+        by_partlabel: Path = BY_PARTLABEL,
+        sys_block: Path = SYS_BLOCK,
+        dev_dir: Path = Path("/dev"),
+    ) -> None:
+        if set(slots) != set(SLOTS):
+            raise ConfigError(f"slots: need exactly the slots {SLOTS}, got {sorted(slots)}")
+        self.slots = dict(slots)
+        self._by_partlabel = by_partlabel
+        self._sys_block = sys_block
+        self._dev_dir = dev_dir
+
+    @classmethod
+    def from_config(cls, mapping: Mapping[str, str], **kwargs: Path) -> SlotLayout:
+        """``{"A": "/dev/vda2", "B": "PARTLABEL=rootfs_b"}`` -> a layout."""
+        specs: dict[str, SlotSpec] = {}
+        for name, where in mapping.items():
+            if name not in SLOTS:
+                raise ConfigError(f"slots: unknown slot name {name!r} (use A and B)")
+            if not isinstance(where, str) or not where.strip():
+                raise ConfigError(f"slots: slot {name} has an empty location")
+            label = next((where[len(p) :] for p in _LABEL_PREFIXES if where.startswith(p)), None)
+            if label is not None:
+                if not label or "/" in label:
+                    raise ConfigError(f"slots: slot {name} has an invalid label {label!r}")
+                specs[name] = SlotSpec(name, label=label)
+            else:
+                specs[name] = SlotSpec(name, path=Path(where))
+        return cls(specs, **kwargs)
+
+    def other(self, slot: str) -> str:
+        return other_slot(slot)
+
+    def path(self, slot: str) -> Path:
+        """The slot's file or device node (labels resolved now; SlotNotFound if absent)."""
+        spec = self.slots[check_slot(slot)]
+        if spec.path is not None:
+            return spec.path
+        assert spec.label is not None  # guaranteed by SlotSpec.__post_init__
+        return self._resolve_label(spec.label, slot)
+
+    def _resolve_label(self, label: str, slot: str) -> Path:
+        link = self._by_partlabel / label
+        if link.exists():
+            return link.resolve()
+        found = _udev_lookup(label) or _sysfs_lookup(label, self._sys_block, self._dev_dir)
+        if found is not None:
+            return found
+        raise SlotNotFound(
+            f"slots: no partition labelled {label!r} for slot {slot} "
+            f"(looked in {self._by_partlabel}, udev and {self._sys_block})",
+            slot=slot,
+        )
+
+
+def _udev_lookup(label: str) -> Path | None:
+    try:
+        import pyudev
+    except ImportError:  # pragma: no cover - pyudev is a dependency
+        return None
+    try:
+        context = pyudev.Context()
+        for device in context.list_devices(subsystem="block", DEVTYPE="partition"):
+            if device.get("ID_PART_ENTRY_NAME") == label and device.device_node:
+                return Path(device.device_node)
+    except (OSError, pyudev.DeviceNotFoundError, ImportError):
+        return None
+    return None
+
+
+def _sysfs_lookup(label: str, sys_block: Path, dev_dir: Path) -> Path | None:
+    """GPT partition names are in each partition's ``uevent`` as PARTNAME= (no udev needed)."""
+    try:
+        entries = sorted(sys_block.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            lines = (entry / "uevent").read_text().splitlines()
+        except OSError:
+            continue
+        fields = dict(line.split("=", 1) for line in lines if "=" in line)
+        if fields.get("PARTNAME") == label and fields.get("DEVNAME"):
+            return dev_dir / fields["DEVNAME"]
+    return None
+
+
+# --- the booted slot -------------------------------------------------------------------------
+
+
+def slot_from_cmdline(cmdline: str) -> str | None:
+    """The slot named by ``otad.slot=`` (preferred) or ``rauc.slot=``; None when absent.
+
+    SlotError when the value is not a slot name or two arguments disagree.
+    """
+    found: dict[str, str] = {}
+    for arg in cmdline.split():
+        if arg == "--":  # everything after is for init, not the kernel
+            break
+        m = _SLOT_ARG.match(arg)
+        if m:
+            key = arg.split(".", 1)[0]
+            value = m.group(1)
+            if value not in SLOTS:
+                raise SlotError(f"slots: kernel command line names an unknown slot: {arg!r}")
+            if key in found and found[key] != value:
+                raise SlotError(f"slots: kernel command line names two slots: {key}.slot")
+            found[key] = value
+    if "otad" in found and "rauc" in found and found["otad"] != found["rauc"]:
+        raise SlotError(
+            f"slots: kernel command line disagrees: otad.slot={found['otad']} "
+            f"rauc.slot={found['rauc']}"
+        )
+    return found.get("otad") or found.get("rauc")
+
+
+def booted_slot(
+    layout: SlotLayout,
+    *,
+    override: str | None = None,
+    cmdline_path: Path = CMDLINE_PATH,
+    root: Path = Path("/"),
+) -> str:
+    """The running slot: the override, else the kernel command line, cross-checked against /.
+
+    SlotError when nothing names the slot, or when ``/`` is on the other slot's device.
+    """
+    if override is not None:
+        slot = check_slot(override)
+        log.info("booted_slot_detected", slot=slot, source="override")
+        return slot
+    try:
+        named = slot_from_cmdline(cmdline_path.read_text())
+    except OSError as exc:
+        raise SlotError(f"slots: cannot read {cmdline_path}: {exc}") from exc
+    root_dev = os.stat(root).st_dev
+    on_root = [s for s in SLOTS if _rdev_of(layout, s) == root_dev]
+    if named is None:
+        if len(on_root) == 1:
+            log.info("booted_slot_detected", slot=on_root[0], source="root device")
+            return on_root[0]
+        raise SlotError(
+            f"slots: the kernel command line has no otad.slot= (or rauc.slot=) and {root} "
+            "is on neither slot device"
+        )
+    other = other_slot(named)
+    if on_root == [other]:
+        raise SlotError(
+            f"slots: kernel command line says slot {named}, but {root} is mounted from slot "
+            f"{other} ({layout.slots[other].describe()}); refusing to guess"
+        )
+    log.info("booted_slot_detected", slot=named, source="cmdline", cross_checked=bool(on_root))
+    return named
+
+
+def _rdev_of(layout: SlotLayout, slot: str) -> int | None:
+    try:
+        st = os.stat(layout.path(slot))
+    except (OSError, SlotNotFound):
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+# --- the writer --------------------------------------------------------------------------------
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    size: int
+    sha256: str
+
+
+def _identity(st: os.stat_result) -> tuple[str, int, int]:
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev, 0)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def _mounted_devices(mountinfo: Path) -> set[int]:
+    devs: set[int] = set()
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        return devs
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[2]:
+            major, _, minor = fields[2].partition(":")
+            if major.isdigit() and minor.isdigit():
+                devs.add(os.makedev(int(major), int(minor)))
+    return devs
+
+
+class SlotWriter:
+    """Writes one image into the target slot. Use as a context manager or call close().
+
+    ``booted``: the running slot's path; the target is refused when it is the same file or
+    device. ``image_size``: when known, refused up front if larger than the slot.
+    ``offset``: resume writing at this offset; the bytes before it are hashed from the medium.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        *,
+        booted: Path | None,
+        image_size: int | None = None,
+        offset: int = 0,
+        slot: str = "?",
+        root: Path = Path("/"),
+        mountinfo: Path = MOUNTINFO,
+    ) -> None:
+        self.target = Path(target)
+        self.slot = slot
+        self._fd: int | None = None
+        self._hash = hashlib.sha256()
+        try:
+            st = os.stat(self.target)
+        except FileNotFoundError as exc:
+            raise SlotNotFound(f"slots: slot {slot} at {self.target} does not exist") from exc
+        except OSError as exc:
+            raise SlotWriteFailed(
+                f"slots: cannot stat slot {slot} at {self.target}: {exc}"
+            ) from exc
+        self._check_not_booted(st, booted, root, mountinfo)
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise SlotWriteFailed(
+                f"slots: slot {slot} at {self.target} is neither a block device nor a file"
+            )
+        try:
+            fd = os.open(self.target, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SlotWriteFailed(
+                f"slots: cannot open slot {slot} at {self.target}: {exc}"
+            ) from exc
+        self._fd = fd
+        try:
+            self.capacity = os.lseek(fd, 0, os.SEEK_END)
+            if image_size is not None and image_size > self.capacity:
+                raise SlotTooSmall(
+                    f"slots: image of {image_size} bytes does not fit slot {slot} "
+                    f"({self.capacity} bytes at {self.target})",
+                    image_size=image_size,
+                    capacity=self.capacity,
+                )
+            if offset < 0 or offset > self.capacity:
+                raise SlotWriteFailed(f"slots: resume offset {offset} outside slot {slot}")
+            if offset:
+                self._hash_range(0, offset, self._hash)
+        except BaseException:
+            self.close()
+            raise
+        self.offset = offset
+        log.info("slot_opened", slot=slot, path=str(self.target), capacity=self.capacity)
+
+    def _check_not_booted(
+        self, st: os.stat_result, booted: Path | None, root: Path, mountinfo: Path
+    ) -> None:
+        mine = _identity(st)
+        if booted is not None:
+            try:
+                theirs = _identity(os.stat(booted))
+            except OSError as exc:
+                raise SlotError(f"slots: cannot stat the booted slot {booted}: {exc}") from exc
+            if mine == theirs:
+                raise BootedSlotWrite(
+                    f"slots: refusing to write slot {self.slot}: {self.target} is the booted "
+                    f"slot ({booted})",
+                    slot=self.slot,
+                )
+        if stat.S_ISBLK(st.st_mode):
+            if st.st_rdev == os.stat(root).st_dev:
+                raise BootedSlotWrite(
+                    f"slots: refusing to write {self.target}: it holds the mounted root file system"
+                )
+            if st.st_rdev in _mounted_devices(mountinfo):
+                raise BootedSlotWrite(f"slots: refusing to write {self.target}: it is mounted")
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Write ``data`` at the current offset; returns the new offset."""
+        fd = self._require_open()
+        view = memoryview(data).cast("B")
+        end = self.offset + len(view)
+        if end > self.capacity:
+            raise SlotTooSmall(
+                f"slots: image does not fit slot {self.slot}: more than {self.capacity} bytes",
+                capacity=self.capacity,
+            )
+        pos = 0
+        while pos < len(view):
+            try:
+                n = os.pwrite(fd, view[pos:], self.offset + pos)
+            except OSError as exc:
+                raise self._translate(exc, self.offset + pos) from exc
+            if n == 0:  # pragma: no cover - pwrite returns 0 only for an empty buffer
+                raise SlotWriteFailed(f"slots: short write to slot {self.slot}")
+            pos += n
+        self._hash.update(view)
+        self.offset = end
+        return end
+
+    def flush(self) -> None:
+        """fsync what was written so far (a resume point that survives a power cut)."""
+        fd = self._require_open()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise self._translate(exc, self.offset) from exc
+
+    def finish(self, expected_sha256: str | None = None) -> WriteResult:
+        """fsync, drop the cached pages, re-read and hash; SlotVerifyFailed on any mismatch."""
+        self.flush()
+        written = self._hash.hexdigest()
+        reread = hashlib.sha256()
+        self._hash_range(0, self.offset, reread, drop_cache=True)
+        on_disk = reread.hexdigest()
+        if on_disk != written:
+            raise SlotVerifyFailed(
+                f"slots: slot {self.slot} reads back different bytes than were written "
+                f"(sha256 {on_disk[:16]}... vs {written[:16]}...)"
+            )
+        if expected_sha256 is not None and on_disk != expected_sha256.lower():
+            raise SlotVerifyFailed(
+                f"slots: slot {self.slot} holds sha256 {on_disk[:16]}..., expected "
+                f"{expected_sha256[:16]}..."
+            )
+        log.info("slot_verified", slot=self.slot, size=self.offset, sha256=on_disk)
+        return WriteResult(self.offset, on_disk)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> SlotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise SlotWriteFailed(f"slots: writer for slot {self.slot} is closed")
+        return self._fd
+
+    def _translate(self, exc: OSError, offset: int) -> SlotError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(
+                f"slots: no space left writing slot {self.slot} at {self.target} (offset {offset})",
+                offset=offset,
+            )
+        if exc.errno == errno.EFBIG:
+            return SlotTooSmall(f"slots: slot {self.slot} cannot grow past offset {offset}")
+        return SlotWriteFailed(
+            f"slots: writing slot {self.slot} at {self.target} failed at offset {offset}: "
+            f"{exc.strerror or exc}",
+            offset=offset,
+        )
+
+    def _hash_range(
+        self, start: int, end: int, hasher: _Hasher, *, drop_cache: bool = False
+    ) -> None:
+        try:
+            fd = os.open(self.target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SlotVerifyFailed(f"slots: cannot re-open slot {self.slot}: {exc}") from exc
+        try:
+            if drop_cache and end > start:
+                # after fsync the pages are clean: dropping them makes the read hit the medium
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            pos = start
+            while pos < end:
+                chunk = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+                if not chunk:
+                    raise SlotVerifyFailed(
+                        f"slots: slot {self.slot} ends at {pos} bytes, expected {end}"
+                    )
+                hasher.update(chunk)
+                pos += len(chunk)
+        except OSError as exc:
+            raise SlotVerifyFailed(f"slots: re-reading slot {self.slot} failed: {exc}") from exc
+        finally:
+            os.close(fd)
+
+
+def open_target(
+    layout: SlotLayout,
+    booted: str,
+    *,
+    image_size: int | None = None,
+    offset: int = 0,
+) -> SlotWriter:
+    """A writer for the slot that is not ``booted``, refusing the booted one by identity."""
+    target = other_slot(booted)
+    return SlotWriter(
+        layout.path(target),
+        booted=layout.path(booted),
+        image_size=image_size,
+        offset=offset,
+        slot=target,
+    )

@@ -1,0 +1,349 @@
+"""The transition table and the recovery decision, checked over the whole input space."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from otad.agent.bootloader import SLOTS, BootState, SlotBoot, other_slot
+from otad.agent.machine import (
+    FINAL_STATES,
+    MAX_TRANSITIONS,
+    REPORT_STATES,
+    TRANSITIONS,
+    UNFINISHED_STATES,
+    Event,
+    JobRecord,
+    RecoveryAction,
+    State,
+    Step,
+    advance,
+    decide_recovery,
+    reported_state,
+    transition,
+)
+from otad.errors import TransitionError
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def test_machine_every_pair_outside_the_table_raises() -> None:
+    for state, event in itertools.product(State, Event):
+        if (state, event) in TRANSITIONS:
+            assert transition(state, event) == TRANSITIONS[(state, event)]
+        else:
+            with pytest.raises(TransitionError) as info:
+                transition(state, event)
+            assert info.value.code == "invalid_transition"
+            assert state.value in str(info.value) and event.value in str(info.value)
+
+
+def test_machine_unknown_strings_raise_transition_error() -> None:
+    with pytest.raises(TransitionError):
+        transition("nonsense", "download_started")
+    with pytest.raises(TransitionError):
+        transition("idle", "nonsense")
+
+
+def test_machine_happy_path_reaches_succeeded() -> None:
+    path = [
+        Event.DOWNLOAD_STARTED,
+        Event.PAYLOAD_VERIFIED,
+        Event.SLOT_VERIFIED,
+        Event.REBOOT_REQUESTED,
+        Event.BOOTED_TARGET,
+        Event.HEALTH_PASSED,
+    ]
+    state = State.IDLE
+    for event in path:
+        state = transition(state, event)
+    assert state == State.SUCCEEDED
+
+
+def test_machine_health_failure_path_reaches_rolled_back() -> None:
+    state = State.VERIFYING
+    for event in (Event.HEALTH_FAILED, Event.REBOOT_REQUESTED, Event.BOOTED_OTHER):
+        state = transition(state, event)
+    assert state == State.ROLLED_BACK
+
+
+def test_machine_final_states_only_start_a_new_job() -> None:
+    for state in FINAL_STATES:
+        allowed = {e for (s, e) in TRANSITIONS if s == state}
+        assert allowed == {Event.DOWNLOAD_STARTED}
+
+
+def test_machine_every_unfinished_state_has_a_loop_breaker_and_reaches_an_end() -> None:
+    for state in UNFINISHED_STATES:
+        assert transition(state, Event.LOOP_DETECTED) == State.FAILED
+    # every state is reachable from idle and reaches a final state
+    reachable = {State.IDLE}
+    frontier = [State.IDLE]
+    while frontier:
+        here = frontier.pop()
+        for (s, _), nxt in TRANSITIONS.items():
+            if s == here and nxt not in reachable:
+                reachable.add(nxt)
+                frontier.append(nxt)
+    assert reachable == set(State)
+
+
+def test_machine_cancel_is_possible_only_before_the_target_runs() -> None:
+    cancellable = {s for (s, e) in TRANSITIONS if e == Event.CANCELLED}
+    assert cancellable == {State.DOWNLOADING, State.INSTALLING, State.REBOOTING}
+
+
+def test_machine_reported_states_are_the_wire_states() -> None:
+    assert {reported_state(s) for s in State} == set(REPORT_STATES)
+    assert reported_state(State.ROLLING_BACK) == "verifying"
+
+
+def test_machine_advance_counts_and_stamps() -> None:
+    rec = JobRecord(job_id="j1", state=State.IDLE, target_slot="B", version="2.0")
+    rec = advance(rec, Event.DOWNLOAD_STARTED, boot_id="b1", now=5.0)
+    assert (rec.state, rec.transitions, rec.boot_id, rec.updated) == (
+        State.DOWNLOADING,
+        1,
+        "b1",
+        5.0,
+    )
+    rec = advance(rec, Event.FAILED, boot_id="b1", now=6.0, error={"code": "x", "message": "y"})
+    assert rec.state == State.FAILED and rec.transitions == 2 and not rec.reported
+    assert rec.error == {"code": "x", "message": "y"}
+    with pytest.raises(TransitionError):
+        advance(rec, Event.HEALTH_PASSED, boot_id="b1", now=7.0)
+
+
+def test_machine_record_repr_hides_the_url() -> None:
+    rec = JobRecord(
+        job_id="j",
+        state=State.DOWNLOADING,
+        target_slot="A",
+        version="1",
+        bundle_url="https://h/x?sig=s",
+    )
+    assert "sig=" not in repr(rec)
+
+
+def test_machine_record_rejects_unknown_slot_and_state() -> None:
+    with pytest.raises(ValueError, match="slot"):
+        JobRecord(job_id="j", state=State.IDLE, target_slot="C", version="1")
+    with pytest.raises(ValueError, match="bogus"):
+        JobRecord(job_id="j", state="bogus", target_slot="A", version="1")  # type: ignore[arg-type]
+
+
+# --- the recovery decision over the whole input space ----------------------------------------
+
+SLOT_STATES = {
+    "bad": SlotBoot(bad=True, tries_left=0, good=False),
+    "tried": SlotBoot(bad=False, tries_left=0, good=False),
+    "trial": SlotBoot(bad=False, tries_left=1, good=False),
+    "good": SlotBoot(bad=False, tries_left=3, good=True),
+    "good_consumed": SlotBoot(bad=False, tries_left=0, good=True),
+}
+
+
+def boot_states(target: str) -> list[tuple[str, BootState]]:
+    other = other_slot(target)
+    out = []
+    for (tn, ts), (on, os_), first in itertools.product(
+        SLOT_STATES.items(), SLOT_STATES.items(), ("target", "other")
+    ):
+        order = (target, other) if first == "target" else (other, target)
+        out.append(
+            (f"target_{tn}__other_{on}__{first}_first", BootState(order, {target: ts, other: os_}))
+        )
+    return out
+
+
+def records(target: str) -> list[tuple[str, JobRecord | None]]:
+    out: list[tuple[str, JobRecord | None]] = [("no_record", None)]
+    for state, reported, count in itertools.product(State, (False, True), (0, MAX_TRANSITIONS)):
+        rec = JobRecord(
+            job_id="j1",
+            state=state,
+            target_slot=target,
+            version="2.0",
+            transitions=count,
+            reported=reported,
+            boot_id="boot-1",
+        )
+        out.append((f"{state.value}__reported_{reported}__transitions_{count}", rec))
+    return out
+
+
+CASES = [
+    (
+        f"{rname}__booted_{'target' if booted == target else 'other'}"
+        f"__rebooted_{rebooted}__{bname}",
+        rec,
+        booted,
+        bstate,
+        rebooted,
+    )
+    for target in SLOTS
+    for rname, rec in records(target)
+    for booted in SLOTS
+    for rebooted in (False, True)
+    for bname, bstate in boot_states(target)
+]
+
+
+def check_safety(
+    rec: JobRecord | None, booted: str, boot: BootState, rebooted: bool, act: RecoveryAction
+) -> None:
+    """The properties every decision keeps, whatever the inputs."""
+    # the event, if any, is legal from the stored state
+    if act.event is not None:
+        assert rec is not None
+        after = transition(rec.state, act.event)
+    else:
+        after = rec.state if rec is not None else State.IDLE
+    # confirm only ever names the booted slot, and never one on trial
+    if act.confirm is not None:
+        assert act.confirm == booted
+        if rec is not None and rec.target_slot == booted and rec.state != State.IDLE:
+            assert after == State.SUCCEEDED or act.step == Step.COMMIT
+    # never mark the only bootable slot bad while running on it
+    if act.mark_bad is not None:
+        assert not (act.mark_bad == booted and not boot.slot(other_slot(booted)).bootable)
+        assert act.mark_bad == (rec.target_slot if rec is not None else None)
+    if rec is None or rec.state == State.IDLE:
+        assert act.step == Step.NONE and act.event is None and act.mark_bad is None
+        return
+    target = rec.target_slot
+    target_was_bad = boot.slot(target).bad
+    target_ends_bad = target_was_bad or act.mark_bad == target
+    # commit only the slot that runs
+    if act.step == Step.COMMIT or (after == State.SUCCEEDED and act.event is not None):
+        assert booted == target
+    # a target being written or just written (unverified) is never left bootable
+    if act.step in (Step.RESUME_DOWNLOAD, Step.REVERIFY_SLOT):
+        assert target_ends_bad and booted != target
+    # a job that ends failed / rolled back leaves its target unbootable, unless it runs on the
+    # target and the other slot cannot boot (then the device must stay bootable)
+    if after in (State.FAILED, State.ROLLED_BACK) and not target_ends_bad:
+        assert booted == target and not boot.slot(other_slot(target)).bootable
+    # reboots go the right way
+    if act.step == Step.SWITCH_AND_REBOOT:
+        assert booted != target
+    if act.step == Step.ROLLBACK:
+        assert booted == target
+        assert target_ends_bad or not boot.slot(other_slot(target)).bootable
+    if act.step == Step.VERIFY:
+        assert booted == target and (rebooted or rec.state == State.VERIFYING)
+    # the loop breaker holds: past the bound nothing is retried
+    if rec.transitions >= MAX_TRANSITIONS:
+        assert not act.step.retries
+    # a final, reported job causes no event and no report
+    if rec.final:
+        assert act.event is None
+        assert act.step == (Step.NONE if rec.reported else Step.REPORT)
+    else:
+        # an unfinished job always moves: an event is stored, or the step re-runs the state
+        assert act.event is not None or act.step == Step.REVERIFY_SLOT
+    if act.event is not None and after in FINAL_STATES:
+        assert act.step in (Step.FINISH, Step.COMMIT)
+        if after != State.SUCCEEDED:
+            assert act.error is not None and act.error["code"]
+
+
+@pytest.mark.parametrize("record_kind", sorted({c[0].split("__booted_")[0] for c in CASES}))
+def test_machine_recovery_keeps_the_safety_properties(record_kind: str) -> None:
+    # one test per stored record kind; the case id names the failing combination
+    cases = [c for c in CASES if c[0].split("__booted_")[0] == record_kind]
+    assert cases
+    for case_id, rec, booted, bstate, rebooted in cases:
+        act = decide_recovery(rec, booted, bstate, rebooted)
+        try:
+            check_safety(rec, booted, bstate, rebooted, act)
+        except AssertionError as exc:
+            raise AssertionError(f"{case_id}: {act}") from exc
+
+
+def test_machine_recovery_cross_product_size() -> None:
+    # 2 targets x (1 + 9 states x 2 x 2) records x 2 booted x 2 rebooted x 50 boot states
+    assert len(CASES) == 2 * (1 + len(State) * 4) * 2 * 2 * 50
+
+
+# --- the named cases a reader checks first ---------------------------------------------------
+
+
+def rec_in(state: State, **kw: object) -> JobRecord:
+    return dataclasses.replace(
+        JobRecord(job_id="j1", state=state, target_slot="B", version="2.0", boot_id="b0"), **kw
+    )
+
+
+GOOD = SlotBoot(tries_left=3, good=True)
+BAD = SlotBoot(bad=True)
+TRIED = SlotBoot(tries_left=0)
+TRIAL = SlotBoot(tries_left=1)
+
+
+def boot(a: SlotBoot, b: SlotBoot, order: tuple[str, ...] = ("A", "B")) -> BootState:
+    return BootState(order, {"A": a, "B": b})
+
+
+def test_machine_recovery_booted_target_after_reboot_runs_the_health_check() -> None:
+    act = decide_recovery(rec_in(State.REBOOTING), "B", boot(GOOD, TRIED, ("B", "A")), True)
+    assert act.step == Step.VERIFY and act.event == Event.BOOTED_TARGET
+    assert act.confirm is None and act.mark_bad is None
+
+
+def test_machine_recovery_fallback_reports_boot_failed() -> None:
+    act = decide_recovery(rec_in(State.REBOOTING), "A", boot(SlotBoot(good=True), TRIED), True)
+    assert act.step == Step.FINISH and act.event == Event.BOOTED_OTHER
+    assert act.error is not None and act.error["code"] == "boot_failed"
+    assert act.mark_bad == "B" and act.confirm == "A"
+
+
+def test_machine_recovery_power_cut_before_the_switch_switches_again() -> None:
+    act = decide_recovery(rec_in(State.REBOOTING), "A", boot(GOOD, BAD), True)
+    assert act.step == Step.SWITCH_AND_REBOOT and act.event == Event.REBOOT_REQUESTED
+
+
+def test_machine_recovery_crash_before_reboot_reboots() -> None:
+    act = decide_recovery(rec_in(State.REBOOTING), "A", boot(GOOD, TRIAL, ("B", "A")), False)
+    assert act.step == Step.SWITCH_AND_REBOOT and act.confirm is None
+
+
+def test_machine_recovery_committed_in_bootloader_finishes_commit() -> None:
+    act = decide_recovery(rec_in(State.VERIFYING), "B", boot(GOOD, GOOD, ("B", "A")), False)
+    assert act.step == Step.COMMIT and act.event == Event.HEALTH_PASSED
+
+
+def test_machine_recovery_interrupted_download_resumes_with_target_bad() -> None:
+    act = decide_recovery(rec_in(State.DOWNLOADING), "A", boot(GOOD, GOOD), True)
+    assert act.step == Step.RESUME_DOWNLOAD and act.mark_bad == "B"
+
+
+def test_machine_recovery_rollback_finishes_on_the_old_slot() -> None:
+    err = {"code": "health_check_failed", "message": "unit x failed"}
+    act = decide_recovery(
+        rec_in(State.ROLLING_BACK, error=err),
+        "A",
+        boot(SlotBoot(tries_left=0, good=True), BAD),
+        True,
+    )
+    assert act.step == Step.FINISH and act.event == Event.BOOTED_OTHER
+    assert act.error == err and act.confirm == "A" and act.mark_bad is None
+
+
+def test_machine_recovery_loop_breaker_stops_retrying() -> None:
+    rec = rec_in(State.REBOOTING, transitions=MAX_TRANSITIONS)
+    act = decide_recovery(rec, "A", boot(GOOD, BAD), True)
+    assert act.step == Step.FINISH and act.event == Event.LOOP_DETECTED
+    assert act.error is not None and act.error["code"] == "reboot_loop"
+
+
+def test_machine_recovery_idle_confirms_the_booted_slot_once() -> None:
+    assert decide_recovery(None, "A", boot(TRIED, GOOD, ("A", "B")), True).confirm == "A"
+    assert decide_recovery(None, "A", boot(GOOD, GOOD), True).confirm is None
+
+
+def test_machine_recovery_unreported_final_state_is_reported() -> None:
+    act = decide_recovery(rec_in(State.SUCCEEDED), "B", boot(GOOD, GOOD, ("B", "A")), True)
+    assert act.step == Step.REPORT and act.event is None

@@ -1,0 +1,317 @@
+"""Slots: layout, booted-slot detection with the root cross-check, and the safe writer."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import resource
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from otad.agent.slots import (
+    SlotLayout,
+    SlotWriter,
+    booted_slot,
+    open_target,
+    slot_from_cmdline,
+)
+from otad.errors import (
+    BootedSlotWrite,
+    ConfigError,
+    NoSpace,
+    SlotError,
+    SlotNotFound,
+    SlotTooSmall,
+    SlotVerifyFailed,
+    SlotWriteFailed,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def file_slots(tmp_path: Path) -> SlotLayout:
+    for name in ("a.img", "b.img"):
+        with (tmp_path / name).open("wb") as f:
+            f.truncate(4 * MiB)
+    (tmp_path / "a.img").write_bytes(b"old system A" + bytes(4 * MiB - 12))
+    return SlotLayout.from_config({"A": str(tmp_path / "a.img"), "B": str(tmp_path / "b.img")})
+
+
+# --- layout and cmdline ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "slot"),
+    [
+        ("root=PARTLABEL=rootfs_a rw otad.slot=A console=ttyS0", "A"),
+        ("quiet rauc.slot=B", "B"),
+        ("otad.slot=B rauc.slot=B", "B"),
+        ("root=/dev/vda2 quiet", None),
+        ("quiet -- otad.slot=A", None),  # after "--" the arguments belong to init
+        ("", None),
+    ],
+)
+def test_slots_cmdline_names_the_slot(cmdline: str, slot: str | None) -> None:
+    assert slot_from_cmdline(cmdline) == slot
+
+
+@pytest.mark.parametrize(
+    "cmdline", ["otad.slot=C", "otad.slot=", "otad.slot=A otad.slot=B", "otad.slot=A rauc.slot=B"]
+)
+def test_slots_bad_cmdline_is_an_error(cmdline: str) -> None:
+    with pytest.raises(SlotError):
+        slot_from_cmdline(cmdline)
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        {"A": "/dev/x"},
+        {"A": "/dev/x", "B": "/dev/y", "C": "/dev/z"},
+        {"A": "/dev/x", "B": ""},
+        {"A": "/dev/x", "B": "PARTLABEL="},
+        {"A": "/dev/x", "B": "PARTLABEL=a/b"},
+    ],
+)
+def test_slots_bad_layout_is_a_config_error(mapping: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        SlotLayout.from_config(mapping)
+
+
+def test_slots_label_resolves_through_by_partlabel(tmp_path: Path) -> None:
+    (tmp_path / "by-partlabel").mkdir()
+    (tmp_path / "vdb3").touch()
+    (tmp_path / "by-partlabel" / "rootfs_b").symlink_to(tmp_path / "vdb3")
+    layout = SlotLayout.from_config(
+        {"A": "/dev/vdb2", "B": "PARTLABEL=rootfs_b"}, by_partlabel=tmp_path / "by-partlabel"
+    )
+    assert layout.path("B") == tmp_path / "vdb3"
+    assert layout.path("A") == Path("/dev/vdb2")
+
+
+def test_slots_label_resolves_through_sysfs_uevent(tmp_path: Path) -> None:
+    sysblock = tmp_path / "sys"
+    for dev, name in (("vdb2", "rootfs_a"), ("vdb3", "rootfs_b"), ("vdb", None)):
+        (sysblock / dev).mkdir(parents=True)
+        extra = f"PARTNAME={name}\n" if name else ""
+        (sysblock / dev / "uevent").write_text(f"MAJOR=254\nMINOR=3\nDEVNAME={dev}\n{extra}")
+    layout = SlotLayout.from_config(
+        {"A": "partlabel:rootfs_a", "B": "PARTLABEL=rootfs_b"},
+        by_partlabel=tmp_path / "none",
+        sys_block=sysblock,
+        dev_dir=tmp_path / "dev",
+    )
+    assert layout.path("A") == tmp_path / "dev" / "vdb2"
+    assert layout.path("B") == tmp_path / "dev" / "vdb3"
+
+
+def test_slots_missing_label_is_slot_not_found(tmp_path: Path) -> None:
+    layout = SlotLayout.from_config(
+        {"A": "PARTLABEL=otad_test_no_such_label", "B": "/dev/null"},
+        by_partlabel=tmp_path,
+        sys_block=tmp_path,
+    )
+    with pytest.raises(SlotNotFound, match="otad_test_no_such_label"):
+        layout.path("A")
+
+
+def test_slots_booted_override_wins(file_slots: SlotLayout) -> None:
+    assert booted_slot(file_slots, override="B") == "B"
+    with pytest.raises(ValueError, match="unknown slot"):
+        booted_slot(file_slots, override="C")
+
+
+@pytest.fixture
+def block_nodes(tmp_path: Path) -> tuple[Path, Path]:
+    """Two device nodes: one with the number of the disk holding /, one for loop0's number.
+
+    Nothing is ever written through them: the tests check the identity checks that run before
+    any open for writing.
+    """
+    root_dev = os.stat("/").st_dev
+    a, b = tmp_path / "root-disk", tmp_path / "other-disk"
+    os.mknod(a, stat.S_IFBLK | 0o600, root_dev)
+    os.mknod(b, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    return a, b
+
+
+def test_slots_cmdline_is_cross_checked_against_the_root_device(
+    tmp_path: Path, block_nodes: tuple[Path, Path]
+) -> None:
+    a, b = block_nodes
+    layout = SlotLayout.from_config({"A": str(a), "B": str(b)})
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=PARTLABEL=rootfs_a otad.slot=A\n")
+    assert booted_slot(layout, cmdline_path=cmdline) == "A"
+    cmdline.write_text("root=PARTLABEL=rootfs_b otad.slot=B\n")
+    with pytest.raises(SlotError, match="mounted from slot A"):
+        booted_slot(layout, cmdline_path=cmdline)
+    cmdline.write_text("quiet\n")
+    assert booted_slot(layout, cmdline_path=cmdline) == "A"  # derived from the root device
+
+
+def test_slots_no_cmdline_and_file_slots_is_an_error(
+    tmp_path: Path, file_slots: SlotLayout
+) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("quiet\n")
+    with pytest.raises(SlotError, match=r"no otad\.slot="):
+        booted_slot(file_slots, cmdline_path=cmdline)
+    with pytest.raises(SlotError, match="cannot read"):
+        booted_slot(file_slots, cmdline_path=tmp_path / "missing")
+
+
+# --- the writer ----------------------------------------------------------------------------
+
+
+def test_slots_writer_refuses_the_booted_slot_by_inode(
+    file_slots: SlotLayout, tmp_path: Path
+) -> None:
+    a = file_slots.path("A")
+    before = a.read_bytes()
+    with pytest.raises(BootedSlotWrite, match="booted"):
+        SlotWriter(a, booted=a, slot="A")
+    # a different name for the same inode is refused too
+    alias = tmp_path / "alias.img"
+    os.link(a, alias)
+    with pytest.raises(BootedSlotWrite):
+        SlotWriter(alias, booted=a, slot="B")
+    link = tmp_path / "sym.img"
+    link.symlink_to(a)
+    with pytest.raises(BootedSlotWrite):
+        SlotWriter(link, booted=a, slot="B")
+    assert a.read_bytes() == before
+
+
+def test_slots_writer_refuses_the_root_block_device(block_nodes: tuple[Path, Path]) -> None:
+    a, b = block_nodes
+    with pytest.raises(BootedSlotWrite, match="mounted root"):
+        SlotWriter(a, booted=b, slot="A")
+    with pytest.raises(BootedSlotWrite, match="booted"):
+        SlotWriter(b, booted=b, slot="B")
+
+
+def test_slots_writer_refuses_a_mounted_block_device(
+    tmp_path: Path, block_nodes: tuple[Path, Path]
+) -> None:
+    _, b = block_nodes
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("27 1 7:0 / /mnt/x rw,relatime - ext4 /dev/loop0 rw\n")
+    with pytest.raises(BootedSlotWrite, match="mounted"):
+        SlotWriter(b, booted=None, slot="B", mountinfo=mountinfo)
+
+
+def test_slots_writer_writes_hashes_and_rereads(file_slots: SlotLayout) -> None:
+    image = os.urandom(3 * MiB + 123)
+    a_before = file_slots.path("A").read_bytes()
+    with open_target(file_slots, "A", image_size=len(image)) as w:
+        assert w.slot == "B"
+        for i in range(0, len(image), 64 * 1024):
+            w.write(memoryview(image)[i : i + 64 * 1024])
+        result = w.finish(hashlib.sha256(image).hexdigest())
+    assert result.size == len(image)
+    assert result.sha256 == hashlib.sha256(image).hexdigest()
+    b = file_slots.path("B").read_bytes()
+    assert b[: len(image)] == image and len(b) == 4 * MiB  # no truncation, like a partition
+    assert file_slots.path("A").read_bytes() == a_before
+
+
+def test_slots_writer_resumes_at_an_offset(file_slots: SlotLayout) -> None:
+    image = os.urandom(2 * MiB)
+    with open_target(file_slots, "A") as w:
+        w.write(image[: MiB + 7])
+        w.flush()
+    with open_target(file_slots, "A", offset=MiB + 7) as w:
+        w.write(image[MiB + 7 :])
+        assert w.finish(hashlib.sha256(image).hexdigest()).size == len(image)
+
+
+def test_slots_writer_detects_a_hash_mismatch(file_slots: SlotLayout) -> None:
+    with open_target(file_slots, "A") as w:
+        w.write(b"x" * 1000)
+        with pytest.raises(SlotVerifyFailed, match="expected"):
+            w.finish(hashlib.sha256(b"y" * 1000).hexdigest())
+
+
+def test_slots_writer_detects_bytes_changed_under_it(file_slots: SlotLayout) -> None:
+    with open_target(file_slots, "A") as w:
+        w.write(b"x" * 1000)
+        with file_slots.path("B").open("r+b") as f:
+            f.seek(500)
+            f.write(b"!")
+        with pytest.raises(SlotVerifyFailed, match="reads back different"):
+            w.finish()
+
+
+def test_slots_writer_refuses_an_image_larger_than_the_slot(file_slots: SlotLayout) -> None:
+    with pytest.raises(SlotTooSmall, match=r"does not fit slot B \(4194304 bytes"):
+        open_target(file_slots, "A", image_size=4 * MiB + 1)
+    with open_target(file_slots, "A") as w:
+        w.write(bytes(4 * MiB))
+        with pytest.raises(SlotTooSmall, match="more than 4194304"):
+            w.write(b"1")
+
+
+def test_slots_writer_missing_slot_is_not_found(tmp_path: Path, file_slots: SlotLayout) -> None:
+    with pytest.raises(SlotNotFound, match="does not exist"):
+        SlotWriter(tmp_path / "nope.img", booted=file_slots.path("A"), slot="B")
+
+
+def test_slots_writer_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(SlotWriteFailed, match="neither a block device nor a file"):
+        SlotWriter(tmp_path, booted=None, slot="B")
+
+
+def test_slots_writer_closed_writer_refuses(file_slots: SlotLayout) -> None:
+    w = open_target(file_slots, "A")
+    w.close()
+    with pytest.raises(SlotWriteFailed, match="closed"):
+        w.write(b"x")
+
+
+def test_slots_writer_file_size_limit_reports_slot_too_small(tmp_path: Path) -> None:
+    # RLIMIT_FSIZE makes writes past the limit fail with EFBIG (SIGXFSZ ignored), a real
+    # kernel error path: the slot file claims 2 MiB but the process may only write 1 MiB.
+    slot = tmp_path / "b.img"
+    with slot.open("wb") as f:
+        f.truncate(2 * MiB)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MiB, old_limit[1]))
+    try:
+        with SlotWriter(slot, booted=None, slot="B") as w:
+            w.write(bytes(MiB))
+            with pytest.raises(SlotTooSmall, match="cannot grow"):
+                w.write(b"x")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_slots_writer_full_file_system_is_no_space(tmp_path: Path) -> None:
+    # a sparse slot file on a tiny tmpfs: the kernel returns ENOSPC when the blocks run out
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False
+    ).returncode:
+        pytest.fail("mounting a tmpfs is required for the ENOSPC test")
+    try:
+        slot = mnt / "b.img"
+        with slot.open("wb") as f:
+            f.truncate(8 * MiB)
+        with SlotWriter(slot, booted=None, slot="B") as w:
+            w.write(bytes(range(256)) * 2048)  # half a MiB fits
+            with pytest.raises(NoSpace, match="no space left") as info:
+                w.write(bytes(range(256)) * 4096)  # one more MiB does not
+            assert info.value.code == "no_space"
+            assert info.value.__cause__ is not None
+            assert getattr(info.value.__cause__, "errno", None) == errno.ENOSPC
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
