@@ -37,6 +37,20 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="state/{device_id}",
         help="shadow topic prefix, e.g. '$aws/things/{device_id}/shadow'",
     )
+    init.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra IP address or DNS name for the server certificate (repeatable), "
+        "e.g. the address a VM guest reaches the host on",
+    )
+    init.add_argument(
+        "--signing-algorithm",
+        choices=["p256", "ed25519"],
+        default="p256",
+        help="bundle signing key type (default p256: verifies faster with common OpenSSL)",
+    )
     init.set_defaults(handler=_init)
 
     add = commands.add_parser("add-device", help="issue a certificate and key for a device")
@@ -56,6 +70,8 @@ def _init(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         store_port=args.store_port,
         topic_template=args.topic_template,
+        server_sans=args.san,
+        signing_algorithm=args.signing_algorithm,
     )
     print(f"cloud dir: {cloud.root}")
     print(f"  config:   {cloud.config_file}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -94,8 +95,6 @@ def test_pki_private_files_are_mode_0600(cloud_dir: CloudDir) -> None:
 
 
 def test_pki_keyring_holds_the_signing_public_key(cloud_dir: CloudDir) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     key = serialization.load_pem_private_key(cloud_dir.signing_key.read_bytes(), None)
     pems = list(cloud_dir.keyring_dir.glob("*.pem"))
     assert len(pems) == 1
@@ -187,3 +186,29 @@ def test_pki_acl_follows_the_topic_template(tmp_path: Path) -> None:
     assert "pattern readwrite $aws/things/%u/shadow/#" in acl
     assert "user otad-svc-replica\ntopic readwrite $aws/things/+/shadow/#" in acl
     assert cloud.acl_file.read_text() == acl
+
+
+def test_pki_init_adds_extra_server_sans_once(tmp_path: Path) -> None:
+    cloud = init_cloud(tmp_path, [], server_sans=["10.0.2.100", "ota.example.org", "127.0.0.1"])
+    san = load(cloud.server.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    ips = san.value.get_values_for_type(x509.IPAddress)
+    assert ips == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+        ipaddress.ip_address("10.0.2.100"),
+    ]
+    assert san.value.get_values_for_type(x509.DNSName) == ["localhost", "ota.example.org"]
+
+
+@pytest.mark.parametrize("bad", ["-bad", "a..b", "a b", "x/y", ""])
+def test_pki_init_rejects_a_bad_san(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match="neither an IP address nor a DNS name"):
+        init_cloud(tmp_path, [], server_sans=[bad])
+    assert not (tmp_path / "otad-cloud.toml").exists()
+
+
+def test_pki_signing_key_loads_into_the_bundle_keyring(cloud_dir: CloudDir) -> None:
+    from otad.bundle import Keyring, key_id_of, load_private_key
+
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    assert keyring.key_ids == [key_id_of(load_private_key(cloud_dir.signing_key))]

@@ -32,15 +32,23 @@ Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import pytest
 
+from otad.bundle import Keyring
 from otad.cloud.broker import BrokerProcess
+from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICES, CloudDir, Identity, init_cloud
+from otad.cloud.store import ArtifactStore
 
 DEVICES = ("dev1", "dev2", "dev3", "dev4")
 
@@ -100,3 +108,101 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         process = getattr(item, "funcargs", {}).get("broker")
         if isinstance(process, BrokerProcess):
             report.sections.append(("mosquitto log (tail)", process.log_tail()))
+
+
+def make_image(path: Path, size: int, *, seed: int = 1) -> Path:
+    """A deterministic image file of ``size`` bytes, half compressible, half noise."""
+    rng = random.Random(seed)
+    block = bytearray()
+    while len(block) < size:
+        block += rng.randbytes(2048) + bytes(2048)
+    path.write_bytes(bytes(block[:size]))
+    return path
+
+
+def make_bundle(
+    cloud: CloudDir,
+    out: Path,
+    *,
+    version: str = "2.0",
+    image_size: int = 256 * 1024,
+    compatible: str = "qemu-x86_64",
+    seed: int = 1,
+    **kwargs: Any,
+) -> Path:
+    """A bundle signed with the cloud dir's signing key (kwargs go to ``build_bundle``)."""
+    from otad.bundle import build_bundle, load_private_key
+
+    image = make_image(out.with_suffix(".img"), image_size, seed=seed)
+    build_bundle(
+        image,
+        out,
+        key=load_private_key(cloud.signing_key),
+        version=version,
+        compatible=compatible,
+        **kwargs,
+    )
+    return out
+
+
+class CloudEnv:
+    """The cloud side of one test: store (and replica) in this event loop, helpers around them."""
+
+    def __init__(self, cloud_dir: CloudDir, broker: BrokerProcess, config: CloudConfig) -> None:
+        self.cloud_dir = cloud_dir
+        self.broker = broker
+        self.config = config
+        self.store = ArtifactStore(
+            config,
+            keyring=Keyring.load(cloud_dir.keyring_dir),
+            ssl_context=cloud_dir.server_context(),
+            host="127.0.0.1",
+            port=0,
+        )
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> CloudEnv:
+        await self._stack.enter_async_context(self.store)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url
+
+    def presign(self, artifact_id: str, device_id: str, expires_in: float = 3600) -> str:
+        return self.store.signer.presign(artifact_id, device_id, expires_in)
+
+    def http(self, who: str | None = None) -> aiohttp.ClientSession:
+        """An HTTPS session trusting the cloud CA, presenting ``who``'s certificate if given."""
+        ctx = self.cloud_dir.client_context(identity(self.cloud_dir, who) if who else None)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), auto_decompress=False)
+
+    async def upload(self, bundle: Path, *, who: str = "fleet") -> str:
+        """Upload over HTTPS as the fleet identity; returns the artifact id."""
+        async with self.http(who) as session:
+            data = await asyncio.to_thread(bundle.read_bytes)
+            async with session.post(f"{self.store_url}/v1/artifacts", data=data) as resp:
+                body = await resp.json()
+                if resp.status != 201:
+                    raise AssertionError(f"upload refused: {resp.status} {body}")
+                return str(body["id"])
+
+    def mqtt(self, who: str, **kwargs: Any) -> aiomqtt.Client:
+        return mqtt_client(self.cloud_dir, who, self.broker, **kwargs)
+
+
+@pytest.fixture
+async def cloud(
+    cloud_dir: CloudDir, broker: BrokerProcess, tmp_path: Path
+) -> AsyncIterator[CloudEnv]:
+    config = cloud_dir.config().with_overrides(
+        db_path=tmp_path / "cloud-state" / "shadow.db",
+        artifacts_dir=tmp_path / "cloud-artifacts",
+        broker_port=broker.port,
+    )
+    config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    async with CloudEnv(cloud_dir, broker, config) as env:
+        yield env

@@ -1,0 +1,791 @@
+"""The artifact store: signed bundles over HTTPS, fetched only by the device they were issued to.
+
+Endpoints (``docs/cloud.md`` has the full table)::
+
+    POST /v1/artifacts           upload a bundle (mTLS, CN in ``store.uploaders``); 201 + id
+    GET|HEAD /v1/artifacts/{id}  download; Range/If-Range/ETag; pre-signed query or Bearer token
+    POST /v1/credentials         mTLS device -> short-lived Bearer token (optionally one artifact)
+    GET /v1/health               liveness, no auth
+
+Artifact id = the SHA-256 (hex) of the whole bundle file. It is content addressed: the same bundle
+uploaded twice is one artifact, and the ETag (the id, quoted) is a strong validator for free.
+
+Authorisation of a download is one of:
+
+- a pre-signed URL: ``?device=<id>&expires=<unix>&signature=<hex>`` where the signature is
+  HMAC-SHA256 (key derived from the pre-sign secret) over ``GET``, the URL path, the device id
+  and the expiry. The host is not signed, so a URL stays valid behind another public address.
+- ``Authorization: Bearer <token>`` from ``POST /v1/credentials``.
+
+Binding (``store.presign_binding``): with ``certificate`` (the default) the request must come over
+mTLS with the client certificate whose CN is the device the URL/token names; with ``id`` the URL
+or token alone suffices, but a client certificate that is presented must still name that device.
+
+Bodies are streamed by a plain handler reading large chunks in a worker thread: aiohttp's
+FileResponse over TLS runs at a fraction of the speed. Query strings and tokens are never
+logged; aiohttp's access log is off and the store logs its own ``request_served`` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+from urllib.parse import quote, urlencode
+
+import structlog
+from aiohttp import web
+
+from otad.bundle import Keyring, StreamVerifier, VerifyPolicy
+from otad.cloud.config import CloudConfig
+from otad.cloud.pki import SERVICE_PREFIX, validate_device_id
+from otad.errors import (
+    ArtifactNotFound,
+    ArtifactRejected,
+    AuthError,
+    AuthExpired,
+    AuthRequired,
+    BundleError,
+    ConfigError,
+    OtadError,
+    RangeNotSatisfiable,
+    StoreBadRequest,
+    StoreError,
+)
+
+__layer__ = "service"
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 1024 * 1024
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
+_ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
+_TOKEN_PREFIX = "otad1"  # noqa: S105 - a format tag, not a secret
+
+
+# --- byte ranges (pure) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A satisfiable byte range: ``start`` inclusive, ``stop`` exclusive."""
+
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.stop - 1}/{size}"
+
+
+_RANGE_SPEC = re.compile(r"^([0-9]*)-([0-9]*)$")
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single byte range a ``Range`` header asks of a ``size``-byte entity.
+
+    ``None`` means "send the whole entity with 200": no header, another unit, a syntax error
+    (RFC 9110 says to ignore those) or several ranges (allowed; a resuming downloader asks for
+    one). Raises :class:`RangeNotSatisfiable` when the one range lies outside the entity.
+    """
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 1:
+        return None
+    match = _RANGE_SPEC.match(parts[0])
+    if match is None:
+        return None
+    first, last = match.groups()
+    if first:
+        start = int(first)
+        if last:
+            end = int(last)
+            if end < start:
+                return None  # syntactically invalid: ignore
+            stop = min(end + 1, size)
+        else:
+            stop = size
+        if start >= size:
+            raise RangeNotSatisfiable(f"store: range starts at {start}, entity has {size} bytes")
+        return ByteRange(start, stop)
+    if not last:
+        return None  # "bytes=-"
+    suffix = int(last)
+    if suffix == 0 or size == 0:
+        raise RangeNotSatisfiable(f"store: empty suffix range of a {size}-byte entity")
+    return ByteRange(max(0, size - suffix), size)
+
+
+# --- pre-signed URLs and tokens (pure given a secret and a clock) --------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a verified credential allows: this device, this artifact (None: any), until then."""
+
+    device_id: str
+    artifact_id: str | None
+    expires: int
+    kind: Literal["presigned", "token"]
+
+
+def _derive(secret: bytes, purpose: bytes) -> bytes:
+    # One secret file, separate keys: a token MAC can never pass as a URL signature.
+    return hmac.new(secret, b"otad/" + purpose, hashlib.sha256).digest()
+
+
+class Signer:
+    """Issues and checks pre-signed URLs and bearer tokens with the cloud's pre-sign secret."""
+
+    def __init__(self, secret: bytes, base_url: str) -> None:
+        if len(secret) < 32:
+            raise ConfigError("store: the pre-sign secret must be at least 32 bytes")
+        self._url_key = _derive(secret, b"presign-v1")
+        self._token_key = _derive(secret, b"token-v1")
+        self.base_url = base_url.rstrip("/")
+
+    # pre-signed URLs
+
+    def _url_mac(self, method: str, path: str, device_id: str, expires: int) -> str:
+        message = f"{method}\n{path}\n{device_id}\n{expires}".encode()
+        return hmac.new(self._url_key, message, hashlib.sha256).hexdigest()
+
+    def presign(
+        self,
+        artifact_id: str,
+        device_id: str,
+        expires_in: float,
+        *,
+        now: float | None = None,
+        base_url: str | None = None,
+    ) -> str:
+        """A URL that lets ``device_id`` GET the artifact for ``expires_in`` seconds."""
+        check_artifact_id(artifact_id)
+        validate_device_id(device_id)
+        if not 0 < expires_in <= MAX_PRESIGN_SECONDS:
+            raise ConfigError(
+                f"store: pre-signed URL lifetime must be 1 s .. 7 days, not {expires_in}"
+            )
+        expires = int((time.time() if now is None else now) + expires_in)
+        path = ARTIFACT_PATH.format(artifact_id=artifact_id)
+        query = urlencode(
+            {
+                "device": device_id,
+                "expires": str(expires),
+                "signature": self._url_mac("GET", path, device_id, expires),
+            }
+        )
+        return f"{(base_url or self.base_url).rstrip('/')}{path}?{query}"
+
+    def check_presigned(
+        self, path: str, artifact_id: str, query: Mapping[str, str], *, now: float | None = None
+    ) -> Grant | None:
+        """The grant of a pre-signed query; None if the query carries no signature at all."""
+        fields = ("device", "expires", "signature")
+        present = [name for name in fields if name in query]
+        if not present:
+            return None
+        if len(present) != len(fields):
+            raise AuthError("store: pre-signed URL is incomplete")
+        device_id, expires_text, signature = (query[name] for name in fields)
+        if not expires_text.isdigit() or len(expires_text) > 12:
+            raise AuthError("store: pre-signed URL has a malformed expiry")
+        expires = int(expires_text)
+        expected = self._url_mac("GET", path, device_id, expires)
+        if not hmac.compare_digest(expected, signature.lower()):
+            raise AuthError("store: pre-signed URL signature does not match")
+        if (time.time() if now is None else now) >= expires:
+            raise AuthExpired("store: pre-signed URL has expired")
+        return Grant(device_id, artifact_id, expires, "presigned")
+
+    # bearer tokens
+
+    def issue_token(
+        self,
+        device_id: str,
+        artifact_id: str | None,
+        ttl: int,
+        *,
+        now: float | None = None,
+    ) -> tuple[str, int]:
+        """(token, expiry unix time) for ``device_id``, optionally limited to one artifact."""
+        expires = int((time.time() if now is None else now) + ttl)
+        claims = {"dev": device_id, "art": artifact_id, "exp": expires, "jti": secrets.token_hex(8)}
+        body = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        mac = _b64(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest())
+        return f"{_TOKEN_PREFIX}.{body}.{mac}", expires
+
+    def check_token(self, token: str, *, now: float | None = None) -> Grant:
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != _TOKEN_PREFIX:
+            raise AuthError("store: bearer token is malformed")
+        _, body, mac = parts
+        expected = _b64(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, mac):
+            raise AuthError("store: bearer token signature does not match")
+        try:
+            claims = json.loads(_unb64(body))
+            device_id, artifact_id, expires = claims["dev"], claims["art"], claims["exp"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError("store: bearer token is malformed") from exc
+        if not isinstance(device_id, str) or type(expires) is not int:
+            raise AuthError("store: bearer token is malformed")
+        if artifact_id is not None and not isinstance(artifact_id, str):
+            raise AuthError("store: bearer token is malformed")
+        if (time.time() if now is None else now) >= expires:
+            raise AuthExpired("store: bearer token has expired")
+        return Grant(device_id, artifact_id, expires, "token")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def check_artifact_id(artifact_id: str) -> str:
+    if not _ARTIFACT_ID.fullmatch(artifact_id):
+        raise ArtifactNotFound(f"store: {artifact_id[:80]!r} is not an artifact id")
+    return artifact_id
+
+
+def presign(
+    config: CloudConfig, artifact_id: str, device_id: str, expires_in: float | None = None
+) -> str:
+    """A pre-signed download URL for ``device_id`` (what a rollout puts in the desired state)."""
+    signer = Signer(config.read_presign_secret(), config.store_public_url)
+    ttl = config.presign_default_ttl if expires_in is None else expires_in
+    return signer.presign(artifact_id, device_id, ttl)
+
+
+# --- artifact files ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    artifact_id: str
+    path: Path
+    size: int
+    mtime: float
+    manifest: dict[str, Any]
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.artifact_id}"'
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.artifact_id, "size": self.size, "manifest": self.manifest}
+
+
+class Upload:
+    """One bundle arriving: written to a temporary file, hashed and verified as it streams.
+
+    Synchronous and CPU-bound (verification decompresses the payload): callers run each method
+    in a worker thread. Nothing becomes visible under an artifact id before :meth:`commit`
+    has checked the signature, both hashes and the size.
+    """
+
+    def __init__(self, repository: ArtifactRepository, keyring: Keyring, max_bytes: int) -> None:
+        self._repo = repository
+        self._max = max_bytes
+        incoming = repository.directory / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        self._tmp = incoming / f"{secrets.token_hex(8)}.part"
+        self._file: BinaryIO | None = self._tmp.open("xb")
+        self._hash = hashlib.sha256()
+        self._verifier = StreamVerifier(keyring, VerifyPolicy(), threaded=False)
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._file is None:
+            raise StoreError("store: upload already finished")
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise ArtifactRejected(
+                f"store: bundle larger than the limit of {self._max} bytes", status=413
+            )
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        try:
+            for _ in self._verifier.feed(chunk):
+                pass  # the image bytes are only hashed by the verifier
+        except BundleError as exc:
+            raise ArtifactRejected(f"store: bundle rejected: {exc}", reason=exc.code) from exc
+
+    def commit(self, uploader: str) -> ArtifactInfo:
+        if self._file is None:
+            raise StoreError("store: upload already finished")
+        try:
+            manifest = self._verifier.finish()
+        except BundleError as exc:
+            raise ArtifactRejected(f"store: bundle rejected: {exc}", reason=exc.code) from exc
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        artifact_id = self._hash.hexdigest()
+        meta = {
+            "id": artifact_id,
+            "size": self.size,
+            "uploaded_at": int(time.time()),
+            "uploaded_by": uploader,
+            "manifest": manifest.to_dict(),
+        }
+        return self._repo.publish(self._tmp, artifact_id, meta)
+
+    def abort(self) -> None:
+        self._verifier.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+class ArtifactRepository:
+    """Bundles on disk: ``<dir>/<id>.bundle`` and ``<dir>/<id>.json`` (manifest, size, uploader)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def bundle_path(self, artifact_id: str) -> Path:
+        return self.directory / f"{check_artifact_id(artifact_id)}.bundle"
+
+    def meta_path(self, artifact_id: str) -> Path:
+        return self.directory / f"{check_artifact_id(artifact_id)}.json"
+
+    def info(self, artifact_id: str) -> ArtifactInfo:
+        """Blocking: stat + read the metadata (run in a thread on an event loop)."""
+        path = self.bundle_path(artifact_id)
+        try:
+            st = path.stat()
+            meta = json.loads(self.meta_path(artifact_id).read_text())
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"store: no artifact {artifact_id}") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"store: artifact {artifact_id} is unreadable: {exc}") from exc
+        return ArtifactInfo(artifact_id, path, st.st_size, st.st_mtime, meta.get("manifest", {}))
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.directory.glob("*.bundle"))
+
+    def begin(self, keyring: Keyring, max_bytes: int) -> Upload:
+        return Upload(self, keyring, max_bytes)
+
+    def import_file(
+        self,
+        bundle: Path,
+        keyring: Keyring,
+        *,
+        uploader: str = "local",
+        max_bytes: int | None = None,
+    ) -> ArtifactInfo:
+        """Verify and store a bundle file (``otad cloud upload``). Blocking."""
+        upload = self.begin(keyring, max_bytes or 2**63)
+        try:
+            with bundle.open("rb") as src:
+                while chunk := src.read(CHUNK):
+                    upload.feed(chunk)
+            return upload.commit(uploader)
+        except OSError as exc:
+            upload.abort()
+            raise StoreError(f"store: cannot read {bundle}: {exc.strerror}") from exc
+        except BaseException:
+            upload.abort()
+            raise
+
+    def publish(self, tmp: Path, artifact_id: str, meta: dict[str, Any]) -> ArtifactInfo:
+        target = self.bundle_path(artifact_id)
+        if target.exists():
+            tmp.unlink()  # content addressed: the same bytes are already here
+        else:
+            meta_tmp = self.meta_path(artifact_id).with_suffix(".json.tmp")
+            meta_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+            with meta_tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, self.meta_path(artifact_id))
+            os.replace(tmp, target)  # the bundle last: its presence means "complete"
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            log.info("artifact_stored", artifact=artifact_id, size=meta["size"])
+        return self.info(artifact_id)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+_STATUS: list[tuple[type[OtadError], int]] = [
+    (AuthRequired, 401),
+    (AuthError, 403),  # includes AuthExpired
+    (ArtifactNotFound, 404),
+    (RangeNotSatisfiable, 416),
+    (ArtifactRejected, 422),
+    (StoreBadRequest, 400),
+]
+
+
+def _error_response(exc: OtadError) -> web.Response:
+    status = exc.details.get("status") or next(
+        (code for cls, code in _STATUS if isinstance(exc, cls)), 500
+    )
+    body: dict[str, Any] = {"error": exc.to_wire()}
+    if "reason" in exc.details:
+        body["error"]["reason"] = exc.details["reason"]
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="otad"'
+    if isinstance(exc, RangeNotSatisfiable) and "size" in exc.details:
+        headers["Content-Range"] = f"bytes */{exc.details['size']}"
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        exc.status, "http_error"
+    )
+    return web.json_response(
+        {"error": {"code": code, "message": exc.reason}},
+        status=exc.status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def peer_common_name(request: web.BaseRequest) -> str | None:
+    """The CN of the verified client certificate of this connection, if one was presented."""
+    transport = request.transport
+    if transport is None:
+        return None
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ArtifactStore:
+    """The store's aiohttp application plus its HTTPS listener."""
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        *,
+        keyring: Keyring,
+        ssl_context: ssl.SSLContext,
+        host: str | None = None,
+        port: int | None = None,
+        public_url: str | None = None,
+        chunk_size: int = CHUNK,
+    ) -> None:
+        self.config = config
+        self.repository = ArtifactRepository(config.artifacts_dir)
+        self.keyring = keyring
+        self.ssl_context = ssl_context
+        self.host = host or config.store_host
+        self.port = config.store_port if port is None else port
+        self._public_url = public_url
+        self._listener_overridden = host is not None or port is not None
+        self.signer = Signer(config.read_presign_secret(), public_url or config.store_public_url)
+        self.chunk_size = chunk_size
+        self._runner: web.AppRunner | None = None
+        self.app = self._make_app()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self.config.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True
+        )
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])  # the real port when 0 was asked for
+        if self._public_url is None and self._listener_overridden:
+            # A test or a second instance on another port: URLs must point at this listener.
+            self.signer.base_url = self.url
+        log.info("store_started", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            log.info("store_stopped")
+
+    async def __aenter__(self) -> ArtifactStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """Where this listener really is (loopback host and actual port)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    # application
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=1024**2)
+        app.router.add_post("/v1/artifacts", self.handle_upload)
+        app.router.add_get(ARTIFACT_PATH, self.handle_download, allow_head=True)
+        app.router.add_post("/v1/credentials", self.handle_credentials)
+        app.router.add_get("/v1/health", self.handle_health)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except OtadError as exc:
+            response = _error_response(exc)
+            log.info(
+                "request_refused",
+                method=request.method,
+                path=request.path,  # never the query: it may hold a signature
+                status=response.status,
+                code=exc.code,
+                reason=exc.message,
+                peer=peer_common_name(request),
+            )
+            return response
+        except web.HTTPException as exc:
+            return _http_error_response(exc)
+        log.info(
+            "request_served",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            bytes=response.content_length,
+            peer=peer_common_name(request),
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return response
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    # authorisation
+
+    def authorize(self, request: web.Request, artifact_id: str) -> Grant:
+        """The grant this request carries for ``artifact_id``, or the precise refusal."""
+        grant = self.signer.check_presigned(request.path, artifact_id, request.query)
+        auth = request.headers.get("Authorization")
+        if grant is None and auth is not None:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("store: only Bearer authorization is accepted")
+            grant = self.signer.check_token(token.strip())
+            if grant.artifact_id is not None and grant.artifact_id != artifact_id:
+                raise AuthError("store: bearer token is for another artifact")
+        if grant is None:
+            raise AuthRequired("store: a pre-signed URL or a Bearer token is required")
+        self._check_binding(request, grant.device_id)
+        return grant
+
+    def _check_binding(self, request: web.Request, device_id: str) -> None:
+        peer = peer_common_name(request)
+        if peer is None:
+            if self.config.presign_binding == "certificate":
+                raise AuthRequired(
+                    "store: this store requires the device's client certificate (mTLS)"
+                )
+            return
+        if peer != device_id:
+            raise AuthError("store: credential was issued to another device")
+
+    # handlers
+
+    async def handle_credentials(self, request: web.Request) -> web.Response:
+        device_id = peer_common_name(request)
+        if device_id is None:
+            raise AuthRequired("store: credentials are issued only over mTLS")
+        if device_id.startswith(SERVICE_PREFIX):
+            raise AuthError("store: credentials are issued to devices only")
+        artifact_id: str | None = None
+        ttl = self.config.token_ttl
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                raise StoreBadRequest("store: credentials request body is not JSON") from exc
+            if not isinstance(body, dict):
+                raise StoreBadRequest("store: credentials request body must be an object")
+            if body.get("artifact") is not None:
+                if not isinstance(body["artifact"], str):
+                    raise StoreBadRequest("store: artifact must be a string")
+                artifact_id = check_artifact_id(body["artifact"])
+                await asyncio.to_thread(self.repository.info, artifact_id)
+            if "ttl" in body:
+                asked = body["ttl"]
+                if type(asked) is not int or asked <= 0:
+                    raise StoreBadRequest("store: ttl must be a positive integer")
+                ttl = min(asked, ttl)
+        token, expires = self.signer.issue_token(device_id, artifact_id, ttl)
+        log.info("credential_issued", device=device_id, artifact=artifact_id, ttl=ttl)
+        return web.json_response(
+            {
+                "token": token,
+                "token_type": "Bearer",
+                "expires_in": ttl,
+                "expires_at": expires,
+                "device": device_id,
+                "artifact": artifact_id,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def handle_upload(self, request: web.Request) -> web.Response:
+        uploader = peer_common_name(request)
+        if uploader is None:
+            raise AuthRequired("store: uploads need a client certificate")
+        if uploader not in self.config.uploaders:
+            raise AuthError(f"store: {uploader} may not upload artifacts")
+        declared = request.content_length
+        if declared is not None and declared > self.config.max_upload_bytes:
+            raise ArtifactRejected(
+                f"store: bundle of {declared} bytes exceeds the limit", status=413
+            )
+        upload = await asyncio.to_thread(
+            self.repository.begin, self.keyring, self.config.max_upload_bytes
+        )
+        try:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                await asyncio.to_thread(upload.feed, chunk)
+            info = await asyncio.to_thread(upload.commit, uploader)
+        except BaseException:
+            await asyncio.to_thread(upload.abort)
+            raise
+        log.info("artifact_uploaded", artifact=info.artifact_id, size=info.size, by=uploader)
+        return web.json_response(
+            info.to_json(),
+            status=201,
+            headers={"Location": ARTIFACT_PATH.format(artifact_id=info.artifact_id)},
+        )
+
+    async def handle_download(self, request: web.Request) -> web.StreamResponse:
+        artifact_id = check_artifact_id(request.match_info["artifact_id"])
+        grant = self.authorize(request, artifact_id)
+        info = await asyncio.to_thread(self.repository.info, artifact_id)
+        headers = {
+            "ETag": info.etag,
+            "Last-Modified": email.utils.formatdate(int(info.mtime), usegmt=True),
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "private, no-transform",
+            "Content-Type": "application/octet-stream",
+        }
+        if _none_match(request.headers.get("If-None-Match"), info.etag):
+            return web.Response(status=304, headers=headers)
+        byte_range: ByteRange | None = None
+        if _if_range_holds(request.headers.get("If-Range"), info, headers["Last-Modified"]):
+            try:
+                byte_range = parse_range(request.headers.get("Range"), info.size)
+            except RangeNotSatisfiable as exc:
+                raise RangeNotSatisfiable(exc.message, size=info.size) from None
+        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        start, stop = (byte_range.start, byte_range.stop) if byte_range else (0, info.size)
+        if byte_range:
+            response.headers["Content-Range"] = byte_range.content_range(info.size)
+        response.content_length = stop - start
+        log.debug("download_started", artifact=artifact_id, device=grant.device_id, start=start)
+        if request.method == "HEAD":
+            await response.prepare(request)
+            return response
+        fd = await asyncio.to_thread(os.open, info.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await response.prepare(request)
+            await self._send(response, fd, start, stop)
+        finally:
+            os.close(fd)
+        await response.write_eof()
+        return response
+
+    async def _send(self, response: web.StreamResponse, fd: int, start: int, stop: int) -> None:
+        """Stream [start, stop) of ``fd``; the next chunk is read while this one is sent."""
+        offset = start
+        chunk = self.chunk_size
+
+        def read(at: int) -> bytes:
+            return os.pread(fd, min(chunk, stop - at), at)
+
+        pending: asyncio.Future[bytes] | None = (
+            asyncio.ensure_future(asyncio.to_thread(read, offset)) if offset < stop else None
+        )
+        try:
+            while pending is not None:
+                data = await pending
+                if not data:
+                    raise StoreError("store: artifact shrank while being sent")
+                offset += len(data)
+                pending = (
+                    asyncio.ensure_future(asyncio.to_thread(read, offset))
+                    if offset < stop
+                    else None
+                )
+                await response.write(data)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return etag in tags
+
+
+def _if_range_holds(header: str | None, info: ArtifactInfo, last_modified: str) -> bool:
+    """RFC 9110 If-Range: honour Range only if the validator still names this entity."""
+    if header is None:
+        return True
+    value = header.strip()
+    if value.startswith('"'):
+        return value == info.etag  # strong comparison
+    if value.startswith("W/"):
+        return False  # weak tags never match If-Range
+    return value == last_modified
+
+
+def artifact_url(base_url: str, artifact_id: str) -> str:
+    """The unsigned URL of an artifact (token flow: the device gets a token for it)."""
+    return f"{base_url.rstrip('/')}{ARTIFACT_PATH.format(artifact_id=quote(artifact_id))}"

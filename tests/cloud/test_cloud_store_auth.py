@@ -1,0 +1,179 @@
+"""Pure parts of the store: the Range parser, pre-signed URLs and tokens (no sockets)."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from otad.cloud.store import ByteRange, Signer, parse_range
+from otad.errors import AuthError, AuthExpired, ConfigError, RangeNotSatisfiable
+
+SECRET = b"k" * 32
+ART = "ab" * 32
+OTHER = "cd" * 32
+NOW = 1_800_000_000.0
+
+
+def reference_range(header: str, size: int) -> ByteRange | str | None:
+    """An independent model of RFC 9110 single-range semantics ("416" for unsatisfiable)."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)-([0-9]*)\s*", header, flags=re.I)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.groups()
+    if first:
+        a = int(first)
+        b = int(last) if last else None
+        if b is not None and b < a:
+            return None
+        if a >= size:
+            return "416"
+        return ByteRange(a, size if b is None else min(b + 1, size))
+    n = int(last)
+    if n == 0 or size == 0:
+        return "416"
+    return ByteRange(max(0, size - n), size)
+
+
+def run(header: str, size: int) -> ByteRange | str | None:
+    try:
+        return parse_range(header, size)
+    except RangeNotSatisfiable:
+        return "416"
+
+
+numbers = st.one_of(st.none(), st.integers(0, 3000).map(str), st.integers(0, 2**70).map(str))
+
+
+@given(size=st.integers(0, 2000), first=numbers, last=numbers)
+def test_store_parse_range_matches_reference_model(
+    size: int, first: str | None, last: str | None
+) -> None:
+    header = f"bytes={first or ''}-{last or ''}"
+    got = run(header, size)
+    assert got == reference_range(header, size)
+    if isinstance(got, ByteRange):
+        assert 0 <= got.start < got.stop <= size
+        assert got.content_range(size) == f"bytes {got.start}-{got.stop - 1}/{size}"
+
+
+@given(header=st.text(max_size=40), size=st.integers(0, 10**12))
+def test_store_parse_range_garbage_never_crashes(header: str, size: int) -> None:
+    got = run(header, size)
+    assert got is None or got == "416" or isinstance(got, ByteRange)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "bytes",
+        "bytes=",
+        "bytes=-",
+        "items=0-1",
+        "bytes=5-2",
+        "bytes=a-b",
+        "bytes=0-1,3-4",
+        "bytes=\u0663-",
+    ],
+)
+def test_store_parse_range_ignores_unusable_headers(header: str | None) -> None:
+    assert parse_range(header, 100) is None
+
+
+def test_store_parse_range_examples() -> None:
+    assert parse_range("bytes=0-0", 10) == ByteRange(0, 1)
+    assert parse_range("bytes=3-", 10) == ByteRange(3, 10)
+    assert parse_range("bytes=-4", 10) == ByteRange(6, 10)
+    assert parse_range("bytes=-40", 10) == ByteRange(0, 10)
+    assert parse_range("bytes=8-99", 10) == ByteRange(8, 10)
+    assert parse_range("BYTES=1-2", 10) == ByteRange(1, 3)
+    for unsatisfiable in ("bytes=10-", "bytes=10-20", "bytes=-0"):
+        with pytest.raises(RangeNotSatisfiable):
+            parse_range(unsatisfiable, 10)
+
+
+def query_of(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def test_store_presign_round_trip_and_binding_fields() -> None:
+    signer = Signer(SECRET, "https://10.0.2.100:8443/")
+    url = signer.presign(ART, "dev1", 60, now=NOW)
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}" == "https://10.0.2.100:8443"
+    assert parts.path == f"/v1/artifacts/{ART}"
+    grant = signer.check_presigned(parts.path, ART, query_of(url), now=NOW + 59)
+    assert grant is not None
+    assert (grant.device_id, grant.artifact_id, grant.expires) == ("dev1", ART, int(NOW) + 60)
+
+
+def test_store_presign_refuses_expired_and_tampered_urls() -> None:
+    signer = Signer(SECRET, "https://127.0.0.1:8443")
+    url = signer.presign(ART, "dev1", 60, now=NOW)
+    path, query = urlsplit(url).path, query_of(url)
+    with pytest.raises(AuthExpired):
+        signer.check_presigned(path, ART, query, now=NOW + 60)
+    tampered = [
+        {**query, "device": "dev2"},
+        {**query, "expires": str(int(query["expires"]) + 3600)},
+        {**query, "signature": "0" * 64},
+        {**query, "signature": query["signature"][:-1]},
+        {**query, "expires": "-5"},
+        {k: v for k, v in query.items() if k != "device"},
+    ]
+    for q in tampered:
+        with pytest.raises(AuthError) as info:
+            signer.check_presigned(path, ART, q, now=NOW)
+        assert not isinstance(info.value, AuthExpired)
+    with pytest.raises(AuthError):  # the URL of one artifact does not open another
+        signer.check_presigned(f"/v1/artifacts/{OTHER}", OTHER, query, now=NOW)
+    with pytest.raises(AuthError):  # another secret
+        Signer(b"x" * 32, "https://h").check_presigned(path, ART, query, now=NOW)
+    assert signer.check_presigned(path, ART, {}, now=NOW) is None
+
+
+@pytest.mark.parametrize("lifetime", [0, -1, 7 * 24 * 3600 + 1])
+def test_store_presign_rejects_bad_lifetimes(lifetime: float) -> None:
+    with pytest.raises(ConfigError):
+        Signer(SECRET, "https://h").presign(ART, "dev1", lifetime)
+
+
+def test_store_signer_needs_a_long_secret() -> None:
+    with pytest.raises(ConfigError):
+        Signer(b"short", "https://h")
+
+
+def test_store_token_round_trip_expiry_and_tampering() -> None:
+    signer = Signer(SECRET, "https://h")
+    token, expires = signer.issue_token("dev3", ART, 30, now=NOW)
+    assert expires == int(NOW) + 30
+    grant = signer.check_token(token, now=NOW + 1)
+    assert (grant.device_id, grant.artifact_id, grant.kind) == ("dev3", ART, "token")
+    with pytest.raises(AuthExpired):
+        signer.check_token(token, now=NOW + 30)
+    prefix, body, mac = token.split(".")
+    for bad in [
+        f"{prefix}.{body}.{mac[:-2]}AA",
+        f"{prefix}.{body[:-2]}.{mac}",
+        f"otad2.{body}.{mac}",
+        "garbage",
+        "",
+        f"{prefix}.{body}",
+    ]:
+        with pytest.raises(AuthError) as info:
+            signer.check_token(bad, now=NOW)
+        assert not isinstance(info.value, AuthExpired)
+    # A token MAC is not a URL signature (separate derived keys).
+    url_sig = query_of(signer.presign(ART, "dev3", 60, now=NOW))["signature"]
+    assert url_sig not in token
+
+
+@given(st.text(max_size=200))
+def test_store_check_token_garbage_only_raises_auth_error(text: str) -> None:
+    with pytest.raises(AuthError):
+        Signer(SECRET, "https://h").check_token(text, now=NOW)

@@ -1,0 +1,469 @@
+"""The real store over HTTPS: uploads, Range/If-Range/416, pre-signed URLs, bearer tokens.
+
+Clients are aiohttp sessions and, for the hypothesis range test, urllib (another HTTP stack),
+all over TLS with certificates from the session's cloud dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pytest
+import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+from plugins.cloud_env import CloudEnv, make_bundle
+
+from otad.bundle import Keyring
+from otad.cloud.pki import CloudDir, init_cloud
+from otad.cloud.store import ArtifactStore
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+async def fetch(
+    env: CloudEnv, url: str, who: str | None = "dev1", **kwargs: Any
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with env.http(who) as session, session.get(url, **kwargs) as resp:
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
+
+
+async def error_code(
+    env: CloudEnv, url: str, who: str | None = "dev1", **kwargs: Any
+) -> tuple[int, str]:
+    status, headers, body = await fetch(env, url, who, **kwargs)
+    assert headers["Content-Type"].startswith("application/json")
+    return status, json.loads(body)["error"]["code"]
+
+
+def with_query(url: str, **changes: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(changes)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+# --- uploads -------------------------------------------------------------------------------------
+
+
+async def test_store_upload_returns_content_hash_id(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    assert artifact == hashlib.sha256(bundle_bytes).hexdigest()
+    stored = cloud.config.artifacts_dir / f"{artifact}.bundle"
+    assert await asyncio.to_thread(stored.read_bytes) == bundle_bytes
+    # The same bytes again: the same artifact, no second copy.
+    assert await cloud.upload(signed_bundle) == artifact
+    assert sorted(p.name for p in cloud.config.artifacts_dir.glob("*.bundle")) == [
+        f"{artifact}.bundle"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("payload", "bundle_payload_hash_mismatch"),
+        ("manifest", None),
+        ("truncated", "bundle_truncated"),
+    ],
+)
+async def test_store_upload_rejects_a_tampered_bundle(
+    cloud: CloudEnv, signed_bundle: Path, where: str, reason: str | None, bundle_bytes: bytes
+) -> None:
+    data = bytearray(bundle_bytes)
+    if where == "payload":
+        data[-100] ^= 0x01
+    elif where == "manifest":
+        data[60] ^= 0x01  # inside the manifest, right after the 40-byte header
+    else:
+        del data[-1000:]
+    async with (
+        cloud.http("fleet") as session,
+        session.post(f"{cloud.store_url}/v1/artifacts", data=bytes(data)) as resp,
+    ):
+        body = await resp.json()
+    assert resp.status == 422
+    assert body["error"]["code"] == "artifact_rejected"
+    if reason:
+        assert body["error"]["reason"] == reason
+    else:
+        assert body["error"]["reason"].startswith("bundle_")
+    assert not list(cloud.config.artifacts_dir.glob("*.bundle"))
+    assert not list((cloud.config.artifacts_dir / ".incoming").glob("*"))
+
+
+async def test_store_upload_rejects_a_bundle_signed_by_an_unknown_key(
+    cloud: CloudEnv, tmp_path: Path
+) -> None:
+    stranger = init_cloud(tmp_path / "stranger", [])
+    bundle = make_bundle(stranger, tmp_path / "evil.otab", version="9.9")
+    async with (
+        cloud.http("fleet") as session,
+        session.post(f"{cloud.store_url}/v1/artifacts", data=bundle.read_bytes()) as resp,
+    ):
+        body = await resp.json()
+    assert resp.status == 422
+    assert body["error"]["reason"] == "bundle_unknown_key"
+
+
+@pytest.mark.parametrize(
+    ("who", "status", "code"),
+    [(None, 401, "auth_required"), ("dev1", 403, "auth_failed"), ("replica", 403, "auth_failed")],
+)
+async def test_store_upload_needs_an_uploader_identity(
+    cloud: CloudEnv,
+    signed_bundle: Path,
+    who: str | None,
+    status: int,
+    code: str,
+    bundle_bytes: bytes,
+) -> None:
+    async with (
+        cloud.http(who) as session,
+        session.post(f"{cloud.store_url}/v1/artifacts", data=bundle_bytes) as resp,
+    ):
+        body = await resp.json()
+    assert (resp.status, body["error"]["code"]) == (status, code)
+
+
+async def test_store_upload_over_the_limit_is_413(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    cloud.store.config = cloud.store.config.with_overrides(max_upload_bytes=1000)
+    async with (
+        cloud.http("fleet") as session,
+        session.post(f"{cloud.store_url}/v1/artifacts", data=bundle_bytes) as resp,
+    ):
+        body = await resp.json()
+    assert resp.status == 413 and body["error"]["code"] == "artifact_rejected"
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+
+async def test_store_presigned_download_serves_the_bytes(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    status, headers, body = await fetch(cloud, url)
+    assert status == 200
+    assert body == bundle_bytes
+    assert headers["ETag"] == f'"{artifact}"'
+    assert headers["Accept-Ranges"] == "bytes"
+    assert int(headers["Content-Length"]) == len(body)
+
+
+async def test_store_head_gives_headers_without_body(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    async with cloud.http("dev1") as session, session.head(url) as resp:
+        assert resp.status == 200
+        assert int(resp.headers["Content-Length"]) == len(bundle_bytes)
+        assert await resp.read() == b""
+
+
+async def test_store_range_resume_reassembles_the_file(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    data = bundle_bytes
+    got = bytearray()
+    etag = None
+    # Read 100 KiB, "lose" the connection, resume with If-Range, repeat until done.
+    for _ in range(100):
+        headers = {"Range": f"bytes={len(got)}-{len(got) + 100 * 1024 - 1}"}
+        if etag:
+            headers["If-Range"] = etag
+        status, resp_headers, body = await fetch(cloud, url, headers=headers)
+        assert status == 206
+        assert resp_headers["Content-Range"] == (
+            f"bytes {len(got)}-{len(got) + len(body) - 1}/{len(data)}"
+        )
+        etag = resp_headers["ETag"]
+        got += body
+        if len(got) == len(data):
+            break
+    assert bytes(got) == data
+
+
+async def test_store_if_range_with_a_stale_etag_sends_everything(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    for stale in ('"0000"', 'W/"' + artifact + '"', "Mon, 01 Jan 2001 00:00:00 GMT"):
+        status, headers, body = await fetch(
+            cloud, url, headers={"Range": "bytes=10-", "If-Range": stale}
+        )
+        assert status == 200, stale
+        assert "Content-Range" not in headers
+        assert body == bundle_bytes
+    # The current ETag and the current Last-Modified keep the range.
+    status, headers, body = await fetch(
+        cloud, url, headers={"Range": "bytes=10-19", "If-Range": f'"{artifact}"'}
+    )
+    assert (status, body) == (206, bundle_bytes[10:20])
+    status, _, _ = await fetch(
+        cloud, url, headers={"Range": "bytes=10-19", "If-Range": headers["Last-Modified"]}
+    )
+    assert status == 206
+
+
+async def test_store_unsatisfiable_range_is_416(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    size = len(bundle_bytes)
+    status, headers, body = await fetch(cloud, url, headers={"Range": f"bytes={size}-"})
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{size}"
+    assert json.loads(body)["error"]["code"] == "range_not_satisfiable"
+
+
+async def test_store_if_none_match_is_304(cloud: CloudEnv, signed_bundle: Path) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    status, _, body = await fetch(cloud, url, headers={"If-None-Match": f'"{artifact}"'})
+    assert (status, body) == (304, b"")
+
+
+async def test_store_presigned_url_refusals(cloud: CloudEnv, signed_bundle: Path) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    expired = cloud.store.signer.presign(artifact, "dev1", 60, now=time.time() - 120)
+    assert await error_code(cloud, expired) == (403, "auth_expired")
+    expires = dict(parse_qsl(urlsplit(url).query))["expires"]
+    assert await error_code(cloud, with_query(url, expires=str(int(expires) + 1))) == (
+        403,
+        "auth_failed",
+    )
+    assert await error_code(cloud, with_query(url, device="dev2")) == (403, "auth_failed")
+    assert await error_code(cloud, with_query(url, signature="f" * 64)) == (403, "auth_failed")
+    # dev2 holds dev1's URL and presents its own certificate.
+    assert await error_code(cloud, url, who="dev2") == (403, "auth_failed")
+    # Without a client certificate (binding "certificate", the default).
+    assert await error_code(cloud, url, who=None) == (401, "auth_required")
+    # No credential at all.
+    bare = url.split("?", 1)[0]
+    assert await error_code(cloud, bare) == (401, "auth_required")
+    # A service identity is not the device either.
+    assert await error_code(cloud, url, who="fleet") == (403, "auth_failed")
+
+
+async def test_store_presign_binding_id_accepts_the_url_alone(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    cloud.store.config = cloud.store.config.with_overrides(presign_binding="id")
+    url = cloud.presign(artifact, "dev1", 60)
+    status, _, body = await fetch(cloud, url, who=None)
+    assert status == 200 and body == bundle_bytes
+    # A presented certificate must still be the right one.
+    assert await error_code(cloud, url, who="dev2") == (403, "auth_failed")
+
+
+async def test_store_unknown_and_malformed_artifacts_are_404(cloud: CloudEnv) -> None:
+    missing = "0" * 64
+    url = cloud.presign(missing, "dev1", 60)
+    assert await error_code(cloud, url) == (404, "artifact_not_found")
+    assert await error_code(cloud, f"{cloud.store_url}/v1/artifacts/nothex") == (
+        404,
+        "artifact_not_found",
+    )
+    assert await error_code(cloud, f"{cloud.store_url}/v2/whatever") == (404, "not_found")
+
+
+# --- temporary credentials ---------------------------------------------------------------------
+
+
+async def credential(cloud: CloudEnv, who: str | None, body: Any = None) -> tuple[int, Any]:
+    async with (
+        cloud.http(who) as session,
+        session.post(f"{cloud.store_url}/v1/credentials", json=body) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_store_bearer_token_flow(
+    cloud: CloudEnv, signed_bundle: Path, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    status, body = await credential(cloud, "dev2", {"artifact": artifact})
+    assert status == 200
+    assert body["device"] == "dev2" and body["artifact"] == artifact
+    assert body["token_type"] == "Bearer" and 0 < body["expires_in"] <= cloud.config.token_ttl
+    url = f"{cloud.store_url}/v1/artifacts/{artifact}"
+    auth = {"Authorization": f"Bearer {body['token']}"}
+    status, _, data = await fetch(cloud, url, who="dev2", headers=auth)
+    assert status == 200 and data == bundle_bytes
+    status, _, data = await fetch(cloud, url, who="dev2", headers={**auth, "Range": "bytes=5-9"})
+    assert (status, data) == (206, bundle_bytes[5:10])
+    # Someone else's certificate with dev2's token, or no certificate at all.
+    assert await error_code(cloud, url, who="dev1", headers=auth) == (403, "auth_failed")
+    assert await error_code(cloud, url, who=None, headers=auth) == (401, "auth_required")
+    # Another artifact with a token scoped to this one.
+    other = f"{cloud.store_url}/v1/artifacts/{'e' * 64}"
+    assert await error_code(cloud, other, who="dev2", headers=auth) == (403, "auth_failed")
+    # Bad scheme, tampered token.
+    assert await error_code(cloud, url, who="dev2", headers={"Authorization": "Basic eDp5"}) == (
+        403,
+        "auth_failed",
+    )
+    bad = {"Authorization": f"Bearer {body['token'][:-3]}xyz"}
+    assert await error_code(cloud, url, who="dev2", headers=bad) == (403, "auth_failed")
+
+
+async def test_store_unscoped_token_and_expiry(cloud: CloudEnv, signed_bundle: Path) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    status, body = await credential(cloud, "dev3", {"ttl": 5})
+    assert status == 200 and body["artifact"] is None and body["expires_in"] == 5
+    url = f"{cloud.store_url}/v1/artifacts/{artifact}"
+    status, _, _ = await fetch(
+        cloud, url, who="dev3", headers={"Authorization": f"Bearer {body['token']}"}
+    )
+    assert status == 200
+    old, _ = cloud.store.signer.issue_token("dev3", None, 5, now=time.time() - 60)
+    assert await error_code(cloud, url, who="dev3", headers={"Authorization": f"Bearer {old}"}) == (
+        403,
+        "auth_expired",
+    )
+
+
+@pytest.mark.parametrize(
+    ("who", "body", "status", "code"),
+    [
+        (None, None, 401, "auth_required"),
+        ("fleet", None, 403, "auth_failed"),
+        ("dev1", {"artifact": "0" * 64}, 404, "artifact_not_found"),
+        ("dev1", {"artifact": 7}, 400, "store_bad_request"),
+        ("dev1", {"ttl": -1}, 400, "store_bad_request"),
+        ("dev1", {"ttl": "5"}, 400, "store_bad_request"),
+        ("dev1", [1, 2], 400, "store_bad_request"),
+    ],
+)
+async def test_store_credentials_refusals(
+    cloud: CloudEnv, who: str | None, body: Any, status: int, code: str
+) -> None:
+    got_status, got = await credential(cloud, who, body)
+    assert (got_status, got["error"]["code"]) == (status, code)
+
+
+async def test_store_credentials_ttl_is_capped(cloud: CloudEnv) -> None:
+    status, body = await credential(cloud, "dev1", {"ttl": 10**9})
+    assert status == 200 and body["expires_in"] == cloud.config.token_ttl
+
+
+async def test_store_never_logs_query_strings_or_tokens(
+    cloud: CloudEnv, signed_bundle: Path
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 60)
+    signature = dict(parse_qsl(urlsplit(url).query))["signature"]
+    with structlog.testing.capture_logs() as logs:
+        await fetch(cloud, url)
+        await fetch(cloud, with_query(url, device="dev2"))
+        _, body = await credential(cloud, "dev1", {"artifact": artifact})
+        await fetch(cloud, url.split("?")[0], headers={"Authorization": f"Bearer {body['token']}"})
+    text = repr(logs)
+    assert "request_served" in text and "request_refused" in text
+    assert signature not in text and body["token"] not in text
+    assert "?" not in "".join(str(e.get("path", "")) for e in logs)
+
+
+# --- hypothesis over ranges, with urllib as an independent client --------------------------------
+
+
+@pytest.fixture(scope="module")
+def threaded_store(
+    cloud_dir: CloudDir, signed_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, bytes, ssl.SSLContext]]:
+    """A store on its own thread + loop (hypothesis drives it from synchronous code)."""
+    config = cloud_dir.config().with_overrides(
+        artifacts_dir=tmp_path_factory.mktemp("threaded-artifacts")
+    )
+    store = ArtifactStore(
+        config,
+        keyring=Keyring.load(cloud_dir.keyring_dir),
+        ssl_context=cloud_dir.server_context(),
+        host="127.0.0.1",
+        port=0,
+    )
+    info = store.repository.import_file(signed_bundle, store.keyring)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with store:
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        url = store.signer.presign(info.artifact_id, "dev4", 600)
+        ctx = cloud_dir.client_context(cloud_dir.device("dev4"))
+        yield url, signed_bundle.read_bytes(), ctx
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        with contextlib.suppress(Exception):
+            loop.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_store_range_requests_match_the_file_bytes(
+    threaded_store: tuple[str, bytes, ssl.SSLContext], data: st.DataObject
+) -> None:
+    url, content, ctx = threaded_store
+    size = len(content)
+    kind = data.draw(st.sampled_from(["closed", "open", "suffix"]))
+    start = data.draw(st.integers(0, size + 10))
+    if kind == "closed":
+        end = data.draw(st.integers(start, size + 10))
+        header, expected = f"bytes={start}-{end}", (start, min(end + 1, size))
+    elif kind == "open":
+        header, expected = f"bytes={start}-", (start, size)
+    else:
+        n = data.draw(st.integers(1, size + 10))
+        header, expected = f"bytes=-{n}", (max(0, size - n), size)
+    status, headers, body = urllib_get(url, ctx, {"Range": header})
+    if expected[0] >= size:
+        assert status == 416, header
+        assert headers["Content-Range"] == f"bytes */{size}"
+    else:
+        assert status == 206, header
+        assert headers["Content-Range"] == f"bytes {expected[0]}-{expected[1] - 1}/{size}"
+        assert body == content[expected[0] : expected[1]]
+
+
+def urllib_get(url: str, ctx: ssl.SSLContext, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - https URL we built
+    try:
+        with urllib.request.urlopen(request, context=ctx, timeout=10) as resp:  # noqa: S310
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
