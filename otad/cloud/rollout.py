@@ -102,7 +102,7 @@ class RolloutService:
         self._live: dict[str, _Live] = {}
         self._owner: dict[str, str] = {}  # device id -> active rollout id
         self._unsent: dict[str, Command] = {}  # commands that failed; retried every cycle
-        self._seen: dict[str, db.DeviceSeen] = {}
+        self._seen: dict[str, plan.DeviceSeen] = {}
         self._sets = asyncio.Semaphore(MAX_PARALLEL_SETS)
         self.ready = asyncio.Event()
 
@@ -177,7 +177,7 @@ class RolloutService:
         now = self._clock()
         for report in reports:
             software = report.software
-            self._seen[report.device_id] = db.DeviceSeen(
+            self._seen[report.device_id] = plan.DeviceSeen(
                 device_id=report.device_id,
                 version=_text(software.get("version")),
                 slot=_text(software.get("slot")),

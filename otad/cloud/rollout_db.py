@@ -30,6 +30,7 @@ from otad.cloud.db import SqliteStore
 from otad.cloud.rollout_plan import (
     ACTIVE,
     DeviceRecord,
+    DeviceSeen,
     DeviceState,
     Rollout,
     RolloutState,
@@ -119,19 +120,6 @@ class Request:
     requested_at: float
     done_at: float | None = None
     result: str | None = None
-
-
-@dataclass(frozen=True)
-class DeviceSeen:
-    """What the fleet last heard from a device (from its reported ``software``)."""
-
-    device_id: str
-    version: str | None
-    slot: str | None
-    state: str | None
-    job_id: str | None
-    error_code: str | None
-    last_seen: float
 
 
 Work = Callable[[sqlite3.Connection], T]

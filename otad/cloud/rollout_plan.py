@@ -315,6 +315,19 @@ class DeviceRecord:
     finished_at: float | None = None
 
 
+@dataclass(frozen=True)
+class DeviceSeen:
+    """What the fleet last heard from a device (from its reported ``software``)."""
+
+    device_id: str
+    version: str | None
+    slot: str | None
+    state: str | None
+    job_id: str | None
+    error_code: str | None
+    last_seen: float
+
+
 def new_rollout(
     *,
     rollout_id: str,

@@ -1,0 +1,214 @@
+"""One simulated device: a real :class:`otad.agent.daemon.Agent` on file-backed slots.
+
+Everything but the hardware is real: the agent's own MQTT connection with the device's own
+certificate, HTTPS downloads, bundle verification, slot writes, the journal. The hardware is
+modelled: the slots are small sparse files, the bootloader is the sim bootloader, and a reboot
+is a power cycle (stop the agent, :meth:`SimBootloader.power_on`, start a new agent on the slot
+that came up, with a new boot id).
+
+Faults, to show pausing and rollbacks: ``fail_health`` makes the post-reboot health check fail
+(the agent marks the new slot bad and goes back); ``fail_boot`` makes the updated slot never boot
+(the sim bootloader falls back, as after a kernel panic and a watchdog reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from otad.agent.bootloader.sim import SimBootloader
+from otad.agent.config import (
+    AgentConfig,
+    BootloaderConfig,
+    BrokerConfig,
+    DownloadConfig,
+    HealthConfig,
+    SlotConfig,
+    SlotsConfig,
+    StoreConfig,
+)
+from otad.agent.daemon import Agent
+from otad.agent.update import DeviceState, HealthResult
+
+__layer__ = "root"
+
+log = structlog.get_logger(__name__)
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """What every simulated device of a fleet shares."""
+
+    broker_host: str
+    broker_port: int
+    ca: Path
+    keyring: Path
+    compatible: str = "otad-sim"
+    topic_template: str = "state/{device_id}"
+    slot_size: int = 256 * 1024
+    version: str = "1.0"
+    reboot_delay: float = 0.3  # seconds the device is "off" during a reboot
+    durable: bool = False  # fsync the sim bootloader file (off: thousands of devices)
+    progress_interval: float = 0.5
+
+
+class SimulatedDevice:
+    """``await start()`` boots it; ``await stop()`` powers it off."""
+
+    def __init__(
+        self,
+        root: Path,
+        device_id: str,
+        identity: Identity,
+        settings: SimSettings,
+        *,
+        fail_health: bool = False,
+        fail_boot: bool = False,
+    ) -> None:
+        self.root = root
+        self.device_id = device_id
+        self.settings = settings
+        self.fail_health = fail_health
+        self.fail_boot = fail_boot
+        self.reboots = 0
+        self._agent: Agent | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self._cycling: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.config = self._prepare(identity)
+        self.sim = SimBootloader(
+            root / "sim.json", attempts=3, initial="A", durable=settings.durable
+        )
+
+    def _prepare(self, identity: Identity) -> AgentConfig:
+        s = self.settings
+        self.root.mkdir(parents=True, exist_ok=True)
+        slots = {}
+        for name in ("A", "B"):
+            path = self.root / f"slot-{name.lower()}.img"
+            if not path.exists():
+                # Sparse: a thousand devices cost no disk until they are written.
+                with path.open("wb") as f:
+                    f.truncate(s.slot_size)
+            slots[name] = SlotConfig(name, path=path)
+        state_dir = self.root / "state"
+        if not (state_dir / "device.json").exists():
+            DeviceState(state_dir / "device.json", {"A": s.version}).save()
+        return AgentConfig(
+            device_id=self.device_id,
+            compatible=s.compatible,
+            broker=BrokerConfig(
+                host=s.broker_host,
+                port=s.broker_port,
+                ca=s.ca,
+                cert=identity.cert,
+                key=identity.key,
+                keepalive=30,
+                topic_template=s.topic_template,
+                report_timeout=5.0,
+                reconnect_initial=0.2,
+                reconnect_max=5.0,
+            ),
+            slots=SlotsConfig(a=slots["A"], b=slots["B"]),
+            store=StoreConfig(ca=s.ca),
+            bootloader=BootloaderConfig(type="sim", sim_state=self.root / "sim.json"),
+            health=HealthConfig(check_systemd=False, health_d=self.root / "health.d"),
+            download=DownloadConfig(
+                retries=5, backoff_initial=0.2, backoff_max=2.0, sock_connect=10.0, sock_read=30.0
+            ),
+            state_dir=state_dir,
+            keyring=s.keyring,
+            reboot_command=("true",),
+            progress_interval=s.progress_interval,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Power on: the sim bootloader picks a slot, an agent starts on it."""
+        if self.running:
+            return
+        booted = await asyncio.to_thread(self.sim.power_on)
+        agent = Agent(
+            self.config,
+            bootloader=self.sim,
+            rebooter=self._reboot_requested,
+            booted_slot=booted,
+            boot_id=uuid.uuid4().hex,
+            health=self._health,
+        )
+        self._agent = agent
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(agent.run(self._stop), name=f"agent:{self.device_id}")
+        ready = asyncio.create_task(agent.ready.wait())
+        done, _ = await asyncio.wait(
+            [ready, self._task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ready not in done:
+            ready.cancel()
+            if self._task in done:
+                self.error = self._task.exception()
+                log.error("sim_device_failed", device=self.device_id, error=str(self.error))
+            else:
+                log.error("sim_device_slow_start", device=self.device_id)
+
+    async def stop(self) -> None:
+        """Power off (the agent stops cleanly, like on a shutdown)."""
+        if self._cycling is not None and self._cycling is not asyncio.current_task():
+            self._cycling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cycling
+        await self._halt()
+
+    async def _halt(self) -> None:
+        task, stop = self._task, self._stop
+        self._task = self._stop = None
+        if task is None or stop is None:
+            return
+        stop.set()
+        try:
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("sim_device_stop_timeout", device=self.device_id)
+        except Exception as exc:  # the agent's own failure: keep it for the report
+            self.error = exc
+            log.error("sim_device_failed", device=self.device_id, error=str(exc))
+
+    def _reboot_requested(self) -> None:
+        # Called by the agent's update runner, inside the agent task: the power cycle runs
+        # in its own task, so it can stop that agent and wait for it.
+        self.reboots += 1
+        self._cycling = asyncio.create_task(self._power_cycle(), name=f"reboot:{self.device_id}")
+
+    async def _power_cycle(self) -> None:
+        await self._halt()
+        await asyncio.sleep(self.settings.reboot_delay)
+        if self.fail_boot:
+            # The new slot panics on every boot; the bootloader falls back to the old one.
+            target = "B" if self.sim.booted() == "A" else "A"
+            if self.sim.state().order[0] == target:
+                await asyncio.to_thread(self.sim.fail_boot, target)
+        log.info("sim_device_power_cycled", device=self.device_id)
+        await self.start()
+
+    async def _health(self) -> HealthResult:
+        if self.fail_health:
+            return HealthResult(False, "simulated: required unit app.service failed")
+        return HealthResult(True)
