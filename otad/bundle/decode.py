@@ -112,9 +112,12 @@ class ZstdStreamDecoder:
                 elif not self._flush_pending:
                     break
             self._started = True
-            _check(_lib.ZSTD_decompressStream(self._dctx, outbuf, inbuf), result=self)
-            self._flush_pending = outbuf.pos == outbuf.size
-            if self._flush_pending:
+            hint = _check(_lib.ZSTD_decompressStream(self._dctx, outbuf, inbuf))
+            # 0: a frame ended and everything decoded was flushed into the output buffer.
+            # Otherwise a full output buffer means libzstd may still hold decoded bytes.
+            self._frame_done = hint == 0
+            self._flush_pending = hint != 0 and outbuf.pos == outbuf.size
+            if outbuf.pos == outbuf.size:
                 break
         if inbuf.pos == inbuf.size and not self._queue:
             self._current = None
@@ -189,9 +192,8 @@ def make_decoder(compression: str, *, fallback: bool = False) -> Decoder:
     raise DecompressFailed(f"bundle: no decoder for compression {compression!r}")
 
 
-def _check(code: int, result: ZstdStreamDecoder | None = None) -> None:
+def _check(code: int) -> int:
     if _lib.ZSTD_isError(code):
         name = _ffi.string(_lib.ZSTD_getErrorName(code)).decode("ascii", "replace")
         raise DecompressFailed(f"bundle: payload does not decompress: {name}")
-    if result is not None:
-        result._frame_done = code == 0
+    return code
