@@ -57,6 +57,7 @@ MAX_STATE_BYTES: Final = 8 * 1024
 MAX_CLIENT_TOKEN_BYTES: Final = 64
 MAX_DEPTH: Final = 8
 MAX_REQUEST_BYTES: Final = 16 * 1024
+MAX_RESPONSE_BYTES: Final = 256 * 1024
 DEFAULT_TEMPLATE: Final = "state/{device_id}"
 AWS_TEMPLATE: Final = "$aws/things/{device_id}/shadow"
 
@@ -312,12 +313,12 @@ def _is_leaf_meta(meta: Mapping[str, JsonValue]) -> bool:
 # --- requests ----------------------------------------------------------------------------------
 
 
-class _Absent:
+class Absent:
     """The section was not named in the request (``null`` means delete it)."""
 
-    _instance: _Absent | None = None
+    _instance: Absent | None = None
 
-    def __new__(cls) -> _Absent:
+    def __new__(cls) -> Absent:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -326,8 +327,8 @@ class _Absent:
         return "ABSENT"
 
 
-ABSENT: Final = _Absent()
-SectionPatch: TypeAlias = "JsonObject | _Absent | None"
+ABSENT: Final = Absent()
+SectionPatch: TypeAlias = "JsonObject | Absent | None"
 
 
 @dataclass(frozen=True)
@@ -341,9 +342,9 @@ class UpdateRequest:
 
     def to_payload(self) -> JsonObject:
         state: JsonObject = {}
-        if not isinstance(self.desired, _Absent):
+        if not isinstance(self.desired, Absent):
             state["desired"] = self.desired
-        if not isinstance(self.reported, _Absent):
+        if not isinstance(self.reported, Absent):
             state["reported"] = self.reported
         out: JsonObject = {"state": state}
         if self.version is not None:
@@ -351,6 +352,15 @@ class UpdateRequest:
         if self.client_token is not None:
             out["clientToken"] = self.client_token
         return out
+
+    def encode(self) -> bytes:
+        """The request payload, checked by the same rules the replica applies."""
+        try:
+            raw = encode(self.to_payload())
+        except (ValueError, TypeError) as exc:
+            raise _bad(f"update cannot be encoded as JSON: {exc}", self.client_token) from exc
+        parse_update(raw)
+        return raw
 
 
 @dataclass(frozen=True)
@@ -362,10 +372,10 @@ def _bad(message: str, token: str | None) -> ShadowBadRequest:
     return ShadowBadRequest(f"shadow: {message}", client_token=token)
 
 
-def _decode(payload: bytes, *, allow_empty: bool) -> Any:
-    if len(payload) > MAX_REQUEST_BYTES:
+def _decode(payload: bytes, *, allow_empty: bool, limit: int = MAX_REQUEST_BYTES) -> Any:
+    if len(payload) > limit:
         raise ShadowTooLarge(
-            f"shadow: request of {len(payload)} bytes is over the {MAX_REQUEST_BYTES}-byte limit"
+            f"shadow: request of {len(payload)} bytes is over the {limit}-byte limit"
         )
     if allow_empty and not payload.strip():
         return {}
@@ -477,6 +487,17 @@ def parse_update(payload: bytes) -> UpdateRequest:
         version=version,
         client_token=token,
     )
+
+
+def parse_json_object(payload: bytes) -> JsonObject:
+    """A response payload (accepted, rejected, delta, documents) as a JSON object.
+
+    Responses carry metadata besides the state, so they may be larger than a request.
+    """
+    doc = _decode(payload, allow_empty=False, limit=MAX_RESPONSE_BYTES)
+    if not isinstance(doc, dict):
+        raise _bad("payload must be a JSON object", None)
+    return cast(JsonObject, doc)
 
 
 def parse_get(payload: bytes) -> GetRequest:
@@ -657,7 +678,7 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
 def _apply_section(
     state: JsonObject, metadata: JsonObject, patch: SectionPatch, now: int
 ) -> tuple[JsonObject, JsonObject]:
-    if isinstance(patch, _Absent):
+    if isinstance(patch, Absent):
         return state, metadata
     if patch is None:
         return {}, {}

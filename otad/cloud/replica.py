@@ -1,0 +1,564 @@
+"""The device state replica: shadow requests in over MQTT, durable store, responses out.
+
+One MQTT connection with the replica's service identity (mutual TLS) subscribes to the update
+and get topics of every device. For the default layout the subscriptions are shared
+(``$share/otad-replica/state/+/update``), so several replica processes split the load; Mosquitto
+delivers nothing to shared subscriptions on ``$`` topics, so with the AWS layout
+(``$aws/things/{device_id}/shadow``) the replica subscribes plainly and one process serves a
+broker. The device id is taken from the topic (the broker's ACL makes sure a device can only
+publish on its own topics).
+
+For each request, in order::
+
+    parse + validate (otad.shadow) -> apply to the stored document -> COMMIT (fsync'd, with the
+    messages to publish in the outbox, same transaction) -> publish accepted / documents /
+    delta (only when the delta changed) or rejected -> delete the outbox rows on PUBACK
+
+An update is acknowledged only after it is durable: a replica killed at any instant either
+never published ``accepted`` (the device retries) or has the document on disk. A crash between
+the commit and the broker's PUBACK leaves the messages in the outbox; the next start publishes
+them again (at least once). Bad input becomes a ``rejected`` message with the AWS status code;
+nothing partial is ever stored. When more than ``max_pending`` requests wait for the disk, new
+ones are rejected with 429 instead of queueing without bound.
+
+Throughput: requests that arrive together are processed as one unit of work and the store
+commits everything queued in one transaction (group commit), so one fsync covers hundreds of
+updates. Publishing does not wait for each PUBACK. aiomqtt's ``publish()`` and message iterator
+cost a task, an event and a ``wait_for`` per message, which measured slower than the disk; so on
+the hot path this module hooks the underlying paho client's ``on_message``/``on_publish``
+callbacks (they run on the event loop thread) and calls paho's ``publish`` directly. That use
+of aiomqtt internals is confined to :class:`_Wire`; connecting, subscribing and detecting a
+lost connection use aiomqtt's public API.
+
+:class:`ShadowClient` is the operator side (rollouts, ``otad shadow``, tests): it publishes to a
+device's update/get topic with the fleet identity and awaits the accepted/rejected answer that
+echoes its clientToken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+
+from otad import shadow
+from otad.cloud.db import OutboxMessage, ShadowStore, Transaction
+from otad.errors import (
+    BrokerError,
+    ShadowError,
+    ShadowInternal,
+    ShadowThrottled,
+)
+from otad.shadow import JsonObject, Topics
+
+__layer__ = "service"
+
+log = structlog.get_logger(__name__)
+
+SHARE_GROUP = "otad-replica"
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and as whom to connect."""
+
+    host: str
+    port: int
+    tls_context: ssl.SSLContext | None
+    identifier: str | None = None
+    keepalive: int = 30
+
+
+@dataclass
+class ReplicaStats:
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    gets: int = 0
+    published: int = 0
+    republished: int = 0
+    throttled: int = 0
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    outbox_id: int = 0  # 0: not in the outbox (rejections, get answers)
+
+
+@dataclass(frozen=True)
+class _Request:
+    topic: str
+    payload: bytes
+
+
+# --- request processing (runs inside a store transaction, on the writer thread) ----------------
+
+
+def process_request(
+    txn: Transaction, template: str, topic: str, payload: bytes, now: int
+) -> tuple[list[_Outgoing], str]:
+    """Apply one request; return the messages to publish and the outcome for the stats.
+
+    Everything that can fail is computed before the first write, so a rejected request writes
+    nothing and an accepted one writes the document and its outbox rows together.
+    """
+    try:
+        device_id, kind = shadow.parse_request_topic(topic, template)
+    except ShadowError:
+        return [], "ignored"  # not a request topic: our filters never deliver one
+    topics = Topics(device_id, template)
+    try:
+        if kind == "get":
+            request = shadow.parse_get(payload)
+            body = shadow.get_document(txn.load(device_id), request, device_id)
+            return [_Outgoing(topics.get_accepted, shadow.encode(body))], "get"
+        update = shadow.parse_update(payload)
+        outcome = shadow.apply_update(txn.load(device_id), update, now)
+    except ShadowError as exc:
+        if not exc.details.get("client_token"):
+            exc.details["client_token"] = shadow.client_token_of(payload)
+        body = shadow.rejected_document(exc, now)
+        return [_Outgoing(topics.rejected(kind), shadow.encode(body))], "rejected"
+    messages = [
+        OutboxMessage(topics.update_accepted, shadow.encode(outcome.accepted)),
+        OutboxMessage(topics.update_documents, shadow.encode(outcome.documents)),
+    ]
+    if outcome.delta is not None:
+        messages.append(OutboxMessage(topics.update_delta, shadow.encode(outcome.delta)))
+    txn.save(device_id, outcome.document)
+    stored = txn.add_outbox(messages)
+    return [_Outgoing(m.topic, m.payload, m.id) for m in stored], "accepted"
+
+
+def _process_batch(
+    txn: Transaction, template: str, requests: Sequence[_Request], now: int
+) -> list[tuple[list[_Outgoing], str]]:
+    out = []
+    for request in requests:
+        try:
+            out.append(process_request(txn, template, request.topic, request.payload, now))
+        except ShadowError:
+            raise  # a store failure (500 for the whole batch, handled by the caller)
+        except Exception as exc:  # a bug must not take the other requests of the batch down
+            log.exception("request_failed", topic=request.topic, error=str(exc))
+            error = ShadowInternal(
+                "replica: internal error", client_token=shadow.client_token_of(request.payload)
+            )
+            out.append(_rejection(template, request.topic, error, now))
+    return out
+
+
+def _rejection(
+    template: str, topic: str, error: ShadowError, now: int
+) -> tuple[list[_Outgoing], str]:
+    try:
+        device_id, kind = shadow.parse_request_topic(topic, template)
+    except ShadowError:
+        return [], "ignored"
+    target = Topics(device_id, template).rejected(kind)
+    return [_Outgoing(target, shadow.encode(shadow.rejected_document(error, now)))], "rejected"
+
+
+# --- the MQTT hot path -------------------------------------------------------------------------
+
+
+class _Wire:
+    """Fast receive/publish on an aiomqtt client's paho core (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        on_messages: Callable[[list[_Request]], None],
+        on_acked: Callable[[list[int]], None],
+    ) -> None:
+        self._paho: paho.Client = client._client
+        self._loop = asyncio.get_running_loop()
+        self._inbox: list[_Request] = []
+        self._acked: list[int] = []
+        self._unacked: dict[int, int] = {}  # mid -> outbox id
+        self._on_messages = on_messages
+        self._on_acked = on_acked
+        self._aiomqtt_on_publish: Any = self._paho.on_publish
+        self._paho.on_message = self._message
+        self._paho.on_publish = self._published
+
+    def _message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
+        if not self._inbox:
+            self._loop.call_soon(self._flush_inbox)
+        self._inbox.append(_Request(message.topic, bytes(message.payload)))
+
+    def _flush_inbox(self) -> None:
+        batch, self._inbox = self._inbox, []
+        self._on_messages(batch)
+
+    def _published(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        if self._aiomqtt_on_publish is not None:
+            self._aiomqtt_on_publish(client, userdata, mid, rc, props)
+        outbox_id = self._unacked.pop(mid, 0)
+        if outbox_id:
+            if not self._acked:
+                self._loop.call_soon(self._flush_acked)
+            self._acked.append(outbox_id)
+
+    def _flush_acked(self) -> None:
+        batch, self._acked = self._acked, []
+        self._on_acked(batch)
+
+    def publish(self, messages: Sequence[_Outgoing]) -> int:
+        """Queue messages at QoS 1 without waiting; return how many were queued."""
+        sent = 0
+        for message in messages:
+            info = self._paho.publish(message.topic, message.payload, qos=1)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                # Not connected: outbox rows stay and are published again on reconnect.
+                log.warning("publish_failed", topic=message.topic, rc=info.rc)
+                continue
+            sent += 1
+            if message.outbox_id:
+                self._unacked[info.mid] = message.outbox_id
+        return sent
+
+
+# --- the service -------------------------------------------------------------------------------
+
+
+class Replica:
+    """The replica service. ``await replica.run(stop)`` serves until ``stop`` is set.
+
+    It reconnects to the broker with backoff when the connection is lost; the outbox is
+    published again on every (re)connect. ``ready`` is set once the subscriptions are active.
+    """
+
+    def __init__(
+        self,
+        store: ShadowStore,
+        broker: BrokerSettings,
+        *,
+        template: str = shadow.DEFAULT_TEMPLATE,
+        share_group: str | None = SHARE_GROUP,
+        max_pending: int = 20_000,
+        max_inflight: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.template = shadow.check_template(template)
+        self.filters = shadow.request_filters(template, share_group)
+        self.max_pending = max_pending
+        self.max_inflight = max_inflight
+        self.clock = clock
+        self.ready = asyncio.Event()
+        self.stats = ReplicaStats()
+        self._pending = 0
+        self._wire: _Wire | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                return
+            except aiomqtt.MqttError as exc:
+                self.ready.clear()
+                log.warning("broker_connection_lost", error=str(exc), retry_in=backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.broker.identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=self.broker.tls_context,
+            keepalive=self.broker.keepalive,
+            max_inflight_messages=self.max_inflight,
+            timeout=30,
+        )
+        async with client:
+            self._wire = _Wire(client, self._received, self._acked)
+            try:
+                await self._republish_outbox()
+                for flt in self.filters:
+                    await client.subscribe(flt, qos=1)
+                self.ready.set()
+                log.info("replica_serving", filters=self.filters, template=self.template)
+                # The iterator yields nothing (the wire takes the messages) but raises when the
+                # connection is lost; stop ends the session cleanly.
+                lost = asyncio.ensure_future(_wait_lost(client))
+                stopped = asyncio.ensure_future(stop.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {lost, stopped}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    lost.cancel()
+                    stopped.cancel()
+                if lost in done:
+                    lost.result()  # raises the MqttError that ended the connection
+                await self._quiesce()
+            finally:
+                self._wire = None
+                self.ready.clear()
+
+    async def _quiesce(self) -> None:
+        """On stop: let committed batches publish before the connection closes (5 s at most)."""
+        deadline = time.monotonic() + 5.0
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic())
+        await asyncio.sleep(0)
+
+    async def _republish_outbox(self) -> None:
+        pending = await self.store.outbox_pending()
+        if not pending or self._wire is None:
+            return
+        sent = self._wire.publish([_Outgoing(m.topic, m.payload, m.id) for m in pending])
+        self.stats.republished += sent
+        log.info("outbox_republished", messages=sent)
+
+    # --- hot path callbacks (event loop thread) ----------------------------------------------
+
+    def _received(self, requests: list[_Request]) -> None:
+        self.stats.received += len(requests)
+        room = self.max_pending - self._pending
+        if room < len(requests):
+            throttled, requests = requests[max(room, 0) :], requests[: max(room, 0)]
+            self._throttle(throttled)
+        if not requests:
+            return
+        self._pending += len(requests)
+        now = int(self.clock())
+        template = self.template
+        try:
+            future = self.store.submit(lambda txn: _process_batch(txn, template, requests, now))
+        except ShadowError as exc:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        self._tasks.add(future)
+        future.add_done_callback(lambda f: self._committed(f, requests, now))
+
+    def _committed(
+        self,
+        future: asyncio.Future[list[tuple[list[_Outgoing], str]]],
+        requests: list[_Request],
+        now: int,
+    ) -> None:
+        self._tasks.discard(future)
+        self._pending -= len(requests)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            failure = (
+                error
+                if isinstance(error, ShadowError)
+                else ShadowInternal(f"replica: store failed: {error}")
+            )
+            log.error("batch_failed", requests=len(requests), error=str(failure))
+            results = [
+                _rejection(
+                    self.template,
+                    r.topic,
+                    ShadowInternal(failure.message, client_token=shadow.client_token_of(r.payload)),
+                    now,
+                )
+                for r in requests
+            ]
+        else:
+            results = future.result()
+        outgoing: list[_Outgoing] = []
+        for messages, outcome in results:
+            outgoing.extend(messages)
+            if outcome == "accepted":
+                self.stats.accepted += 1
+            elif outcome == "rejected":
+                self.stats.rejected += 1
+            elif outcome == "get":
+                self.stats.gets += 1
+        if self._wire is not None:
+            self.stats.published += self._wire.publish(outgoing)
+
+    def _throttle(self, requests: list[_Request]) -> None:
+        now = int(self.clock())
+        self.stats.throttled += len(requests)
+        outgoing: list[_Outgoing] = []
+        for r in requests:
+            error = ShadowThrottled(
+                "replica: too many requests in flight; retry later",
+                client_token=shadow.client_token_of(r.payload),
+            )
+            outgoing.extend(_rejection(self.template, r.topic, error, now)[0])
+        if self._wire is not None:
+            self.stats.published += self._wire.publish(outgoing)
+
+    def _acked(self, outbox_ids: list[int]) -> None:
+        self.store.outbox_done(outbox_ids)
+
+
+async def _wait_lost(client: aiomqtt.Client) -> None:
+    async for _ in client.messages:  # pragma: no cover - the wire takes every message
+        pass
+
+
+# --- the operator side -------------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[JsonObject]
+    accepted: str
+    rejected: str
+
+
+@dataclass
+class ShadowClient:
+    """Request/response on device shadows with a service identity (fleet, CLI, tests).
+
+    ::
+
+        async with ShadowClient(BrokerSettings(host, port, tls)) as shadows:
+            accepted = await shadows.update("dev1", desired={"software": {...}})
+            document = await shadows.get("dev1")    # ShadowNotFound if never written
+
+    Answers are matched by clientToken; a rejection raises the ShadowError of its code.
+    Several requests may be in flight at once, from several tasks.
+    """
+
+    broker: BrokerSettings
+    template: str = shadow.DEFAULT_TEMPLATE
+    timeout: float = 10.0
+    _client: aiomqtt.Client | None = field(default=None, init=False)
+    _waiters: dict[str, _Waiter] = field(default_factory=dict, init=False)
+    _reader: asyncio.Task[None] | None = field(default=None, init=False)
+
+    async def __aenter__(self) -> ShadowClient:
+        shadow.check_template(self.template)
+        client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.broker.identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=self.broker.tls_context,
+            keepalive=self.broker.keepalive,
+            timeout=self.timeout,
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise BrokerError(
+                f"shadow client: cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
+            ) from exc
+        self._client = client
+        wildcard = self.template.replace("{device_id}", "+")
+        try:
+            for suffix in ("update/accepted", "update/rejected", "get/accepted", "get/rejected"):
+                await client.subscribe(f"{wildcard}/{suffix}", qos=1)
+        except aiomqtt.MqttError as exc:
+            await self.__aexit__(None, None, None)
+            raise BrokerError(f"shadow client: cannot subscribe: {exc}") from exc
+        self._reader = asyncio.create_task(self._read(client), name="shadow-client-reader")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+            self._reader = None
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(BrokerError("shadow client: closed"))
+        self._waiters.clear()
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        try:
+            async for message in client.messages:
+                self._answer(str(message.topic), message.payload)
+        except aiomqtt.MqttError as exc:
+            for waiter in self._waiters.values():
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        BrokerError(f"shadow client: connection lost: {exc}")
+                    )
+
+    def _answer(self, topic: str, payload: Any) -> None:
+        try:
+            body = shadow.parse_json_object(bytes(payload))
+        except ShadowError:
+            return
+        token = body.get("clientToken")
+        waiter = self._waiters.get(token) if isinstance(token, str) else None
+        if waiter is None or waiter.future.done():
+            return
+        if topic == waiter.accepted:
+            waiter.future.set_result(body)
+        elif topic == waiter.rejected:
+            waiter.future.set_exception(shadow.error_from_rejected(body))
+
+    async def _request(
+        self, topics: Topics, kind: shadow.RequestKind, token: str, raw: bytes
+    ) -> JsonObject:
+        client = self._client
+        if client is None:
+            raise BrokerError("shadow client: not connected (use `async with`)")
+        future: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
+        self._waiters[token] = _Waiter(future, topics.accepted(kind), topics.rejected(kind))
+        topic = topics.update if kind == "update" else topics.get
+        try:
+            try:
+                await client.publish(topic, raw, qos=1)
+            except aiomqtt.MqttError as exc:
+                raise BrokerError(f"shadow client: cannot publish to {topic}: {exc}") from exc
+            try:
+                return await asyncio.wait_for(future, self.timeout)
+            except TimeoutError as exc:
+                raise BrokerError(
+                    f"shadow client: no answer from the replica for {topics.device_id} "
+                    f"within {self.timeout} s"
+                ) from exc
+        finally:
+            self._waiters.pop(token, None)
+
+    async def get(self, device_id: str) -> JsonObject:
+        """The full document (``get/accepted`` payload) of a device."""
+        token = uuid.uuid4().hex
+        raw = shadow.encode({"clientToken": token})
+        return await self._request(Topics(device_id, self.template), "get", token, raw)
+
+    async def update(
+        self,
+        device_id: str,
+        *,
+        desired: JsonObject | shadow.Absent | None = shadow.ABSENT,
+        reported: JsonObject | shadow.Absent | None = shadow.ABSENT,
+        version: int | None = None,
+    ) -> JsonObject:
+        """Merge into the shadow; return the ``update/accepted`` payload once durable."""
+        topics = Topics(device_id, self.template)
+        token = uuid.uuid4().hex
+        request = shadow.UpdateRequest(desired, reported, version, token)
+        # Checked locally first: the same rules the replica applies, with a clearer error.
+        raw = request.encode()
+        return await self._request(topics, "update", token, raw)
+
+    async def update_desired(self, device_id: str, desired: JsonObject) -> JsonObject:
+        """Shorthand used by rollouts: merge ``desired`` into the device's desired state."""
+        return await self.update(device_id, desired=desired)

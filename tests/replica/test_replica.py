@@ -1,0 +1,210 @@
+"""The replica against a real Mosquitto with TLS and ACL: protocol behaviour end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from replica_helpers import device, running_replica
+
+from otad.cloud.db import SqliteStore
+from otad.cloud.pki import CloudDir
+from otad.cloud.replica import Replica, ShadowClient
+from otad.errors import ShadowBadRequest, ShadowNotFound, ShadowVersionConflict
+
+SOFTWARE = {"version": "2.0", "url": "https://127.0.0.1:8443/v1/artifacts/a1", "jobId": "j-1"}
+
+
+async def test_replica_desired_set_sends_delta_to_the_device(
+    cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
+) -> None:
+    async with device(cloud_dir, broker, "dev1") as dev:
+        accepted = await fleet.update_desired("dev1", {"software": SOFTWARE})
+        assert accepted["version"] == 1
+        assert accepted["state"] == {"desired": {"software": SOFTWARE}}
+        delta = (await dev.wait_for("update/delta"))[0]
+        assert delta["state"] == {"software": SOFTWARE}
+        assert delta["version"] == 1
+        assert set(delta["metadata"]["software"]) == set(SOFTWARE)
+        documents = (await dev.wait_for("update/documents"))[0]
+        assert documents["current"]["state"] == {"desired": {"software": SOFTWARE}}
+
+
+async def test_replica_reported_matching_desired_sends_no_delta(
+    cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
+) -> None:
+    async with device(cloud_dir, broker, "dev1") as dev:
+        await fleet.update_desired("dev1", {"software": SOFTWARE})
+        await dev.wait_for("update/delta")
+        accepted = await dev.request(
+            "update",
+            {"state": {"reported": {"software": SOFTWARE}}, "clientToken": "r1"},
+            "update/accepted",
+        )
+        assert accepted["clientToken"] == "r1" and accepted["version"] == 2
+        # A further report (progress) still changes no delta: still exactly one delta message.
+        await dev.request(
+            "update", {"state": {"reported": {"temp": 21}}, "clientToken": "r2"}, "update/accepted"
+        )
+        got = await dev.request("get", {"clientToken": "g"}, "get/accepted")
+        assert "delta" not in got["state"]
+        assert len(dev.of("update/delta")) == 1
+
+
+async def test_replica_version_conflict_is_rejected_409(
+    cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
+) -> None:
+    await fleet.update("dev2", reported={"a": 1})
+    with pytest.raises(ShadowVersionConflict):
+        await fleet.update("dev2", reported={"a": 2}, version=7)
+    async with device(cloud_dir, broker, "dev2") as dev:
+        rejected = await dev.request(
+            "update",
+            {"state": {"reported": {"a": 3}}, "version": 0, "clientToken": "v"},
+            "update/rejected",
+        )
+        assert rejected["code"] == 409 and rejected["clientToken"] == "v"
+        ok = await dev.request(
+            "update",
+            {"state": {"reported": {"a": 3}}, "version": 1, "clientToken": "v2"},
+            "update/accepted",
+        )
+        assert ok["version"] == 2
+    doc = await fleet.get("dev2")
+    assert doc["state"]["reported"] == {"a": 3} and doc["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "token"),
+    [
+        pytest.param(b"{nope", 400, None, id="malformed_json"),
+        pytest.param(
+            b'{"state": {"reported": 5}, "clientToken": "t1"}', 400, "t1", id="wrong_type"
+        ),
+        pytest.param(
+            b'{"state": {"desired": {"a": 1}}, "clientToken": "t2", "x": 1}',
+            400,
+            "t2",
+            id="unknown_field",
+        ),
+        pytest.param(
+            b'{"state": {"reported": {"a": 1}}, "clientToken": "' + b"k" * 65 + b'"}',
+            400,
+            None,
+            id="token_too_long",
+        ),
+        pytest.param(b'{"state": {"reported": {"a": "\xff"}}}', 415, None, id="not_utf8"),
+        pytest.param(
+            b'{"state": {"reported": {"a": "' + b"x" * 9000 + b'"}}, "clientToken": "big"}',
+            413,
+            "big",
+            id="oversize_document",
+        ),
+        pytest.param(
+            b'{"state": {"reported": {"a": "' + b"x" * 20000 + b'"}}}',
+            413,
+            None,
+            id="oversize_request",
+        ),
+    ],
+)
+async def test_replica_bad_input_is_rejected_and_stores_nothing(
+    cloud_dir: CloudDir,
+    broker: Any,
+    replica: Replica,
+    payload: bytes,
+    code: int,
+    token: str | None,
+) -> None:
+    async with device(cloud_dir, broker, "dev3") as dev:
+        rejected = await dev.request("update", payload, "update/rejected")
+        assert rejected["code"] == code
+        assert rejected.get("clientToken") == token
+        assert isinstance(rejected["message"], str) and rejected["message"]
+        got = await dev.request("get", b"", "get/rejected")
+        assert got["code"] == 404  # nothing was stored
+        # The replica survived: a good update still works.
+        ok = await dev.request(
+            "update", {"state": {"reported": {"ok": True}}, "clientToken": "ok"}, "update/accepted"
+        )
+        assert ok["version"] == 1
+    assert replica.stats.rejected >= 1
+
+
+async def test_replica_get_returns_the_full_document_and_echoes_the_token(
+    cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
+) -> None:
+    with pytest.raises(ShadowNotFound):
+        await fleet.get("dev4")
+    await fleet.update("dev4", desired={"software": SOFTWARE, "led": "on"})
+    async with device(cloud_dir, broker, "dev4") as dev:
+        await dev.request(
+            "update", {"state": {"reported": {"led": "on", "temp": 3}}}, "update/accepted"
+        )
+        got = await dev.request("get", {"clientToken": "full"}, "get/accepted")
+    assert got["clientToken"] == "full"
+    assert got["version"] == 2
+    assert got["state"] == {
+        "desired": {"software": SOFTWARE, "led": "on"},
+        "reported": {"led": "on", "temp": 3},
+        "delta": {"software": SOFTWARE},
+    }
+    assert set(got["metadata"]) == {"desired", "reported"}
+    assert got["metadata"]["reported"]["temp"]["timestamp"] > 0
+
+
+async def test_replica_client_validates_before_sending(fleet: ShadowClient) -> None:
+    with pytest.raises(ShadowBadRequest):
+        await fleet.update("dev1", desired={"a": float("nan")})
+    with pytest.raises(ShadowBadRequest):
+        await fleet.update("dev1/x", desired={"a": 1})
+
+
+async def test_replica_aws_template_works_with_plain_subscriptions(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path
+) -> None:
+    # The broker's ACL is written for the cloud dir's template; the replica and fleet identities
+    # may use any topic their ACL allows, so this checks the topic layout end to end with them.
+    template = "$aws/things/{device_id}/shadow"
+    async with running_replica(
+        cloud_dir, broker, tmp_path / "aws.db", template=template
+    ) as replica:
+        assert replica.filters == ["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+
+
+async def test_replica_restart_keeps_state(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path, fleet: ShadowClient
+) -> None:
+    db = tmp_path / "shadow.db"
+    async with running_replica(cloud_dir, broker, db):
+        await fleet.update("dev1", desired={"v": 1})
+        await fleet.update("dev1", reported={"v": 0})
+    async with running_replica(cloud_dir, broker, db):
+        got = await fleet.get("dev1")
+    assert got["version"] == 2 and got["state"]["delta"] == {"v": 1}
+
+
+async def test_replica_throttles_with_429_beyond_max_pending(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path
+) -> None:
+    async with (
+        running_replica(cloud_dir, broker, tmp_path / "t.db", max_pending=1) as replica,
+        device(cloud_dir, broker, "dev2") as dev,
+    ):
+        for i in range(200):
+            await dev.publish("update", {"state": {"reported": {"i": i}}, "clientToken": f"c{i}"})
+        await dev.wait_for("update/accepted", count=1)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(dev.of("update/accepted")) + len(dev.of("update/rejected")) < 200:
+            assert asyncio.get_running_loop().time() < deadline, "answers missing"
+            await asyncio.sleep(0.05)
+        codes = {r["code"] for r in dev.of("update/rejected")}
+        assert codes <= {429}
+        assert replica.stats.throttled == len(dev.of("update/rejected"))
+    # Every accepted one is stored, each exactly once: the version counts them.
+    store = SqliteStore(tmp_path / "t.db")
+    async with store:
+        doc = await store.read("dev2")
+    assert doc is not None and doc.version == len(dev.of("update/accepted"))
