@@ -108,6 +108,7 @@ class Downloader:
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_deadline = 0.0
+        self._token_artifact: str | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -140,12 +141,13 @@ class Downloader:
 
     async def token(self, source: Source) -> str:
         """A temporary credential from ``POST <store>/v1/credentials`` (cert = proof)."""
-        if self._token is not None and time.monotonic() < self._token_deadline:
+        artifact = urlsplit(source.url).path.rsplit("/", 1)[-1]
+        fresh = time.monotonic() < self._token_deadline and self._token_artifact == artifact
+        if self._token is not None and fresh:
             return self._token
         base = self.config.store.url or _origin(source.url)
         url = f"{base}/v1/credentials"
         check_https(url)
-        artifact = urlsplit(source.url).path.rsplit("/", 1)[-1]
         try:
             async with self.session().post(
                 url, json={"artifact": artifact}, allow_redirects=False
@@ -155,6 +157,8 @@ class Downloader:
                         f"download: credential request refused ({resp.status})",
                         status=resp.status,
                     )
+                if resp.status == 404:
+                    raise DownloadNotFound("download: the store knows no such artifact", status=404)
                 if resp.status != 200:
                     raise DownloadProtocolError(
                         f"download: credential request answered {resp.status}", status=resp.status
@@ -170,6 +174,7 @@ class Downloader:
         lifetime = body.get("expires_in", 300)
         lifetime = float(lifetime) if isinstance(lifetime, int | float) else 300.0
         self._token = token
+        self._token_artifact = artifact
         # Renew a little early so a long download does not hit the edge of the token's life.
         self._token_deadline = time.monotonic() + max(1.0, lifetime * 0.8)
         log.info("credential_obtained", store=redact_url(base), expires_in=lifetime)

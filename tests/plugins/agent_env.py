@@ -1,1 +1,359 @@
-"""Fixtures for the device agent: file-backed slots, sim bootloader, agent runs."""
+"""Fixtures for the device agent: file-backed slots, the sim bootloader, agents, power cycles.
+
+Fixtures
+--------
+``make_device`` (function)
+    ``make_device(device_id="dev1", **options) -> SimDevice``: a simulated device under the
+    test's tmp dir, wired to the session's ``cloud_dir`` and ``broker``: two slot files (A holds
+    the factory image "1.0" and is booted), a sim bootloader, a state dir, a health.d dir and an
+    ``otad.toml`` (also usable by ``otad agent run --config`` in a subprocess). Options:
+    ``slot_size``, ``version`` (of slot A), ``attempts`` (sim tries per committed slot),
+    ``config`` (a dict merged into the TOML document, e.g. ``{"download": {"retries": 2}}``).
+
+``SimDevice`` (importable: ``from plugins.agent_env import SimDevice``)
+    ``await dev.start()`` runs an :class:`otad.agent.daemon.Agent` in this event loop (the
+    rebooter only records the request); ``await dev.stop()``; ``await dev.power_cycle()`` =
+    stop + ``SimBootloader.power_on()`` + a new boot id, returns the booted slot;
+    ``await dev.reboot()`` = power cycle + start; ``await dev.wait_reboot_requested()``;
+    ``dev.slot_sha(slot)``, ``dev.slot_bytes(slot)``, ``dev.sim``, ``dev.config``.
+
+Helpers
+    ``await wait_reported(cloud, device_id, predicate, timeout=...)``: poll the replica until
+    ``predicate(reported_software)`` is true, return that entry (AssertionError on timeout).
+    ``to_toml(dict) -> str``: the tiny TOML writer the fixture uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otad.agent.bootloader.sim import SimBootloader
+from otad.agent.config import AgentConfig, load
+from otad.agent.daemon import Agent
+from otad.agent.update import DeviceState
+
+SLOT_SIZE = 4 * 1024 * 1024
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 20.0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(doc: Mapping[str, Any], prefix: str = "") -> str:
+    """Plain keys first, then one [table] per nested mapping."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in doc.items():
+        if isinstance(value, Mapping):
+            name = f"{prefix}{key}"
+            out += f"\n[{name}]\n" + to_toml(value, f"{name}.")
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def fill(path: Path, size: int, seed: int) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+class SimDevice:
+    """One simulated device (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        device_id: str,
+        cloud_dir: Any,
+        broker: Any,
+        *,
+        slot_size: int = SLOT_SIZE,
+        version: str = "1.0",
+        attempts: int = 3,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.device_id = device_id
+        root.mkdir(parents=True, exist_ok=True)
+        self.slot_paths = {"A": root / "slot-a.img", "B": root / "slot-b.img"}
+        self.factory = {
+            "A": fill(self.slot_paths["A"], slot_size, seed=0xA),
+            "B": fill(self.slot_paths["B"], slot_size, seed=0xB),
+        }
+        self.state_dir = root / "state"
+        self.state_dir.mkdir()
+        self.health_d = root / "health.d"
+        self.health_d.mkdir()
+        ident = cloud_dir.device(device_id)
+        doc: dict[str, Any] = {
+            "device_id": device_id,
+            "compatible": "qemu-x86_64",
+            "state_dir": str(self.state_dir),
+            "keyring": str(cloud_dir.keyring_dir),
+            "reboot_command": ["true"],
+            "progress_interval": 0.2,
+            "broker": {
+                "host": broker.host,
+                "port": broker.port,
+                "ca": str(cloud_dir.ca_cert),
+                "cert": str(ident.cert),
+                "key": str(ident.key),
+                "keepalive": 10,
+                "report_timeout": 2.0,
+                "reconnect_initial": 0.1,
+                "reconnect_max": 1.0,
+            },
+            "store": {"ca": str(cloud_dir.ca_cert)},
+            "slots": {
+                "A": {"path": str(self.slot_paths["A"])},
+                "B": {"path": str(self.slot_paths["B"])},
+            },
+            "bootloader": {"type": "sim", "sim_state": str(root / "sim.json")},
+            "health": {
+                "check_systemd": False,
+                "health_d": str(self.health_d),
+                "script_timeout": 5.0,
+                "broker": "required",
+                "broker_timeout": 10.0,
+            },
+            "download": {
+                "retries": 5,
+                "backoff_initial": 0.05,
+                "backoff_max": 0.5,
+                "sock_connect": 5.0,
+                "sock_read": 5.0,
+            },
+        }
+        self.document = deep_merge(doc, config or {})
+        self.config_path = root / "otad.toml"
+        self.config_path.write_text(to_toml(self.document))
+        self.config: AgentConfig = load(self.config_path)
+        self.sim = SimBootloader(root / "sim.json", attempts=attempts, initial="A")
+        self.sim.power_on()
+        state = DeviceState(self.state_dir / "device.json", {"A": version})
+        state.save()
+        self.boot_id = uuid.uuid4().hex
+        self.agent: Agent | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self.reboot_requests = 0
+        self._reboot_requested = asyncio.Event()
+
+    # --- slots -------------------------------------------------------------------------------
+
+    def slot_bytes(self, slot: str) -> bytes:
+        return self.slot_paths[slot].read_bytes()
+
+    def slot_sha(self, slot: str, size: int | None = None) -> str:
+        data = self.slot_bytes(slot)
+        return hashlib.sha256(data if size is None else data[:size]).hexdigest()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def _rebooter(self) -> None:
+        self.reboot_requests += 1
+        self._reboot_requested.set()
+
+    async def start(self, **kwargs: Any) -> Agent:
+        """Start an agent for the slot the sim booted last; returns once it is ready."""
+        if self._task is not None:
+            raise RuntimeError("agent already running")
+        self._reboot_requested = asyncio.Event()
+        booted = self.sim.booted()
+        assert booted is not None, "the sim booted no slot"
+        kwargs.setdefault("bootloader", self.sim)
+        kwargs.setdefault("rebooter", self._rebooter)
+        kwargs.setdefault("booted_slot", booted)
+        kwargs.setdefault("boot_id", self.boot_id)
+        agent = Agent(self.config, **kwargs)
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(agent.run(self._stop), name=f"agent-{self.device_id}")
+        self.agent = agent
+        ready = asyncio.create_task(agent.ready.wait())
+        done, _ = await asyncio.wait(
+            [ready, self._task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._task in done:
+            ready.cancel()
+            self._task.result()
+            raise AssertionError("agent ended before it was ready")
+        if ready not in done:
+            ready.cancel()
+            raise AssertionError("agent not ready in time")
+        return agent
+
+    async def stop(self) -> None:
+        if self._task is None or self._stop is None:
+            return
+        self._stop.set()
+        task, self._task = self._task, None
+        try:
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+        finally:
+            self.agent = None
+
+    async def power_cycle(self) -> str:
+        """Stop the agent, run the sim bootloader's power-on, new boot id; the booted slot."""
+        await self.stop()
+        self.boot_id = uuid.uuid4().hex
+        return self.sim.power_on()
+
+    async def reboot(self, **kwargs: Any) -> str:
+        booted = await self.power_cycle()
+        await self.start(**kwargs)
+        return booted
+
+    async def wait_reboot_requested(self, within: float = 30.0) -> None:
+        task = self._task
+        waiter = asyncio.create_task(self._reboot_requested.wait())
+        tasks: list[asyncio.Task[Any]] = [waiter] + ([task] if task is not None else [])
+        done, _ = await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task is not None and task in done:
+            task.result()
+            raise AssertionError("agent ended instead of asking for a reboot")
+        if waiter not in done and not self._reboot_requested.is_set():
+            raise AssertionError(f"no reboot requested within {within}s")
+
+
+async def wait_reported(
+    cloud: Any,
+    device_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    within: float = 30.0,
+) -> dict[str, Any]:
+    """Poll the replica's document until ``predicate(reported.software)``; returns the entry."""
+    deadline = asyncio.get_running_loop().time() + within
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        doc = await cloud.get_document(device_id)
+        state = (doc or {}).get("state") or {}
+        last = (state.get("reported") or {}).get("software")
+        if isinstance(last, dict) and predicate(last):
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{device_id}: reported software never matched; last: {last}")
+
+
+@pytest.fixture
+async def make_device(tmp_path: Path, cloud_dir: Any, broker: Any) -> Any:
+    devices: list[SimDevice] = []
+
+    def factory(device_id: str = "dev1", **options: Any) -> SimDevice:
+        dev = SimDevice(tmp_path / f"device-{device_id}", device_id, cloud_dir, broker, **options)
+        devices.append(dev)
+        return dev
+
+    yield factory
+    for dev in devices:
+        with contextlib.suppress(Exception):
+            await dev.stop()
+
+
+class FaultProxy:
+    """A TCP proxy on loopback in front of the store, for network faults at the byte level.
+
+    TLS passes through untouched (the client still verifies the store's certificate); the proxy
+    only counts and cuts. ``cut_after(n)``: the next connection is closed once ``n`` bytes went
+    from the server to the client (one shot). ``down_bytes``/``connections`` count everything.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self.down_bytes = 0
+        self.cuts = 0
+        self._cut: int | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def cut_after(self, nbytes: int) -> None:
+        self._cut = nbytes
+
+    def url(self, url: str) -> str:
+        """``url`` with the store's port replaced by the proxy's."""
+        return url.replace(f":{self.target_port}/", f":{self.port}/", 1)
+
+    async def start(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        cut, self._cut = self._cut, None
+        try:
+            up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            self._tasks.discard(task)
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, down: bool) -> None:
+            sent = 0
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    if down and cut is not None and sent + len(data) >= cut:
+                        data = data[: max(0, cut - sent)]
+                        dst.write(data)
+                        self.down_bytes += len(data)
+                        self.cuts += 1
+                        return
+                    dst.write(data)
+                    await dst.drain()
+                    sent += len(data)
+                    if down:
+                        self.down_bytes += len(data)
+
+        try:
+            a = asyncio.create_task(pipe(reader, up_w, False))
+            b = asyncio.create_task(pipe(up_r, writer, True))
+            await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+            a.cancel()
+            b.cancel()
+        finally:
+            for w in (writer, up_w):
+                with contextlib.suppress(Exception):
+                    w.transport.abort()
+            self._tasks.discard(task)

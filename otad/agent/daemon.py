@@ -1,0 +1,320 @@
+"""The agent's composition root: config -> journal, slots, bootloader, MQTT session, update runner.
+
+:class:`Agent` owns no global state and installs no signal handlers, so one process can run many
+(the fleet simulator does); the CLI root turns signals into the ``stop`` event. A run is::
+
+    lock the journal -> booted slot -> recovery decision (bootloader marks + journal) -> READY=1
+    -> TaskGroup: mqtt (session), supervisor (resume the step, then act on desired documents),
+       watchdog (WATCHDOG=1 only while work progresses)
+
+The supervisor acts on full shadow documents only (the session fetches one after every connect
+and on every delta). One job runs at a time; a desired state naming another job cancels it while
+it is still cancellable (before the slot is switched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from otad.agent.bootloader import Bootloader
+from otad.agent.config import AgentConfig
+from otad.agent.download import Downloader
+from otad.agent.journal import Journal
+from otad.agent.machine import RecoveryAction, Step
+from otad.agent.mqtt import ShadowSession
+from otad.agent.notify import Notifier, watchdog_interval
+from otad.agent.slots import SlotLayout, SlotSpec, booted_slot
+from otad.agent.update import (
+    DesiredSoftware,
+    HealthCheck,
+    HealthResult,
+    Rebooter,
+    RebootPending,
+    UpdateRunner,
+)
+from otad.bundle import Keyring
+from otad.errors import BootloaderError, OtadError
+
+__layer__ = "root"
+
+log = structlog.get_logger(__name__)
+
+
+def make_bootloader(config: AgentConfig) -> Bootloader:
+    """The backend the config names."""
+    kind = config.bootloader.type
+    if kind == "sim":
+        from otad.agent.bootloader.sim import SimBootloader
+
+        return SimBootloader(config.sim_state_path)
+    if kind == "grub":
+        from otad.agent.bootloader.grub import GrubBootloader
+
+        return GrubBootloader(config.bootloader.grubenv)  # type: ignore[no-any-return]
+    if kind == "uboot":
+        from otad.agent.bootloader.uboot import UBootBootloader
+
+        return UBootBootloader(config.bootloader.fw_env_config)  # type: ignore[no-any-return]
+    raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
+
+
+def make_layout(config: AgentConfig) -> SlotLayout:
+    slots = config.slots
+    return SlotLayout(
+        {
+            s.name: SlotSpec(s.name, path=s.path, label=s.label)
+            for s in (slots.by_name("A"), slots.by_name("B"))
+        }
+    )
+
+
+def command_rebooter(command: tuple[str, ...]) -> Rebooter:
+    """A rebooter that runs ``command`` (default ``systemctl reboot``)."""
+
+    async def reboot() -> None:
+        log.info("reboot_command_started", command=" ".join(command))
+        proc = await asyncio.create_subprocess_exec(*command)
+        code = await proc.wait()
+        if code != 0:
+            log.error("reboot_command_failed", command=" ".join(command), code=code)
+
+    return reboot
+
+
+class Agent:
+    """One device agent. ``await agent.run(stop)`` until ``stop`` is set.
+
+    Injectables (tests and the fleet simulator): ``bootloader`` (else from the config),
+    ``rebooter`` (else ``config.reboot_command``), ``booted_slot`` (else config/cmdline),
+    ``boot_id`` (else the kernel's), ``health`` (else the configured checks), ``notifier``.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        bootloader: Bootloader | None = None,
+        rebooter: Rebooter | None = None,
+        booted_slot: str | None = None,
+        boot_id: str | None = None,
+        health: HealthCheck | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.bootloader = bootloader or make_bootloader(config)
+        self.rebooter = rebooter or command_rebooter(config.reboot_command)
+        self._booted_override = booted_slot or config.slots.booted
+        self._boot_id = boot_id
+        self._health = health
+        self.notifier = notifier or Notifier()
+        self.ready = asyncio.Event()
+        self.rebooting = asyncio.Event()
+        self.jobs_started = 0
+        self.runner: UpdateRunner | None = None
+        self.session: ShadowSession | None = None
+        self.booted: str | None = None
+        self._document: dict[str, Any] | None = None
+        self._document_event = asyncio.Event()
+        self._job: asyncio.Task[None] | None = None
+        self._job_desired: DesiredSoftware | None = None
+        self._last_invalid: str | None = None
+        self._last_noop: str | None = None
+
+    # --- wiring ----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        config = self.config
+        journal = Journal(config.state_dir, boot_id=self._boot_id)
+        await asyncio.to_thread(journal.acquire)
+        downloader = Downloader(config)
+        try:
+            layout = make_layout(config)
+            self.booted = booted_slot(layout, override=self._booted_override)
+            keyring = await asyncio.to_thread(Keyring.load, config.keyring)
+            self.session = ShadowSession(config, self._on_document)
+            runner = UpdateRunner(
+                config,
+                bootloader=self.bootloader,
+                journal=journal,
+                booted_slot=self.booted,
+                layout=layout,
+                downloader=downloader,
+                reporter=self.session,
+                rebooter=self.rebooter,
+                health=self._health or self._configured_health,
+                keyring=keyring,
+                notifier=self.notifier,
+            )
+            self.runner = runner
+            action = await runner.recover()
+            self.notifier.ready(f"recovered: {action.step.value}")
+            self.ready.set()
+            log.info("agent_ready", device=config.device_id, booted=self.booted)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.session.run(), name="mqtt"),
+                    tg.create_task(self._supervise(action), name="supervisor"),
+                ]
+                interval = watchdog_interval()
+                if interval is not None:
+                    tasks.append(tg.create_task(self._watchdog(interval), name="watchdog"))
+                await stop.wait()
+                log.info("agent_stopping", device=config.device_id)
+                self.notifier.stopping()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            if self._job is not None and not self._job.done():
+                self._job.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._job
+            await downloader.close()
+            journal.release()
+            log.info("agent_stopped", device=config.device_id)
+
+    # --- health ----------------------------------------------------------------------------------
+
+    async def _broker_reachable(self, within: float) -> bool:
+        session = self.session
+        if session is None:
+            return False
+        try:
+            await asyncio.wait_for(session.connected.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _configured_health(self) -> HealthResult:
+        health = importlib.import_module("otad.agent.health")
+        checker = health.HealthChecker.from_config(
+            self.config.health, broker=self._broker_reachable
+        )
+        report = await checker.run()
+        return HealthResult(bool(report.ok), str(report.reason))
+
+    # --- documents -------------------------------------------------------------------------------
+
+    def _on_document(self, document: dict[str, Any]) -> None:
+        self._document = document
+        self._document_event.set()
+
+    async def _supervise(self, action: RecoveryAction) -> None:
+        runner = self.runner
+        if runner is None:  # pragma: no cover - set before the task starts
+            return
+        try:
+            if action.step == Step.RESUME_DOWNLOAD and runner.record is not None:
+                self._start_job(runner.resume(action), runner.desired_from(runner.record))
+            else:
+                await runner.resume(action)
+        except RebootPending:
+            await self._wait_for_power_off()
+        while True:
+            await self._document_event.wait()
+            self._document_event.clear()
+            if self.rebooting.is_set():
+                continue
+            document = self._document or {}
+            try:
+                await self._act(runner, document)
+            except RebootPending:
+                await self._wait_for_power_off()
+
+    async def _wait_for_power_off(self) -> None:
+        self.rebooting.set()
+        log.info("waiting_for_reboot")
+        await asyncio.Event().wait()
+
+    async def _act(self, runner: UpdateRunner, document: Mapping[str, Any]) -> None:
+        state = document.get("state")
+        desired_doc = state.get("desired") if isinstance(state, Mapping) else None
+        entry = desired_doc.get("software") if isinstance(desired_doc, Mapping) else None
+        if entry is None:
+            return
+        try:
+            desired = DesiredSoftware.parse(entry, store_url=self.config.store.url)
+        except OtadError as exc:
+            key = json.dumps(entry, sort_keys=True, default=str)
+            if key == self._last_invalid:
+                return
+            self._last_invalid = key
+            await self._cancel_job("the new desired state is invalid")
+            job_id = entry.get("jobId") if isinstance(entry, Mapping) else None
+            await runner.fail_invalid(job_id if isinstance(job_id, str) else None, exc)
+            return
+        self._last_invalid = None
+        running = self._job_desired if self._job is not None and not self._job.done() else None
+        if running is not None:
+            if desired.job_id == running.job_id:
+                if desired.url != running.url:
+                    self._job_desired = desired
+                    runner.offer_url(desired)
+                return
+            if not runner.cancellable:
+                log.info("desired_deferred", job_id=desired.job_id, running=running.job_id)
+                return
+            await self._cancel_job(f"job {desired.job_id} replaces it")
+        record = runner.record
+        if record is not None and record.job_id == desired.job_id:
+            return  # this job ran already (or runs): never twice
+        if desired.version == runner.running_version and desired.job_id != self._last_noop:
+            self._last_noop = desired.job_id
+            log.info("desired_already_installed", job_id=desired.job_id, version=desired.version)
+            runner._report("succeeded", job_id=desired.job_id, progress=100)
+            return
+        if desired.version == runner.running_version:
+            return
+        self._start_job(runner.run_job(desired), desired)
+
+    def _start_job(self, work: Any, desired: DesiredSoftware | None) -> None:
+        self.jobs_started += 1
+        self._job_desired = desired
+        self._job = asyncio.create_task(self._job_body(work), name="job")
+
+    async def _job_body(self, work: Any) -> None:
+        try:
+            await work
+        except RebootPending:
+            self.rebooting.set()
+        except OtadError as exc:
+            # begin() refused or a journal write failed: the job never started for real.
+            log.error("job_not_started", error=exc.code, reason=exc.message)
+
+    async def _cancel_job(self, why: str) -> None:
+        job = self._job
+        if job is None or job.done():
+            return
+        log.info("job_cancelling", reason=why)
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        self._job = None
+
+    # --- systemd watchdog --------------------------------------------------------------------
+
+    async def _watchdog(self, interval: float) -> None:
+        """Feed the watchdog only while work progresses: a hung job stops the pings."""
+        stall_limit = max(
+            4 * interval, 2 * self.config.download.sock_read + self.config.health.total_timeout
+        )
+        starved = False
+        while True:
+            await asyncio.sleep(interval)
+            runner = self.runner
+            busy = self._job is not None and not self._job.done()
+            if runner is not None and busy and time.monotonic() - runner.heartbeat > stall_limit:
+                if not starved:
+                    log.error("watchdog_starved", stalled_for=time.monotonic() - runner.heartbeat)
+                starved = True
+                continue
+            starved = False
+            self.notifier.watchdog()

@@ -1,0 +1,821 @@
+"""The update runner: one job through the state machine, persisting before every side effect.
+
+Safety order of a job (the machine in :mod:`otad.agent.machine` names the states)::
+
+    journal downloading -> mark target bad -> stream: verify the signed manifest before the first
+    image byte, decompress + hash while writing the inactive slot (disk work in a thread behind a
+    bounded queue) -> journal installing -> fsync, re-read and hash the slot -> journal
+    rebooting -> try_once(target) -> report rebooting -> reboot
+
+and after the reboot (:meth:`UpdateRunner.recover` with the pure decision ``decide_recovery``)::
+
+    target booted -> journal verifying -> health check -> mark good, raise the security floor,
+    journal succeeded, report succeeded     | health failed -> journal rolling_back, mark the
+    target bad, reboot; the old slot reports rolled_back  | old slot booted -> rolled_back /
+    boot_failed
+
+Bad input (every BundleError, an insecure URL, a malformed desired entry) ends the job as
+``failed`` with the error's wire code; the target stays marked bad and nothing else changes.
+Cancelling the job's task (a new desired state) ends it as ``failed`` / ``job_cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from otad.agent.bootloader import Bootloader, other_slot
+from otad.agent.bootloader.durable import replace_file
+from otad.agent.config import AgentConfig
+from otad.agent.download import Downloader, Source, Transfer
+from otad.agent.journal import Journal
+from otad.agent.machine import (
+    Event,
+    JobRecord,
+    RecoveryAction,
+    State,
+    Step,
+    decide_recovery,
+    reported_state,
+)
+from otad.agent.notify import Notifier
+from otad.agent.slots import SlotLayout, SlotWriter, open_target
+from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy
+from otad.errors import (
+    DesiredStateInvalid,
+    HealthCheckFailed,
+    JobCancelled,
+    OtadError,
+    SlotVerifyFailed,
+    UrlExpired,
+)
+from otad.logs import redact_url
+
+__layer__ = "service"
+
+log = structlog.get_logger(__name__)
+
+DEVICE_STATE = "device.json"
+_JOB_ID_MAX = 128
+_FINAL_REPORT_WAIT = 10.0
+
+
+# --- the desired entry ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesiredSoftware:
+    """The desired ``software`` entry of the shadow, validated (see docs/agent.md)."""
+
+    version: str
+    url: str
+    job_id: str
+    sha256: str | None = None
+    size: int | None = None
+    auth: str | None = None
+
+    @property
+    def source(self) -> Source:
+        return Source(self.url, auth=self.auth)
+
+    @classmethod
+    def parse(cls, entry: Any, *, store_url: str | None = None) -> DesiredSoftware:
+        """Validate a desired entry; DesiredStateInvalid names the first bad field."""
+        if not isinstance(entry, Mapping):
+            raise DesiredStateInvalid("desired: software must be an object")
+
+        def text(name: str, *, limit: int = 256) -> str:
+            value = entry.get(name)
+            if not isinstance(value, str) or not value or len(value) > limit:
+                raise DesiredStateInvalid(
+                    f"desired: software.{name} must be a non-empty string of at most {limit}",
+                    field=name,
+                )
+            return value
+
+        job_id = text("jobId", limit=_JOB_ID_MAX)
+        version = text("version", limit=64)
+        url = text("url", limit=4096)
+        auth = entry.get("auth")
+        if auth not in (None, "token", "presigned"):
+            raise DesiredStateInvalid("desired: software.auth must be 'token' or absent")
+        auth = "token" if auth == "token" else None
+        if url.startswith("/"):
+            if auth != "token" or store_url is None:
+                raise DesiredStateInvalid(
+                    "desired: a relative software.url needs auth 'token' and store.url configured"
+                )
+            url = store_url + url
+        sha = entry.get("sha256")
+        if sha is not None and not (
+            isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+        ):
+            raise DesiredStateInvalid("desired: software.sha256 must be 64 lowercase hex digits")
+        size = entry.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise DesiredStateInvalid("desired: software.size must be a positive integer")
+        desired = cls(version=version, url=url, job_id=job_id, sha256=sha, size=size, auth=auth)
+        desired.source  # noqa: B018 - raises InsecureUrl for anything but https
+        return desired
+
+
+# --- small durable state of the device ----------------------------------------------------------
+
+
+@dataclass
+class DeviceState:
+    """What the device knows beyond the job: the version in each slot, the security floor."""
+
+    path: Path
+    versions: dict[str, str]
+    security_version: int = 0
+
+    @classmethod
+    def load(cls, state_dir: Path) -> DeviceState:
+        path = state_dir / DEVICE_STATE
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls(path, {})
+        except (OSError, ValueError) as exc:
+            log.warning("device_state_unreadable", path=str(path), error=str(exc))
+            return cls(path, {})
+        versions = doc.get("versions") if isinstance(doc, dict) else None
+        floor = doc.get("securityVersion") if isinstance(doc, dict) else None
+        return cls(
+            path,
+            {k: v for k, v in (versions or {}).items() if isinstance(v, str)},
+            floor if isinstance(floor, int) and not isinstance(floor, bool) else 0,
+        )
+
+    def save(self) -> None:
+        doc = {"versions": self.versions, "securityVersion": self.security_version}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(self.path, json.dumps(doc, sort_keys=True).encode() + b"\n")
+
+
+# --- collaborators -------------------------------------------------------------------------------
+
+
+class Reporter(Protocol):
+    def report(self, reported: Mapping[str, Any]) -> int: ...
+
+    async def flush(self, within: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    ok: bool
+    reason: str = ""
+
+
+HealthCheck = Callable[[], Awaitable[HealthResult]]
+Rebooter = Callable[[], Awaitable[None] | None]
+
+
+class CrashPoints:
+    """Test-only fault injection: end the process at once at a named point (issue 8's matrix).
+
+    Names: ``journaled:<state>`` after each journal store, ``write:<percent>`` (25/50/75) mid-write,
+    ``written`` (all bytes written, before fsync/verify), ``verified`` (slot verified, before the
+    bootloader switch), ``switched`` (after try_once, before the reboot), ``committed`` (after
+    mark_good, before the journal), ``rollback_marked`` (after mark_bad in a rollback, before the
+    reboot), ``reported:<state>`` (after a final report was accepted, before it is journaled).
+    """
+
+    def __init__(self, names: frozenset[str], exit_code: int = 137) -> None:
+        self.names = names
+        self.exit_code = exit_code
+
+    def hit(self, name: str) -> None:
+        if name in self.names:
+            log.warning("crash_point_hit", point=name)
+            os._exit(self.exit_code)
+
+
+# --- the disk side of a download ---------------------------------------------------------------
+
+
+_END = object()
+_RESET = object()
+
+
+class _DiskPipe:
+    """Bundle bytes in (from the event loop), verified image bytes out to the slot (in a thread).
+
+    The event loop hands chunks over through an unbounded ``queue.Queue`` but never has more
+    than ``depth`` chunks in it (an asyncio semaphore released by the thread), so the network is
+    back-pressured by the disk and memory stays bounded. The thread runs ``StreamVerifier.feed``
+    (payload hash + decompression) and the slot writes, so neither ever blocks the loop.
+    """
+
+    def __init__(
+        self,
+        make_verifier: Callable[[], StreamVerifier],
+        make_writer: Callable[[], SlotWriter],
+        writer: SlotWriter,
+        depth: int,
+        crash: CrashPoints,
+        on_manifest: Callable[[Manifest], None],
+    ) -> None:
+        self.on_manifest = on_manifest
+        self.make_verifier = make_verifier
+        self.make_writer = make_writer
+        self.verifier = make_verifier()
+        self.writer: SlotWriter | None = writer
+        self.crash = crash
+        self.written = 0
+        self.error: BaseException | None = None
+        self.manifest_seen = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(depth)
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._abort = threading.Event()
+        self._marks = [25, 50, 75]
+        self._thread_done: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="otad-slot-writer", daemon=True)
+        self._thread.start()
+
+    async def put(self, data: bytes) -> None:
+        await self._slots.acquire()
+        if self.error is not None:
+            self._slots.release()
+            raise self.error
+        self._queue.put(data)
+
+    def reset(self) -> None:
+        """The download restarted at offset 0: start the verifier and the slot over."""
+        self._queue.put(_RESET)
+
+    async def finish(self) -> Manifest:
+        self._queue.put(_END)
+        await asyncio.shield(self._thread_done)
+        if self.error is not None:
+            raise self.error
+        return self.verifier.finish()
+
+    async def abort(self) -> None:
+        self._abort.set()
+        self._queue.put(_END)
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(self._thread_done)
+        self.verifier.close()
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _release(self) -> None:
+        self._loop.call_soon_threadsafe(self._slots.release)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    return
+                if item is _RESET:
+                    self.verifier.close()
+                    self.verifier = self.make_verifier()
+                    self.written = 0
+                    self._close_writer()
+                    continue
+                try:
+                    if self.error is None and not self._abort.is_set():
+                        self._process(item)  # type: ignore[arg-type]
+                except BaseException as exc:
+                    self.error = exc
+                finally:
+                    self._release()
+        finally:
+            self._loop.call_soon_threadsafe(_set_done, self._thread_done)
+
+    def _process(self, data: bytes) -> None:
+        had_manifest = self.verifier.manifest is not None
+        outputs = self.verifier.feed(data)  # the preamble is authenticated before this returns
+        if not had_manifest and self.verifier.manifest is not None:
+            self.on_manifest(self.verifier.manifest)  # before the first byte is written
+        for out in outputs:
+            if self.writer is None:
+                # opened only now: the manifest is verified, nothing was written before this
+                self.writer = self.make_writer()
+            self.writer.write(out)
+            self.written += len(out)
+            manifest = self.verifier.manifest
+            if self._marks and manifest is not None and manifest.image_size:
+                percent = self.written * 100 // manifest.image_size
+                while self._marks and percent >= self._marks[0]:
+                    self.crash.hit(f"write:{self._marks.pop(0)}")
+        if not had_manifest and self.verifier.manifest is not None:
+            self._loop.call_soon_threadsafe(self.manifest_seen.set)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# --- the runner ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    phase: str = "idle"
+    percent: int = 0
+    job_id: str | None = None
+    updated: float = 0.0
+
+
+class RebootPending(Exception):
+    """Internal: the runner asked for a reboot; nothing more happens in this boot."""
+
+
+class UpdateRunner:
+    """Runs jobs and the post-reboot steps for one device (one instance per Agent)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        bootloader: Bootloader,
+        journal: Journal,
+        booted_slot: str,
+        layout: SlotLayout,
+        downloader: Downloader,
+        reporter: Reporter,
+        rebooter: Rebooter,
+        health: HealthCheck,
+        keyring: Keyring,
+        notifier: Notifier | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self.bootloader = bootloader
+        self.journal = journal
+        self.booted = booted_slot
+        self.layout = layout
+        self.target = other_slot(booted_slot)
+        self.downloader = downloader
+        self.reporter = reporter
+        self.rebooter = rebooter
+        self.health = health
+        self.keyring = keyring
+        self.notifier = notifier or Notifier("")
+        self.now = now
+        self.crash = CrashPoints(config.testing.crash_points, config.testing.exit_code)
+        self.device = DeviceState.load(config.state_dir)
+        self.progress = Progress()
+        self.heartbeat = time.monotonic()
+        self.reboot_requested = asyncio.Event()
+        self.cancellable = False
+        self.record: JobRecord | None = None
+        self._fresh_url: asyncio.Queue[DesiredSoftware] = asyncio.Queue()
+        self._last_progress_report = 0.0
+
+    # --- facts ---------------------------------------------------------------------------------
+
+    @property
+    def running_version(self) -> str:
+        return self.device.versions.get(self.booted, "unknown")
+
+    def software_report(
+        self,
+        state: str,
+        *,
+        job_id: str | None = None,
+        progress: int | None = None,
+        error: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "software": {
+                "version": self.running_version,
+                "slot": self.booted,
+                "state": state,
+                "jobId": job_id,
+                "progress": progress,
+                "error": dict(error) if error else None,
+                "securityVersion": self.device.security_version,
+            }
+        }
+
+    def _report(self, state: str, **fields: Any) -> int:
+        self.progress = Progress(
+            state, fields.get("progress") or 0, fields.get("job_id"), time.monotonic()
+        )
+        self.notifier.status(_status_line(state, fields.get("progress"), fields.get("job_id")))
+        return self.reporter.report(self.software_report(state, **fields))
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    # --- persistence helpers (blocking I/O goes to threads) ------------------------------------
+
+    async def _advance(self, record: JobRecord, event: Event, **changes: Any) -> JobRecord:
+        record = await asyncio.to_thread(self.journal.advance, record, event, **changes)
+        self.record = record
+        self.beat()
+        self.crash.hit(f"journaled:{record.state.value}")
+        return record
+
+    async def _bl(self, op: str, slot: str) -> None:
+        await asyncio.to_thread(getattr(self.bootloader, op), slot)
+        self.beat()
+
+    async def _final_report(self, record: JobRecord) -> JobRecord:
+        """Report a final state, and once accepted store ``reported`` in the journal."""
+        state = reported_state(record.state)
+        extra: dict[str, Any] = {"job_id": record.job_id, "error": record.error}
+        if record.state == State.SUCCEEDED:
+            extra["progress"] = 100
+        self._report(state, **extra)
+        if await self.reporter.flush(_FINAL_REPORT_WAIT):
+            self.crash.hit(f"reported:{state}")
+            record = await asyncio.to_thread(self.journal.update, record, reported=True)
+            self.record = record
+        return record
+
+    # --- recovery --------------------------------------------------------------------------------
+
+    async def recover(self) -> RecoveryAction:
+        """Apply the start-up decision's bootloader marks and journal event; returns it.
+
+        The action's step runs later in :meth:`resume` (it may need the broker)."""
+        record = await asyncio.to_thread(self.journal.load)
+        self.record = record
+        boot_state = await asyncio.to_thread(self.bootloader.state)
+        rebooted = record is not None and self.journal.rebooted(record)
+        action = decide_recovery(record, self.booted, boot_state, rebooted)
+        log.info(
+            "recovery_decided",
+            step=action.step.value,
+            event=action.event.value if action.event else None,
+            mark_bad=action.mark_bad,
+            confirm=action.confirm,
+            reason=action.reason,
+            job_id=record.job_id if record else None,
+            booted=self.booted,
+            rebooted=rebooted,
+        )
+        if action.mark_bad is not None:
+            await self._bl("mark_bad", action.mark_bad)
+        if action.event is not None and record is not None:
+            changes: dict[str, Any] = {}
+            if action.error is not None:
+                changes["error"] = action.error
+            self.record = await self._advance(record, action.event, **changes)
+        if action.confirm is not None:
+            await self._bl("mark_good", action.confirm)
+        return action
+
+    async def resume(self, action: RecoveryAction) -> None:
+        """Run the step the recovery decided (may reboot: then RebootPending is raised)."""
+        record = self.record
+        step = action.step
+        if record is None or step == Step.NONE:
+            self._report("idle", job_id=record.job_id if record else None)
+            return
+        if step in (Step.REPORT, Step.FINISH):
+            await self._final_report(record)
+        elif step == Step.VERIFY:
+            await self._verify(record)
+        elif step == Step.COMMIT:
+            await self._commit(record)
+        elif step == Step.ROLLBACK:
+            await self._rollback(record)
+        elif step == Step.SWITCH_AND_REBOOT:
+            await self._switch_and_reboot(record)
+        elif step == Step.REVERIFY_SLOT:
+            await self._reverify(record)
+        elif step == Step.RESUME_DOWNLOAD:
+            await self._download_and_install(record, self.desired_from(record))
+
+    @staticmethod
+    def desired_from(record: JobRecord) -> DesiredSoftware:
+        """The desired entry a journaled job was started from."""
+        runtime = record.runtime
+        return DesiredSoftware(
+            version=record.version,
+            url=record.bundle_url,
+            job_id=record.job_id,
+            sha256=runtime.get("sha256"),
+            size=runtime.get("size"),
+            auth=runtime.get("auth"),
+        )
+
+    # --- a job -------------------------------------------------------------------------------
+
+    def offer_url(self, desired: DesiredSoftware) -> None:
+        """A fresh URL for the running job (after download_url_expired)."""
+        self._fresh_url.put_nowait(desired)
+
+    async def run_job(self, desired: DesiredSoftware) -> None:
+        """Install ``desired``; returns after a failure, raises RebootPending after the switch."""
+        log.info("job_started", job_id=desired.job_id, version=desired.version)
+        record = await asyncio.to_thread(
+            self.journal.begin,
+            desired.job_id,
+            target_slot=self.target,
+            version=desired.version,
+            bundle_url=desired.url,
+            from_version=self.running_version,
+            runtime={"sha256": desired.sha256, "size": desired.size, "auth": desired.auth},
+        )
+        self.record = record
+        self.crash.hit("journaled:downloading")
+        await self._download_and_install(record, desired)
+
+    async def fail_invalid(self, job_id: str | None, error: OtadError) -> None:
+        """A desired entry we cannot act on: report ``failed``; the device is not touched."""
+        log.warning("desired_rejected", job_id=job_id, error=error.code, reason=error.message)
+        self._report("failed", job_id=job_id, error=error.to_wire())
+        await self.reporter.flush(_FINAL_REPORT_WAIT)
+
+    async def _download_and_install(self, record: JobRecord, desired: DesiredSoftware) -> None:
+        self.cancellable = True
+        writer: SlotWriter | None = None
+        try:
+            await self._bl("mark_bad", self.target)
+            self._report("downloading", job_id=record.job_id, progress=0)
+            manifest, writer = await self._stream(record, desired)
+            self.cancellable = False
+            record = self.record or record
+            record = await self._advance(
+                record,
+                Event.PAYLOAD_VERIFIED,
+                runtime={
+                    **record.runtime,
+                    "image_sha256": manifest.image_sha256,
+                    "image_size": manifest.image_size,
+                    "security_version": manifest.security_version,
+                    "manifest_version": manifest.version,
+                },
+            )
+            await self._verify_slot(record, writer)
+        except asyncio.CancelledError:
+            await self._end_failed(JobCancelled("job: cancelled by a new desired state"))
+            raise
+        except Exception as exc:  # the top of a job: every error becomes a reported failure
+            await self._end_failed(classify(exc))
+            return
+        finally:
+            self.cancellable = False
+            if writer is not None:
+                await asyncio.to_thread(writer.close)
+        await self._switch_and_reboot(self.record or record)
+
+    async def _end_failed(self, error: OtadError) -> None:
+        record = self.record
+        if record is None or record.final:
+            return
+        log.warning("job_failed", job_id=record.job_id, error=error.code, reason=error.message)
+        event = Event.CANCELLED if isinstance(error, JobCancelled) else Event.FAILED
+        record = await asyncio.shield(self._advance(record, event, error=error.to_wire()))
+        if isinstance(error, JobCancelled):
+            # The next job reports right after; do not hold the cancellation up on the broker.
+            self._report("failed", job_id=record.job_id, error=record.error)
+            return
+        await self._final_report(record)
+
+    def _policy(self, capacity: int) -> VerifyPolicy:
+        return VerifyPolicy(
+            compatible=self.config.compatible,
+            min_security_version=self.device.security_version,
+            device_id=self.config.device_id,
+            now=self.now(),
+            max_image_size=capacity,
+        )
+
+    def _open_writer(self) -> SlotWriter:
+        return open_target(self.layout, self.booted)
+
+    async def _stream(
+        self, record: JobRecord, desired: DesiredSoftware
+    ) -> tuple[Manifest, SlotWriter]:
+        """Download, verify and write the bundle into the target; the writer is left open."""
+        first = await asyncio.to_thread(self._open_writer)
+        capacity = first.capacity
+        transfer = self.downloader.transfer(desired.source, max_size=desired.size)
+        pipe = _DiskPipe(
+            lambda: StreamVerifier(self.keyring, self._policy(capacity)),
+            self._open_writer,
+            first,
+            self.config.download.queue_chunks,
+            self.crash,
+            lambda manifest: self._check_manifest(manifest, desired),
+        )
+        try:
+            manifest = await self._pump(record, desired, transfer, pipe)
+        except BaseException:
+            await pipe.abort()
+            raise
+        writer = pipe.writer
+        if writer is None:  # an empty image: nothing was written, still verify the slot
+            writer = await asyncio.to_thread(self._open_writer)
+        return manifest, writer
+
+    async def _pump(
+        self,
+        record: JobRecord,
+        desired: DesiredSoftware,
+        transfer: Transfer,
+        pipe: _DiskPipe,
+    ) -> Manifest:
+        expected = 0
+        limited = False
+        while True:
+            try:
+                async for offset, data in transfer.chunks():
+                    if offset != expected:
+                        # the server sent the entity again from byte 0: start verifier and slot over
+                        pipe.reset()
+                        limited = False
+                    await pipe.put(data)
+                    expected = offset + len(data)
+                    self.beat()
+                    if not limited and pipe.verifier.total_size is not None:
+                        transfer.limit(pipe.verifier.total_size)
+                        limited = True
+                    self._maybe_progress(record, transfer)
+                break
+            except UrlExpired as exc:
+                desired = await self._wait_for_fresh_url(record, desired, exc)
+                transfer.replace_source(desired.source)
+        manifest = await pipe.finish()
+        self.crash.hit("written")
+        log.info(
+            "bundle_verified",
+            job_id=record.job_id,
+            version=manifest.version,
+            bytes=transfer.bytes_received,
+            resumes=transfer.resumes,
+            restarts=transfer.restarts,
+        )
+        return manifest
+
+    @staticmethod
+    def _check_manifest(manifest: Manifest, desired: DesiredSoftware) -> None:
+        """The signed manifest must be the one the desired state asked for."""
+        if manifest.version != desired.version:
+            raise DesiredStateInvalid(
+                f"job: desired version {desired.version!r} but the bundle is {manifest.version!r}"
+            )
+        if desired.sha256 is not None and desired.sha256 != manifest.image_sha256:
+            raise DesiredStateInvalid("job: the bundle's image sha256 differs from the desired one")
+
+    async def _wait_for_fresh_url(
+        self, record: JobRecord, desired: DesiredSoftware, exc: UrlExpired
+    ) -> DesiredSoftware:
+        """Report the expired URL and wait until the desired state carries a different one."""
+        log.warning("download_url_expired", job_id=record.job_id, url=redact_url(desired.url))
+        self._report(
+            "downloading",
+            job_id=record.job_id,
+            progress=self.progress.percent,
+            error=exc.to_wire(),
+        )
+        while True:
+            try:
+                fresh = await asyncio.wait_for(self._fresh_url.get(), 30.0)
+            except TimeoutError:
+                self.beat()  # waiting for the cloud is not a hang: keep the watchdog fed
+                continue
+            self.beat()
+            if fresh.job_id == record.job_id and fresh.url != desired.url:
+                log.info("download_url_refreshed", job_id=record.job_id)
+                self.record = record = await asyncio.to_thread(
+                    self.journal.update, self.record or record, bundle_url=fresh.url
+                )
+                self._report("downloading", job_id=record.job_id, progress=self.progress.percent)
+                return fresh
+
+    def _maybe_progress(self, record: JobRecord, transfer: Transfer) -> None:
+        total = transfer.total
+        if not total:
+            return
+        percent = min(99, transfer.offset * 100 // total)
+        now = time.monotonic()
+        if now - self._last_progress_report >= self.config.progress_interval:
+            self._last_progress_report = now
+            self._report("downloading", job_id=record.job_id, progress=percent)
+
+    async def _verify_slot(self, record: JobRecord, writer: SlotWriter | None = None) -> None:
+        """fsync, re-read and hash the written slot; journal ``rebooting`` when it matches."""
+        self._report("installing", job_id=record.job_id, progress=100)
+        sha = record.runtime.get("image_sha256")
+        size = record.runtime.get("image_size")
+        if not isinstance(sha, str) or not isinstance(size, int):
+            raise SlotVerifyFailed("job: journal lacks the image hash to verify the slot")
+        await asyncio.to_thread(self._check_slot, writer, sha, size)
+        self.crash.hit("verified")
+        await self._advance(record, Event.SLOT_VERIFIED)
+
+    def _check_slot(self, writer: SlotWriter | None, sha: str, size: int) -> None:
+        if writer is None:
+            # after a restart: hash what the medium holds (the writer reads it back at open)
+            with SlotWriter(
+                self.layout.path(self.target),
+                booted=self.layout.path(self.booted),
+                offset=size,
+                slot=self.target,
+            ) as again:
+                again.finish(sha)
+            return
+        if writer.offset != size:
+            raise SlotVerifyFailed(
+                f"job: wrote {writer.offset} bytes, the manifest declares {size}"
+            )
+        writer.finish(sha)
+
+    async def _reverify(self, record: JobRecord) -> None:
+        try:
+            await self._verify_slot(record)
+        except Exception as exc:
+            await self._end_failed(classify(exc))
+            return
+        await self._switch_and_reboot(self.record or record)
+
+    async def _switch_and_reboot(self, record: JobRecord) -> None:
+        await self._bl("try_once", record.target_slot)
+        self.crash.hit("switched")
+        record = await self._advance(record, Event.REBOOT_REQUESTED)
+        self._report("rebooting", job_id=record.job_id, progress=100)
+        await self.reporter.flush(_FINAL_REPORT_WAIT)
+        await self._reboot()
+
+    async def _reboot(self) -> None:
+        log.info("reboot_requested", booted=self.booted)
+        self.notifier.status("rebooting")
+        self.reboot_requested.set()
+        result = self.rebooter()
+        if inspect.isawaitable(result):
+            await result
+        raise RebootPending()
+
+    # --- after the reboot ----------------------------------------------------------------------
+
+    async def _verify(self, record: JobRecord) -> None:
+        self._report("verifying", job_id=record.job_id, progress=100)
+        result = await self.health()
+        self.beat()
+        if result.ok:
+            await self._commit(record)
+            return
+        error = HealthCheckFailed(f"health: {result.reason}")
+        log.warning("health_check_failed", job_id=record.job_id, reason=result.reason)
+        record = await self._advance(record, Event.HEALTH_FAILED, error=error.to_wire())
+        await self._rollback(record)
+
+    async def _commit(self, record: JobRecord) -> None:
+        await self._bl("mark_good", record.target_slot)
+        self.crash.hit("committed")
+        floor = record.runtime.get("security_version")
+        version = record.runtime.get("manifest_version") or record.version
+        self.device.versions[record.target_slot] = str(version)
+        if isinstance(floor, int) and floor > self.device.security_version:
+            self.device.security_version = floor
+        await asyncio.to_thread(self.device.save)
+        if record.state != State.SUCCEEDED:
+            record = await self._advance(record, Event.HEALTH_PASSED)
+        log.info("job_succeeded", job_id=record.job_id, version=version)
+        await self._final_report(record)
+
+    async def _rollback(self, record: JobRecord) -> None:
+        await self._bl("mark_bad", record.target_slot)
+        self.crash.hit("rollback_marked")
+        record = await self._advance(record, Event.REBOOT_REQUESTED)
+        self._report("verifying", job_id=record.job_id, error=record.error)
+        await self.reporter.flush(_FINAL_REPORT_WAIT)
+        await self._reboot()
+
+
+def _status_line(state: str, progress: int | None, job_id: str | None) -> str:
+    line = state
+    if job_id:
+        line += f" job {job_id}"
+    if progress is not None and state in ("downloading", "installing"):
+        line += f" {progress}%"
+    return line
+
+
+def classify(error: BaseException) -> OtadError:
+    """The error a job reports for any exception that reached its top."""
+    if isinstance(error, OtadError):
+        return error
+    if isinstance(error, OSError):
+        return OtadError(f"job: {error.strerror or error}")
+    return OtadError(f"job: unexpected {type(error).__name__}")
