@@ -5,8 +5,8 @@ A zstd frame can expand tens of thousands of times (a 4-byte RLE block is 128 Ki
 out the image one bounded chunk at a time; the caller consumes each chunk before asking for the
 next, so memory stays constant whatever the ratio. libzstd's streaming API is reached through the
 cffi backend that ships with ``zstandard`` because only it lets us pass a fixed-size output
-buffer; when that backend is missing, a ``decompressobj`` fallback feeds small input slices
-(weaker bound: at most ``slice * ratio``; the image-size check still stops a bomb).
+buffer; when that backend is missing, a ``decompressobj`` fallback feeds 128-byte input slices
+(zstd expands at most ~32768:1, so one slice yields at most ~4 MiB; slower, still bounded).
 
 The decoders accept frames with a window of at most 2^:data:`WINDOW_LOG_MAX` bytes (8 MiB),
 which is what every compression level up to 19 uses; :func:`otad.bundle.builder.build_bundle`
@@ -26,7 +26,7 @@ __layer__ = "pure"
 
 OUTPUT_CHUNK: Final = 1 << 20
 WINDOW_LOG_MAX: Final = 23
-_FALLBACK_SLICE: Final = 32 << 10
+_FALLBACK_SLICE: Final = 128
 
 try:  # the cffi backend exposes libzstd's streaming calls with caller-owned buffers
     from zstandard import backend_cffi as _cffi
@@ -141,6 +141,7 @@ class ZstdObjectDecoder:
         self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG_MAX)
         self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
         self._queue: deque[memoryview] = deque()
+        self._ready = b""  # decoded but not yet handed out (at most one slice's output)
         self._started = False
         self._in_frame = False
 
@@ -149,6 +150,9 @@ class ZstdObjectDecoder:
             self._queue.append(memoryview(data))
 
     def pull(self) -> bytes | None:
+        if self._ready:
+            out, self._ready = self._ready[:OUTPUT_CHUNK], self._ready[OUTPUT_CHUNK:]
+            return out
         while self._queue:
             head = self._queue[0]
             piece, rest = head[:_FALLBACK_SLICE], head[_FALLBACK_SLICE:]
@@ -170,16 +174,17 @@ class ZstdObjectDecoder:
                 if leftover:
                     self._queue.appendleft(memoryview(leftover))
             if out:
-                return out
+                self._ready = out[OUTPUT_CHUNK:]
+                return out[:OUTPUT_CHUNK]
         return None
 
     @property
     def pending(self) -> bool:
-        return bool(self._queue)
+        return bool(self._queue) or bool(self._ready)
 
     @property
     def complete(self) -> bool:
-        return self._started and not self._in_frame and not self._queue
+        return self._started and not self._in_frame and not self.pending
 
 
 def make_decoder(compression: str, *, fallback: bool = False) -> Decoder:
