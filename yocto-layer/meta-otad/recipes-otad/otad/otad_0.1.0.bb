@@ -1,0 +1,72 @@
+SUMMARY = "otad: over-the-air A/B update agent and bundle tool"
+DESCRIPTION = "The otad device agent (follows the device shadow over MQTT, streams signed \
+               bundles over HTTPS into the inactive rootfs slot, switches GRUB or U-Boot and \
+               confirms or rolls back after the reboot), its systemd units, and the otad bundle \
+               tool (native variant) that signs bundles on the build host."
+SECTION = "admin"
+LICENSE = "MIT"
+# pyproject.toml declares MIT; the repository has no separate license file to point at yet.
+# nooelint: oelint.var.licenseremotefile
+LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302"
+
+# The layer lives in the otad repository: build the package from the same checkout, so the
+# recipe's version and the package's version cannot drift (PV here = version in pyproject.toml,
+# checked by tests/integration_files).
+# nooelint: oelint.vars.fileextrapaths, oelint.vars.outofcontext
+FILESEXTRAPATHS:prepend := "${THISDIR}/../../../..:"
+SRC_URI = "\
+    file://pyproject.toml;subdir=otad-src \
+    file://README.md;subdir=otad-src \
+    file://otad;subdir=otad-src \
+    file://systemd;subdir=otad-src \
+"
+
+UNPACKDIR ??= "${WORKDIR}"
+S = "${UNPACKDIR}/otad-src"
+
+inherit python_setuptools_build_meta systemd
+
+FILES:${PN}:append:class-target = " ${systemd_system_unitdir} ${nonarch_libdir}/tmpfiles.d"
+
+# The device agent. python3-modules: otad uses asyncio, ssl, tomllib, json, hashlib, fcntl,
+# sqlite3 (cloud side) and more of the standard library; trim to single python3-<module>
+# packages if image size matters more than the risk of an ImportError on a device.
+RDEPENDS:${PN}:class-target = "\
+    python3-aiohttp \
+    python3-aiomqtt \
+    python3-cryptography \
+    python3-modules \
+    python3-pyudev \
+    python3-rich \
+    python3-structlog \
+    python3-zstandard \
+    virtual-otad-conf \
+"
+# The bundle tool on the build host. `otad` imports every command group at start-up, so the
+# native tool needs the agent's and the cloud's libraries too (tests/integration_files runs the
+# CLI with everything else blocked, so this list cannot silently fall short).
+RDEPENDS:${PN}:class-native = "\
+    python3-aiohttp-native \
+    python3-aiomqtt-native \
+    python3-cryptography-native \
+    python3-pyudev-native \
+    python3-rich-native \
+    python3-structlog-native \
+    python3-zstandard-native \
+"
+
+SYSTEMD_SERVICE:${PN} = "otad.service otad-health.service"
+SYSTEMD_AUTO_ENABLE:${PN} = "enable"
+
+do_install:append:class-target() {
+    install -d ${D}${systemd_system_unitdir}
+    for unit in otad.service otad-health.service; do
+        sed -e 's#/usr/bin/otad#${bindir}/otad#g' ${S}/systemd/$unit > ${D}${systemd_system_unitdir}/$unit
+        chmod 0644 ${D}${systemd_system_unitdir}/$unit
+    done
+    install -D -m 0644 ${S}/systemd/otad.tmpfiles ${D}${nonarch_libdir}/tmpfiles.d/otad.conf
+}
+
+CVE_PRODUCT = "otad"
+
+BBCLASSEXTEND = "native"
