@@ -67,7 +67,7 @@ class SlotsConfig:
 @dataclass(frozen=True)
 class BootloaderConfig:
     type: str = "grub"
-    grubenv: Path = Path("/boot/efi/EFI/otad/grubenv")
+    grub_env_dir: Path = Path("/boot/efi/EFI/otad")  # holds grubenv.0 and grubenv.1
     fw_env_config: Path = Path("/etc/fw_env.config")
     sim_state: Path | None = None  # default: <state_dir>/sim-bootloader.json
     tries: int = 1
@@ -315,7 +315,7 @@ def _bootloader(t: _Table) -> BootloaderConfig:
     d = BootloaderConfig()
     cfg = BootloaderConfig(
         type=t.choice("type", d.type, BOOTLOADERS),
-        grubenv=t.path("grubenv", d.grubenv),
+        grub_env_dir=t.path("grub_env_dir", d.grub_env_dir),
         fw_env_config=t.path("fw_env_config", d.fw_env_config),
         sim_state=t.path("sim_state"),
         tries=t.integer("tries", d.tries, minimum=1, maximum=10),
@@ -371,7 +371,24 @@ def _testing(t: _Table) -> TestingConfig:
 def parse(data: Mapping[str, Any], *, base: Path | None = None) -> AgentConfig:
     """Build the config from an already-decoded TOML document (the tests use this directly)."""
     top = _Table(data, "", base)
-    device_id = top.text("device_id", required=True)
+    device_id_file = top.path("device_id_file")
+    if device_id_file is not None:
+        if top.has("device_id"):
+            raise ConfigError(
+                "otad.toml: device_id_file: set device_id or device_id_file, not both",
+                key="device_id_file",
+            )
+        try:
+            device_id = device_id_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"otad.toml: device_id_file: cannot read {device_id_file}: {exc.strerror}",
+                key="device_id_file",
+            ) from exc
+        if not device_id:
+            raise ConfigError(f"otad.toml: device_id_file: {device_id_file} is empty")
+    else:
+        device_id = top.text("device_id", required=True)
     if not all(c.isalnum() or c in "-_." for c in device_id):
         raise ConfigError(
             f"otad.toml: device_id: only letters, digits, '-', '_' and '.', got {device_id!r}",

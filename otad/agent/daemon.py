@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -58,7 +58,7 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
     if kind == "grub":
         from otad.agent.bootloader.grub import GrubBootloader
 
-        return GrubBootloader(config.bootloader.grubenv)  # type: ignore[no-any-return]
+        return GrubBootloader(config.bootloader.grub_env_dir)
     if kind == "uboot":
         from otad.agent.bootloader.uboot import UBootBootloader
 
@@ -76,7 +76,7 @@ def make_layout(config: AgentConfig) -> SlotLayout:
     )
 
 
-def command_rebooter(command: tuple[str, ...]) -> Rebooter:
+def command_rebooter(command: tuple[str, ...]) -> Callable[[], Awaitable[None]]:
     """A rebooter that runs ``command`` (default ``systemctl reboot``)."""
 
     async def reboot() -> None:

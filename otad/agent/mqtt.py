@@ -277,3 +277,24 @@ class ShadowSession:
             if not isinstance(payload, bytes | bytearray):
                 continue
             self._dispatch(message.topic.value, bytes(payload))
+
+
+async def probe_broker(config: AgentConfig, within: float) -> None:
+    """Connect with the device identity under another client id, then disconnect.
+
+    Used by ``otad agent health-check`` while the daemon may hold the device's own client id
+    (a second connection with the same id would take the daemon's session over).
+    """
+    broker = config.broker
+    client = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=f"{broker.client_id or config.device_id}-probe",
+        tls_context=_tls_context(config),
+        timeout=within,
+    )
+    try:
+        async with asyncio.timeout(within), client:
+            pass
+    except (aiomqtt.MqttError, TimeoutError) as exc:
+        raise BrokerError(f"mqtt: broker {broker.host}:{broker.port} not reachable: {exc}") from exc

@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +39,7 @@ import structlog
 
 from otad.agent.bootloader import Bootloader, other_slot
 from otad.agent.bootloader.durable import replace_file
-from otad.agent.config import AgentConfig
+from otad.agent.config import AgentConfig, DownloadConfig
 from otad.agent.download import Downloader, Source, Transfer
 from otad.agent.journal import Journal
 from otad.agent.machine import (
@@ -330,6 +330,42 @@ def _set_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class FileTransfer:
+    """A local bundle file read like a download (``otad agent install BUNDLE``)."""
+
+    def __init__(self, path: Path, settings: DownloadConfig) -> None:
+        self.path = path
+        self.chunk_size = settings.chunk_size
+        self.offset = 0
+        self.total: int | None = None
+        self.bytes_received = 0
+        self.resumes = 0
+        self.restarts = 0
+
+    def limit(self, size: int) -> None:
+        if self.total is not None and size != self.total:
+            raise DesiredStateInvalid(
+                f"install: {self.path} has {self.total} bytes, its header declares {size}"
+            )
+
+    def replace_source(self, source: Source) -> None:  # pragma: no cover - files do not expire
+        raise DesiredStateInvalid("install: a local bundle has no URL to refresh")
+
+    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+        try:
+            handle = await asyncio.to_thread(open, self.path, "rb")
+        except OSError as exc:
+            raise DesiredStateInvalid(f"install: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            self.total = os.fstat(handle.fileno()).st_size
+            while data := await asyncio.to_thread(handle.read, self.chunk_size):
+                yield self.offset, data
+                self.offset += len(data)
+                self.bytes_received += len(data)
+        finally:
+            handle.close()
+
+
 # --- the runner ----------------------------------------------------------------------------------
 
 
@@ -463,7 +499,7 @@ class UpdateRunner:
         log.info(
             "recovery_decided",
             step=action.step.value,
-            event=action.event.value if action.event else None,
+            journal_event=action.event.value if action.event else None,
             mark_bad=action.mark_bad,
             confirm=action.confirm,
             reason=action.reason,
@@ -609,7 +645,11 @@ class UpdateRunner:
         """Download, verify and write the bundle into the target; the writer is left open."""
         first = await asyncio.to_thread(self._open_writer)
         capacity = first.capacity
-        transfer = self.downloader.transfer(desired.source, max_size=desired.size)
+        transfer: Transfer | FileTransfer
+        if desired.url.startswith("file://"):
+            transfer = FileTransfer(Path(desired.url[len("file://") :]), self.config.download)
+        else:
+            transfer = self.downloader.transfer(desired.source, max_size=desired.size)
         pipe = _DiskPipe(
             lambda: StreamVerifier(self.keyring, self._policy(capacity)),
             self._open_writer,
@@ -632,7 +672,7 @@ class UpdateRunner:
         self,
         record: JobRecord,
         desired: DesiredSoftware,
-        transfer: Transfer,
+        transfer: Transfer | FileTransfer,
         pipe: _DiskPipe,
     ) -> Manifest:
         expected = 0
@@ -670,7 +710,7 @@ class UpdateRunner:
     @staticmethod
     def _check_manifest(manifest: Manifest, desired: DesiredSoftware) -> None:
         """The signed manifest must be the one the desired state asked for."""
-        if manifest.version != desired.version:
+        if desired.version and manifest.version != desired.version:
             raise DesiredStateInvalid(
                 f"job: desired version {desired.version!r} but the bundle is {manifest.version!r}"
             )
@@ -703,7 +743,7 @@ class UpdateRunner:
                 self._report("downloading", job_id=record.job_id, progress=self.progress.percent)
                 return fresh
 
-    def _maybe_progress(self, record: JobRecord, transfer: Transfer) -> None:
+    def _maybe_progress(self, record: JobRecord, transfer: Transfer | FileTransfer) -> None:
         total = transfer.total
         if not total:
             return
@@ -770,7 +810,11 @@ class UpdateRunner:
 
     async def _verify(self, record: JobRecord) -> None:
         self._report("verifying", job_id=record.job_id, progress=100)
-        result = await self.health()
+        try:
+            result = await self.health()
+        except Exception as exc:  # a crashing check is a failed check, never a pass
+            log.exception("health_check_crashed", job_id=record.job_id)
+            result = HealthResult(False, f"the health check itself failed: {exc}")
         self.beat()
         if result.ok:
             await self._commit(record)

@@ -40,6 +40,7 @@ from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, load
 from otad.agent.daemon import Agent
 from otad.agent.update import DeviceState
+from otad.errors import ShadowNotFound
 
 SLOT_SIZE = 4 * 1024 * 1024
 START_TIMEOUT = 20.0
@@ -255,7 +256,10 @@ async def wait_reported(
     deadline = asyncio.get_running_loop().time() + within
     last: Any = None
     while asyncio.get_running_loop().time() < deadline:
-        doc = await cloud.get_document(device_id)
+        try:
+            doc = await cloud.get_document(device_id)
+        except ShadowNotFound:
+            doc = None
         state = (doc or {}).get("state") or {}
         last = (state.get("reported") or {}).get("software")
         if isinstance(last, dict) and predicate(last):
