@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from otad.cloud import pki
-
 __layer__ = "cli"
 
 
@@ -58,12 +56,75 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add.add_argument("device_id", metavar="ID")
     add.set_defaults(handler=_add_device)
 
+    broker_cmd = commands.add_parser(
+        "broker", help="run mosquitto with DIR's TLS + ACL config (foreground)"
+    )
+    broker_cmd.add_argument("dir", type=Path, metavar="DIR")
+    broker_cmd.set_defaults(handler=_broker)
+
+    serve_cmd = commands.add_parser(
+        "serve", help="run the replica, the artifact store and the rollout service (foreground)"
+    )
+    serve_cmd.add_argument("dir", type=Path, metavar="DIR")
+    serve_cmd.add_argument(
+        "--store-host", help="listen address (default: store.host of the config)"
+    )
+    serve_cmd.add_argument("--store-port", type=int, help="listen port (default: store.port)")
+    serve_cmd.add_argument(
+        "--public-url", help="base of pre-signed URLs (default: store.public_url of the config)"
+    )
+    serve_cmd.add_argument(
+        "--no-rollouts", action="store_true", help="do not run the rollout service here"
+    )
+    serve_cmd.set_defaults(handler=_serve)
+
+    upload_cmd = commands.add_parser(
+        "upload", help="verify a bundle against DIR's keyring and store it; prints the artifact id"
+    )
+    upload_cmd.add_argument("dir", type=Path, metavar="DIR")
+    upload_cmd.add_argument("bundle", type=Path, metavar="BUNDLE")
+    upload_cmd.set_defaults(handler=_upload)
+
+    presign_cmd = commands.add_parser(
+        "presign", help="print a pre-signed download URL of ARTIFACT for DEVICE"
+    )
+    presign_cmd.add_argument("dir", type=Path, metavar="DIR")
+    presign_cmd.add_argument("artifact", metavar="ARTIFACT")
+    presign_cmd.add_argument("device", metavar="DEVICE")
+    presign_cmd.add_argument(
+        "--expires",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="lifetime like 90s, 15m, 1h, 2d (default: store.presign_default_ttl)",
+    )
+    presign_cmd.set_defaults(handler=_presign)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of ``90``, ``90s``, ``15m``, ``1h`` or ``2d``."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _UNITS else "s"
+    number = value[:-1] if value[-1:] in _UNITS else value
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h, 2d)")
+    return int(number) * _UNITS[unit]
+
 
 def _device_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+# Handlers import the cloud modules themselves: `otad --help` and `otad bundle` stay fast and
+# work on hosts without the cloud's dependencies.
+
+
 def _init(args: argparse.Namespace) -> int:
+    from otad.cloud import pki
+
     cloud = pki.init_cloud(
         args.dir,
         args.devices,
@@ -84,7 +145,56 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _add_device(args: argparse.Namespace) -> int:
+    from otad.cloud import pki
+
     identity = pki.add_device(args.dir, args.device_id)
     print(identity.cert)
     print(identity.key)
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from otad.cloud import broker, pki
+
+    broker.exec_broker(pki.CloudDir(args.dir))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from otad.cloud import pki, server
+
+    cloud = pki.CloudDir(args.dir)
+    cloud_server = server.CloudServer(
+        cloud,
+        store_host=args.store_host,
+        store_port=args.store_port,
+        public_url=args.public_url,
+        rollouts=not args.no_rollouts,
+    )
+    return await server.serve(cloud_server)
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from otad.bundle import Keyring
+    from otad.cloud import pki, store
+
+    cloud = pki.CloudDir(args.dir)
+    config = cloud.config()
+    repository = store.ArtifactRepository(config.artifacts_dir)
+    info = repository.import_file(
+        args.bundle,
+        Keyring.load(cloud.keyring_dir),
+        uploader="cli",
+        max_bytes=config.max_upload_bytes,
+    )
+    print(info.artifact_id)
+    return 0
+
+
+def _presign(args: argparse.Namespace) -> int:
+    from otad.cloud import pki, store
+
+    config = pki.CloudDir(args.dir).config()
+    repository = store.ArtifactRepository(config.artifacts_dir)
+    repository.info(args.artifact)  # ArtifactNotFound: no URL for something that is not there
+    print(store.presign(config, args.artifact, args.device, args.expires))
     return 0

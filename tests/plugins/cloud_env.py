@@ -20,7 +20,9 @@ Fixtures
     test's event loop against ``broker``, each test with its own database and artifacts dir.
     Helpers: ``await upload(bundle_path) -> artifact_id``, ``presign(artifact_id, device_id,
     expires_in=3600) -> url``, ``store_url``, ``await set_desired(device_id, dict)``,
-    ``await get_document(device_id)``, ``mqtt(who)``.
+    ``await get_document(device_id)``, ``mqtt(who)``, ``http(who)`` (aiohttp session with that
+    identity), ``server`` / ``store`` / ``replica`` (the running objects). The rollout service is
+    not started here (fleet tests run their own).
 
 Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
     ``identity(cloud_dir, who)``: the Identity of a device id or of a service ("replica", "fleet").
@@ -33,7 +35,6 @@ Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -44,11 +45,11 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from otad.bundle import Keyring
 from otad.cloud.broker import BrokerProcess
 from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICES, CloudDir, Identity, init_cloud
-from otad.cloud.store import ArtifactStore
+from otad.cloud.replica import ShadowClient
+from otad.cloud.server import READY_TIMEOUT, CloudServer
 
 DEVICES = ("dev1", "dev2", "dev3", "dev4")
 
@@ -146,27 +147,42 @@ def make_bundle(
 
 
 class CloudEnv:
-    """The cloud side of one test: store (and replica) in this event loop, helpers around them."""
+    """The cloud side of one test: :class:`CloudServer` in this event loop, helpers around it."""
 
     def __init__(self, cloud_dir: CloudDir, broker: BrokerProcess, config: CloudConfig) -> None:
         self.cloud_dir = cloud_dir
         self.broker = broker
         self.config = config
-        self.store = ArtifactStore(
-            config,
-            keyring=Keyring.load(cloud_dir.keyring_dir),
-            ssl_context=cloud_dir.server_context(),
-            host="127.0.0.1",
-            port=0,
+        self.server = CloudServer(
+            cloud_dir, config, store_host="127.0.0.1", store_port=0, rollouts=False
         )
-        self._stack = contextlib.AsyncExitStack()
+        self.store = self.server.store
+        self.replica = self.server.replica
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._shadows: ShadowClient | None = None
 
     async def __aenter__(self) -> CloudEnv:
-        await self._stack.enter_async_context(self.store)
+        self._task = asyncio.create_task(self.server.run(self._stop), name="cloud-server")
+        ready = asyncio.ensure_future(self.server.ready.wait())
+        await asyncio.wait(
+            {ready, self._task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED"
+        )
+        if self._task.done():
+            self._task.result()  # raises what stopped it
+        if not ready.done():
+            ready.cancel()
+            await self.__aexit__()
+            raise AssertionError(f"cloud server not ready within {READY_TIMEOUT} s")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        if self._shadows is not None:
+            await self._shadows.__aexit__(None, None, None)
+            self._shadows = None
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, READY_TIMEOUT)
 
     @property
     def store_url(self) -> str:
@@ -190,6 +206,22 @@ class CloudEnv:
                     raise AssertionError(f"upload refused: {resp.status} {body}")
                 return str(body["id"])
 
+    async def shadows(self) -> ShadowClient:
+        """A connected ShadowClient with the fleet identity (shared within the test)."""
+        if self._shadows is None:
+            client = self.server.shadow_client_factory()()
+            await client.__aenter__()
+            self._shadows = client
+        return self._shadows
+
+    async def set_desired(self, device_id: str, desired: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``desired`` into the device's desired state; the update/accepted payload."""
+        return await (await self.shadows()).update_desired(device_id, desired)
+
+    async def get_document(self, device_id: str) -> dict[str, Any]:
+        """The device's full shadow document (ShadowNotFound if never written)."""
+        return await (await self.shadows()).get(device_id)
+
     def mqtt(self, who: str, **kwargs: Any) -> aiomqtt.Client:
         return mqtt_client(self.cloud_dir, who, self.broker, **kwargs)
 
@@ -203,6 +235,5 @@ async def cloud(
         artifacts_dir=tmp_path / "cloud-artifacts",
         broker_port=broker.port,
     )
-    config.db_path.parent.mkdir(parents=True, exist_ok=True)
     async with CloudEnv(cloud_dir, broker, config) as env:
         yield env

@@ -1,0 +1,36 @@
+"""The `cloud` fixture end to end: replica + store running, a device sees its delta."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from plugins.cloud_env import CloudEnv
+
+from otad.errors import ShadowNotFound
+
+
+async def test_cloud_env_desired_reaches_the_device_as_delta(
+    cloud: CloudEnv, signed_bundle: Path
+) -> None:
+    artifact = await cloud.upload(signed_bundle)
+    url = cloud.presign(artifact, "dev1", 600)
+    async with cloud.mqtt("dev1", identifier="dev1-env") as device:
+        await device.subscribe("state/dev1/update/delta", qos=1)
+        desired = {"software": {"version": "2.0", "url": url, "jobId": "j-1"}}
+        accepted = await cloud.set_desired("dev1", desired)
+        assert accepted["state"]["desired"] == desired
+        async with asyncio.timeout(10):
+            message = await anext(aiter(device.messages))
+    delta = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    assert delta["state"] == desired
+    document = await cloud.get_document("dev1")
+    assert document["state"]["desired"] == desired
+    assert document["state"]["delta"] == desired
+
+
+async def test_cloud_env_each_test_starts_with_an_empty_replica(cloud: CloudEnv) -> None:
+    with pytest.raises(ShadowNotFound):
+        await cloud.get_document("dev1")
