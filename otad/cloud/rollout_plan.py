@@ -156,11 +156,15 @@ def plan_waves(steps: Sequence[WaveStep], device_count: int) -> tuple[int, ...]:
     if not steps:
         raise RolloutError("waves: at least one wave is needed")
     targets: list[int] = []
+    last_of_kind: dict[bool, float] = {}
     for step in steps:
+        # Same kind going down is a typo; a percentage below an earlier count (1,10,50%,100%
+        # on 12 devices) just merges into it, so one plan fits fleets of any size.
+        if step.value < last_of_kind.get(step.percent, 0.0):
+            raise RolloutError(f"waves: {step} is smaller than the wave before it")
+        last_of_kind[step.percent] = step.value
         raw = step.value * device_count / 100 if step.percent else step.value
         count = min(device_count, max(1, math.ceil(raw - 1e-9)))
-        if targets and count < targets[-1]:
-            raise RolloutError(f"waves: {step} is smaller than the wave before it")
         if not targets or count > targets[-1]:
             targets.append(count)
     if targets[-1] != device_count:

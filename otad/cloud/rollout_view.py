@@ -38,10 +38,10 @@ _STATE_STYLE = {
 }
 # Column order of the per-state counts: the way a device moves through a rollout.
 _COUNT_COLUMNS: tuple[tuple[str, frozenset[DeviceState], str], ...] = (
-    ("pending", frozenset({DeviceState.PENDING}), "dim"),
-    ("in flight", IN_FLIGHT, "cyan"),
+    ("waiting", frozenset({DeviceState.PENDING}), "dim"),
+    ("busy", IN_FLIGHT, "cyan"),
     ("updated", frozenset({DeviceState.SUCCEEDED}), "green"),
-    ("rolled back", frozenset({DeviceState.ROLLED_BACK}), "yellow"),
+    ("back", frozenset({DeviceState.ROLLED_BACK}), "yellow"),
     ("failed", frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT}), "red"),
     ("skipped", frozenset({DeviceState.SKIPPED, DeviceState.CANCELLED}), "dim"),
 )
@@ -115,12 +115,12 @@ def render_rollout(
         parts.append(Text(f"  {rollout.reason}", style=_STATE_STYLE[rollout.state]))
 
     table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("wave", justify="right")
-    table.add_column("devices", justify="right")
-    table.add_column("progress", width=24)
-    table.add_column("done", justify="right")
+    table.add_column("wave", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True, min_width=4)
+    table.add_column("progress", width=16, no_wrap=True)
+    table.add_column("done", justify="right", no_wrap=True)
     for name, _, style in _COUNT_COLUMNS:
-        table.add_column(name, justify="right", style=style)
+        table.add_column(name, justify="right", style=style, no_wrap=True)
     for index in range(len(rollout.waves)):
         members = [d for d in records if d.wave == index]
         t = tally(rollout, members, index)
@@ -129,7 +129,7 @@ def render_rollout(
         bar = ProgressBar(
             total=max(1, t.size),
             completed=t.done,
-            width=24,
+            width=16,
             complete_style="red" if t.failed and started else "green",
             finished_style="red" if t.failed else "green",
         )

@@ -37,6 +37,8 @@ from otad.errors import RolloutError
         ("2,5,9", 9, (2, 5, 9)),
         ("5,5,100%", 10, (5, 10)),
         ("33.3%,100%", 3, (1, 3)),
+        ("1,5,50%,100%", 6, (1, 5, 6)),
+        ("1,10,50%,100%", 12, (1, 10, 12)),
     ],
 )
 def test_plan_waves_gives_cumulative_counts(text: str, count: int, plan: tuple[int, ...]) -> None:
@@ -54,6 +56,8 @@ def test_parse_waves_rejects_garbage(text: str) -> None:
 def test_plan_waves_rejects_decreasing_steps() -> None:
     with pytest.raises(RolloutError, match="smaller than the wave before"):
         rp.plan_waves(rp.parse_waves("10,5,100%"), 20)
+    with pytest.raises(RolloutError, match="smaller than the wave before"):
+        rp.plan_waves(rp.parse_waves("1,50%,10%,100%"), 20)
 
 
 def test_plan_waves_rejects_a_plan_that_leaves_devices_out() -> None:
