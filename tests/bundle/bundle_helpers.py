@@ -114,6 +114,7 @@ class Forge:
         manifest: dict[str, Any] | None = None,
         manifest_bytes: bytes | None = None,
         sign_message: Callable[[bytes, Header, bytes], bytes] | None = None,
+        declared_payload_size: int | None = None,
         **overrides: Any,
     ) -> Forged:
         if payload is None:
@@ -126,11 +127,12 @@ class Forge:
             if manifest is None:
                 manifest = self.manifest_for(payload, image, keys, compression, **overrides)
             manifest_bytes = canonical.encode(manifest)
-        header = Header(FORMAT_VERSION, 0, len(manifest_bytes), 0, len(payload))
+        payload_size = len(payload) if declared_payload_size is None else declared_payload_size
+        header = Header(FORMAT_VERSION, 0, len(manifest_bytes), 0, payload_size)
         message = signed_message(header, manifest_bytes)
         if sign_message is not None:
             message = sign_message(message, header, manifest_bytes)
         entries = [SignatureEntry(key_id_of(k), algorithm_of(k), sign(k, message)) for k in keys]
         block = encode_signatures(entries)
-        header = Header(FORMAT_VERSION, 0, len(manifest_bytes), len(block), len(payload))
+        header = Header(FORMAT_VERSION, 0, len(manifest_bytes), len(block), payload_size)
         return Forged(header, manifest_bytes, block, payload)
