@@ -186,8 +186,8 @@ def bitbake_assignments(text: str) -> dict[str, list[tuple[str, str]]]:
 
 
 def default_of(assignments: dict[str, list[tuple[str, str]]], var: str) -> str:
-    """The single default (``?=``/``??=``/``=``) a file gives ``var``."""
-    values = [v for op, v in assignments.get(var, []) if op in ("?=", "??=", "=")]
+    """The single default (``?=``, ``??=``, ``=`` or ``:=``) a file gives ``var``."""
+    values = [v for op, v in assignments.get(var, []) if op in ("?=", "??=", "=", ":=")]
     if len(values) != 1:
         raise FileFormatError(f"{var}: expected one default, found {values!r}")
     return values[0]

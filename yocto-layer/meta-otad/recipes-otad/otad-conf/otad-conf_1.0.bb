@@ -25,8 +25,6 @@ UNPACKDIR ??= "${WORKDIR}"
 S = "${UNPACKDIR}"
 
 # Override these in your layer (bbappend, distro or local.conf). Example values in the comments.
-# Device id on a shared image: see docs/yocto.md ("Device identity").
-OTAD_DEVICE_ID ?= "unprovisioned"
 # Example: "my-product-rev2"; must equal OTAD_BUNDLE_COMPATIBLE of your bundles.
 OTAD_COMPATIBLE ?= "${MACHINE}"
 # Example: "mqtt.fleet.example.net"
@@ -37,8 +35,10 @@ OTAD_BROKER_PORT ?= "8883"
 OTAD_DATA_DIR ?= "/data/otad"
 # "grub" (EFI machines) or "uboot"
 OTAD_BOOTLOADER ?= "grub"
-# Where GRUB's environment block lives on the mounted ESP (must match boot/grub/grub.cfg).
-OTAD_GRUBENV ?= "/boot/efi/EFI/otad/grubenv"
+# The directory of GRUB's two environment copies (grubenv.0, grubenv.1) on the mounted ESP:
+# grub.cfg keeps them next to itself (its ${prefix}), which wic's bootimg-efi makes /EFI/BOOT.
+# Must match otad-image.bbclass (OTAD_IMAGE_GRUB_FILES), which puts the initial copies there.
+OTAD_GRUB_ENV_DIR ?= "/boot/efi/EFI/BOOT"
 # Example: "\"my-app.service\", \"mosquitto.service\"" (TOML list items)
 OTAD_HEALTH_REQUIRED_UNITS ?= ""
 # In your layer's files/: a directory of <keyid>.pem public keys (plus an optional "revoked" file
@@ -71,15 +71,14 @@ do_install() {
     . ${UNPACKDIR}/otad-partitions.env
     install -d -m 0755 ${D}${sysconfdir}/otad ${D}${sysconfdir}/otad/health.d
     install -d -m 0755 ${D}${sysconfdir}/otad/keyring
-    sed -e 's#@OTAD_DEVICE_ID@#${OTAD_DEVICE_ID}#g' \
-        -e 's#@OTAD_COMPATIBLE@#${OTAD_COMPATIBLE}#g' \
+    sed -e 's#@OTAD_COMPATIBLE@#${OTAD_COMPATIBLE}#g' \
         -e 's#@OTAD_DATA_DIR@#${OTAD_DATA_DIR}#g' \
         -e 's#@OTAD_BROKER_HOST@#${OTAD_BROKER_HOST}#g' \
         -e 's#@OTAD_BROKER_PORT@#${OTAD_BROKER_PORT}#g' \
         -e 's#@OTAD_PART_ROOTFS_A@#'"$OTAD_PART_ROOTFS_A"'#g' \
         -e 's#@OTAD_PART_ROOTFS_B@#'"$OTAD_PART_ROOTFS_B"'#g' \
         -e 's#@OTAD_BOOTLOADER@#${OTAD_BOOTLOADER}#g' \
-        -e 's#@OTAD_GRUBENV@#${OTAD_GRUBENV}#g' \
+        -e 's#@OTAD_GRUB_ENV_DIR@#${OTAD_GRUB_ENV_DIR}#g' \
         -e 's#@OTAD_HEALTH_REQUIRED_UNITS@#${OTAD_HEALTH_REQUIRED_UNITS}#g' \
         ${UNPACKDIR}/otad.toml.in > ${D}${sysconfdir}/otad/otad.toml
     chmod 0644 ${D}${sysconfdir}/otad/otad.toml
@@ -104,9 +103,6 @@ do_install() {
             fi
         done
     done
-    if [ "${OTAD_DEVICE_ID}" = "unprovisioned" ]; then
-        bbwarn "otad-conf: OTAD_DEVICE_ID is 'unprovisioned': every device of this image has the same device id (see docs/yocto.md, 'Device identity')."
-    fi
 }
 
 CONFFILES:${PN} += "${sysconfdir}/otad/otad.toml"

@@ -5,9 +5,7 @@ DESCRIPTION = "The otad device agent (follows the device shadow over MQTT, strea
                tool (native variant) that signs bundles on the build host."
 SECTION = "admin"
 LICENSE = "MIT"
-# pyproject.toml declares MIT; the repository has no separate license file to point at yet.
-# nooelint: oelint.var.licenseremotefile
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=c738517615babe8e9b976b162b171707"
 
 # The layer lives in the otad repository: build the package from the same checkout, so the
 # recipe's version and the package's version cannot drift (PV here = version in pyproject.toml,
@@ -15,6 +13,7 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda
 # nooelint: oelint.vars.fileextrapaths, oelint.vars.outofcontext
 FILESEXTRAPATHS:prepend := "${THISDIR}/../../../..:"
 SRC_URI = "\
+    file://LICENSE;subdir=otad-src \
     file://pyproject.toml;subdir=otad-src \
     file://README.md;subdir=otad-src \
     file://otad;subdir=otad-src \
