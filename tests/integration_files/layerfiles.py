@@ -31,7 +31,8 @@ _ENV_LINE = re.compile(r'^(?P<key>[A-Z][A-Z0-9_]*)="(?P<value>[^"\\$`]*)"$')
 def parse_env(text: str) -> dict[str, str]:
     """Parse a shell-sourceable file of ``KEY="value"`` lines, ``#`` comments and blank lines."""
     values: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split as the shell does: on newlines only (str.splitlines also splits on \x1e, \u2028...).
+    for number, line in enumerate(text.split("\n"), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -134,7 +135,10 @@ def parse_wks(text: str) -> tuple[dict[str, str], list[WksPart]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:  # unbalanced quotes
+            raise FileFormatError(f"line {number}: {exc}") from exc
         if words[0] == "bootloader":
             if bootloader is not None:
                 raise FileFormatError(f"line {number}: second bootloader line")
