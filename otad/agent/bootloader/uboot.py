@@ -1,0 +1,268 @@
+"""U-Boot backend: RAUC's BOOT_ORDER / BOOT_A_LEFT / BOOT_B_LEFT scheme in the U-Boot env.
+
+The scheme (what ``boot/u-boot/boot.cmd`` does at every boot): take the slots of
+``BOOT_ORDER`` in turn; the first with ``BOOT_X_LEFT > 0`` wins, its counter is decremented and
+saved *before* the kernel starts. The running system confirms its slot by resetting the counter
+(:meth:`UBootBootloader.mark_good`); a slot whose counter reached 0 is skipped. A slot marked bad
+is removed from ``BOOT_ORDER`` (and its counter set to 0). ``otad_trial`` names the slot put on
+trial by ``try_once`` (U-Boot ignores it).
+
+Where the env lives is read from an ``fw_env.config`` (the file ``fw_printenv`` uses): one line
+per copy, ``<device or file> <offset> <env size> [<sector size> [<sectors>]]``. Two lines mean
+the redundant layout (CRC + flags byte per copy): every write goes to the non-current copy with
+the flags counted up, then fsync, exactly like libubootenv - so a power cut mid-write leaves the
+previous copy current (its CRC is intact, the torn one's is not). One line is the single
+layout, which a torn write destroys (U-Boot then falls back to its built-in env): use it only
+where the medium cannot hold two copies. Files and block devices (eMMC, SD, a FAT file) are
+written directly; raw NOR/NAND MTD devices need erase cycles and are not supported here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, other_slot, ubootenv
+from otad.errors import BootloaderEnvCorrupt, BootloaderError, ConfigError
+
+__layer__ = "adapter"
+
+log = structlog.get_logger(__name__)
+
+FW_ENV_CONFIG = Path("/etc/fw_env.config")
+TRIAL = "otad_trial"
+DEFAULT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class EnvLocation:
+    """One env copy: a file or block device, the byte offset in it, the env size."""
+
+    device: Path
+    offset: int
+    size: int
+
+
+def parse_fw_env_config(text: str, where: str = "fw_env.config") -> tuple[EnvLocation, ...]:
+    """The copies an ``fw_env.config`` names (one or two); ConfigError on anything else."""
+    found: list[EnvLocation] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) < 3:
+            raise ConfigError(f"u-boot: {where}:{lineno}: need '<device> <offset> <size>'")
+        try:
+            offset, size = int(fields[1], 0), int(fields[2], 0)
+        except ValueError as exc:
+            raise ConfigError(f"u-boot: {where}:{lineno}: bad number: {exc}") from exc
+        if offset < 0 or size <= ubootenv.HEADER_REDUNDANT + 2:
+            raise ConfigError(f"u-boot: {where}:{lineno}: bad offset or size")
+        found.append(EnvLocation(Path(fields[0]), offset, size))
+    if len(found) not in (1, 2):
+        raise ConfigError(f"u-boot: {where} must name one or two env copies, has {len(found)}")
+    if len(found) == 2 and found[0].size != found[1].size:
+        raise ConfigError(f"u-boot: {where}: both copies must have the same size")
+    return tuple(found)
+
+
+def scheme_state(values: Mapping[str, str]) -> BootState:
+    """Interpret BOOT_ORDER / BOOT_X_LEFT / otad_trial the way boot.cmd does."""
+    order: list[str] = []
+    for word in values.get("BOOT_ORDER", "").split():
+        if word in SLOTS and word not in order:
+            order.append(word)
+    trial = values.get(TRIAL, "")
+    slots: dict[str, SlotBoot] = {}
+    for s in SLOTS:
+        left = values.get(f"BOOT_{s}_LEFT", "0")
+        tries = int(left) if left.isascii() and left.isdigit() else 0
+        bad = s not in order
+        slots[s] = SlotBoot(bad=bad, tries_left=0 if bad else tries, good=not bad and trial != s)
+    return BootState(tuple(order), slots)
+
+
+def initial_values(
+    order: tuple[str, ...] = ("A", "B"), attempts: int = DEFAULT_ATTEMPTS
+) -> dict[str, str]:
+    return {
+        "BOOT_ORDER": " ".join(order),
+        "BOOT_A_LEFT": str(attempts),
+        "BOOT_B_LEFT": str(attempts),
+        TRIAL: "",
+    }
+
+
+class UBootBootloader:
+    """The U-Boot backend over the env copies an fw_env.config names."""
+
+    name = "uboot"
+
+    def __init__(
+        self,
+        config: Path = FW_ENV_CONFIG,
+        *,
+        locations: tuple[EnvLocation, ...] | None = None,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        if locations is None:
+            try:
+                text = Path(config).read_text()
+            except OSError as exc:
+                raise ConfigError(f"u-boot: cannot read {config}: {exc}") from exc
+            locations = parse_fw_env_config(text, str(config))
+        if len(locations) not in (1, 2):
+            raise ConfigError("u-boot: one or two env copies")
+        if not 1 <= attempts <= 9:
+            # boot.cmd decrements with setexpr, which computes in hex: keep to one digit
+            raise ConfigError(f"u-boot: attempts must be 1..9, got {attempts}")
+        self.locations = locations
+        self.redundant = len(locations) == 2
+        self.attempts = attempts
+
+    # --- raw env ---------------------------------------------------------------------------
+
+    def _read_copy(self, loc: EnvLocation) -> ubootenv.UBootEnv:
+        try:
+            with open(loc.device, "rb") as f:
+                f.seek(loc.offset)
+                blob = f.read(loc.size)
+        except FileNotFoundError as exc:
+            raise BootloaderEnvCorrupt(f"u-boot: env copy {loc.device} is missing") from exc
+        except OSError as exc:
+            # an unreadable copy counts as an invalid one: the other copy may still serve
+            raise BootloaderEnvCorrupt(f"u-boot: cannot read env at {loc.device}: {exc}") from exc
+        if len(blob) != loc.size:
+            raise BootloaderEnvCorrupt(
+                f"u-boot: env copy {loc.device} has {len(blob)} of {loc.size} bytes"
+            )
+        return ubootenv.decode(blob, redundant=self.redundant)
+
+    def read(self) -> tuple[dict[str, str], int, int]:
+        """(variables, index of the current copy, its flags); BootloaderEnvCorrupt if none."""
+        if not self.redundant:
+            env = self._read_copy(self.locations[0])
+            return dict(env.values), 0, 0
+        copies: list[ubootenv.UBootEnv | None] = []
+        problems: list[str] = []
+        for loc in self.locations:
+            try:
+                copies.append(self._read_copy(loc))
+                problems.append("")
+            except BootloaderEnvCorrupt as exc:
+                copies.append(None)
+                problems.append(str(exc))
+        first, second = copies
+        if first is None and second is None:
+            raise BootloaderEnvCorrupt(f"u-boot: no valid env copy ({problems[0]}; {problems[1]})")
+        if first is not None and second is not None:
+            index = ubootenv.newer(first.flags or 0, second.flags or 0)
+        else:
+            index = 0 if first is not None else 1
+            log.warning("uboot_env_copy_invalid", copy=1 - index, problem=problems[1 - index])
+        current = copies[index]
+        if current is None:  # unreachable: one of the two is valid here
+            raise BootloaderEnvCorrupt("u-boot: no valid env copy")
+        return dict(current.values), index, current.flags or 0
+
+    def values(self) -> dict[str, str]:
+        return self.read()[0]
+
+    def write(self, changes: Mapping[str, str], *, end_trial_of: str | None = None) -> None:
+        """Apply ``changes`` and store the env (redundant: into the other copy, flags + 1)."""
+        values, index, flags = self.read()
+        values.update(changes)
+        if end_trial_of is not None and values.get(TRIAL) == end_trial_of:
+            values[TRIAL] = ""
+        self._store(values, index, flags)
+
+    def _store(self, values: Mapping[str, str], index: int, flags: int) -> None:
+        if self.redundant:
+            loc = self.locations[1 - index]
+            blob = ubootenv.encode(
+                values, loc.size, redundant=True, flags=ubootenv.next_flags(flags)
+            )
+        else:
+            loc = self.locations[0]
+            blob = ubootenv.encode(values, loc.size)
+        try:
+            fd = os.open(loc.device, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                view = memoryview(blob)
+                done = 0
+                while done < len(blob):
+                    done += os.pwrite(fd, view[done:], loc.offset + done)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise BootloaderError(f"u-boot: cannot write env at {loc.device}: {exc}") from exc
+
+    def initialize(self, values: Mapping[str, str] | None = None) -> None:
+        """Write a fresh env into every copy (image builders; a device whose env was lost).
+
+        Regular files that do not exist yet are created at the needed size.
+        """
+        vals = dict(values) if values is not None else initial_values(attempts=self.attempts)
+        for i, loc in enumerate(self.locations):
+            if not loc.device.exists():
+                with open(loc.device, "wb") as f:
+                    f.truncate(loc.offset + loc.size)
+            if self.redundant:
+                blob = ubootenv.encode(vals, loc.size, redundant=True, flags=i)
+            else:
+                blob = ubootenv.encode(vals, loc.size)
+            with open(loc.device, "r+b") as f:
+                f.seek(loc.offset)
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+
+    # --- Bootloader protocol --------------------------------------------------------------
+
+    def state(self) -> BootState:
+        return scheme_state(self.values())
+
+    def primary(self) -> str | None:
+        return self.state().next_boot()
+
+    def _order_with_first(self, values: Mapping[str, str], slot: str) -> str:
+        order = [s for s in values.get("BOOT_ORDER", "").split() if s in SLOTS]
+        other = other_slot(slot)
+        return " ".join([slot, other] if other in order else [slot])
+
+    def mark_bad(self, slot: str) -> None:
+        check_slot(slot)
+        values = self.values()
+        order = [s for s in values.get("BOOT_ORDER", "").split() if s in SLOTS and s != slot]
+        self.write({"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": "0"}, end_trial_of=slot)
+        log.info("slot_marked_bad", bootloader=self.name, slot=slot)
+
+    def try_once(self, slot: str) -> None:
+        check_slot(slot)
+        values = self.values()
+        self.write(
+            {
+                "BOOT_ORDER": self._order_with_first(values, slot),
+                f"BOOT_{slot}_LEFT": "1",
+                TRIAL: slot,
+            }
+        )
+        log.info("slot_set_to_try_once", bootloader=self.name, slot=slot)
+
+    def mark_good(self, slot: str) -> None:
+        check_slot(slot)
+        values = self.values()
+        self.write(
+            {
+                "BOOT_ORDER": self._order_with_first(values, slot),
+                f"BOOT_{slot}_LEFT": str(self.attempts),
+            },
+            end_trial_of=slot,
+        )
+        log.info("slot_marked_good", bootloader=self.name, slot=slot)
