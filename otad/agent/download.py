@@ -37,7 +37,9 @@ from otad.errors import (
     DownloadTimeout,
     DownloadTooLarge,
     InsecureUrl,
+    Oversize,
     RetriesExhausted,
+    Truncated,
     UrlExpired,
 )
 from otad.logs import redact_url
@@ -230,9 +232,13 @@ class Transfer:
             raise DownloadTooLarge(
                 f"download: bundle declares {size} bytes, limit is {self.max_size}"
             )
-        if self.total is not None and self.total != size:
-            raise DownloadProtocolError(
-                f"download: server length {self.total} differs from the bundle's {size}"
+        if self.total is not None and self.total < size:
+            raise Truncated(
+                f"bundle: the server has {self.total} bytes, the bundle header declares {size}"
+            )
+        if self.total is not None and self.total > size:
+            raise Oversize(
+                f"bundle: the server has {self.total} bytes, the bundle header declares {size}"
             )
         self.max_size = size
 

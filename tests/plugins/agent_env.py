@@ -40,7 +40,7 @@ from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, load
 from otad.agent.daemon import Agent
 from otad.agent.update import DeviceState
-from otad.errors import ShadowNotFound
+from otad.errors import BrokerError, ShadowNotFound
 
 SLOT_SIZE = 4 * 1024 * 1024
 START_TIMEOUT = 20.0
@@ -258,7 +258,7 @@ async def wait_reported(
     while asyncio.get_running_loop().time() < deadline:
         try:
             doc = await cloud.get_document(device_id)
-        except ShadowNotFound:
+        except (ShadowNotFound, BrokerError):
             doc = None
         state = (doc or {}).get("state") or {}
         last = (state.get("reported") or {}).get("software")
@@ -288,7 +288,8 @@ class FaultProxy:
 
     TLS passes through untouched (the client still verifies the store's certificate); the proxy
     only counts and cuts. ``cut_after(n)``: the next connection is closed once ``n`` bytes went
-    from the server to the client (one shot). ``down_bytes``/``connections`` count everything.
+    from the server to the client (one shot). ``down_bytes``/``connections`` count everything;
+    ``rate`` throttles server -> client (bytes/s).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -298,6 +299,7 @@ class FaultProxy:
         self.connections = 0
         self.down_bytes = 0
         self.cuts = 0
+        self.rate: float | None = None  # bytes/s server -> client (None: unthrottled)
         self._cut: int | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -309,8 +311,8 @@ class FaultProxy:
         """``url`` with the store's port replaced by the proxy's."""
         return url.replace(f":{self.target_port}/", f":{self.port}/", 1)
 
-    async def start(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> FaultProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -349,6 +351,8 @@ class FaultProxy:
                     sent += len(data)
                     if down:
                         self.down_bytes += len(data)
+                        if self.rate:
+                            await asyncio.sleep(len(data) / self.rate)
 
         try:
             a = asyncio.create_task(pipe(reader, up_w, False))
@@ -361,3 +365,94 @@ class FaultProxy:
                 with contextlib.suppress(Exception):
                     w.transport.abort()
             self._tasks.discard(task)
+
+
+async def offer_bundle(
+    cloud: Any,
+    cloud_dir: Any,
+    workdir: Path,
+    *,
+    version: str = "2.0",
+    job: str = "j1",
+    image_size: int = 3 * 1024 * 1024,
+    device: str = "dev1",
+    seed: int = 2,
+    proxy: FaultProxy | None = None,
+    expires_in: float = 3600,
+    publish: bool = True,
+    **bundle_kwargs: Any,
+) -> tuple[bytes, dict[str, Any]]:
+    """Build + upload a bundle, set it as the device's desired software; (image, entry)."""
+    from plugins.cloud_env import make_bundle
+
+    bundle = make_bundle(
+        cloud_dir,
+        workdir / f"{job}.otb",
+        version=version,
+        image_size=image_size,
+        seed=seed,
+        **bundle_kwargs,
+    )
+    image = bundle.with_suffix(".img").read_bytes()
+    artifact = await cloud.upload(bundle)
+    url = cloud.presign(artifact, device, expires_in=expires_in)
+    entry = {"version": version, "url": proxy.url(url) if proxy else url, "jobId": job}
+    if publish:
+        await cloud.set_desired(device, {"software": entry})
+    return image, entry
+
+
+def store_proxy(cloud: Any) -> FaultProxy:
+    """A FaultProxy in front of the cloud fixture's store (call ``await proxy.start()``)."""
+    return FaultProxy("127.0.0.1", int(cloud.store_url.rsplit(":", 1)[1]))
+
+
+class BlobServer:
+    """An HTTPS server (the cloud CA's server certificate) serving exact bytes at ``/<name>``.
+
+    For bundles the real store would refuse on upload (tampered, truncated, unknown key): the
+    agent must refuse them itself. No Range support, no auth: only what a hostile mirror does.
+    """
+
+    def __init__(self, cloud_dir: Any) -> None:
+        self.cloud_dir = cloud_dir
+        self.blobs: dict[str, bytes] = {}
+        self.requests = 0
+        self._runner: Any = None
+        self.port = 0
+
+    def add(self, name: str, data: bytes) -> str:
+        self.blobs[name] = data
+        return f"https://127.0.0.1:{self.port}/{name}"
+
+    async def start(self) -> BlobServer:
+        from aiohttp import web
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self.requests += 1
+            data = self.blobs.get(request.match_info["name"])
+            if data is None:
+                return web.Response(status=404)
+            return web.Response(body=data, content_type="application/octet-stream")
+
+        app = web.Application()
+        app.router.add_get("/{name}", handler)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, "127.0.0.1", 0, ssl_context=self.cloud_dir.server_context()
+        )
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def blob_server(cloud_dir: Any) -> Any:
+    server = await BlobServer(cloud_dir).start()
+    yield server
+    await server.close()

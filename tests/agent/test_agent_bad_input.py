@@ -1,0 +1,130 @@
+"""Invariant 4: bad input gets a clear reported error and changes nothing on the device.
+
+Bundles come from a plain HTTPS server of the test (the real store refuses most of them on
+upload; the agent must refuse them on its own). The target slot ends not bootable, the booted
+slot is byte-for-byte untouched, no reboot is asked for, and the job is never retried.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plugins.agent_env import wait_reported
+from plugins.cloud_env import make_image
+
+from otad.agent.update import DeviceState
+from otad.bundle import build_bundle, generate_private_key, load_private_key
+
+MiB = 1024 * 1024
+
+
+def bundle_bytes(cloud_dir: Any, tmp_path: Path, case: str) -> bytes:
+    image = make_image(tmp_path / "img", 5 * MiB if case == "oversize" else 2 * MiB, seed=3)
+    key = generate_private_key() if case == "wrong_key" else load_private_key(cloud_dir.signing_key)
+    options: dict[str, Any] = {}
+    if case == "incompatible":
+        options["compatible"] = "another-board"
+    if case == "downgrade":
+        options["security_version"] = 1
+    if case == "expired":
+        options["expires"] = datetime.now(UTC) - timedelta(hours=1)
+    if case == "wrong_device":
+        options["device"] = "dev2"
+    out = tmp_path / "b.otb"
+    build_bundle(image, out, key=key, version="2.0", **{"compatible": "qemu-x86_64", **options})
+    data = bytearray(out.read_bytes())
+    if case == "tampered_manifest":
+        data[60] ^= 0x01  # inside the signed manifest
+    if case == "tampered_payload":
+        data[len(data) // 2] ^= 0x40
+    if case == "truncated":
+        del data[-1000:]
+    return bytes(data)
+
+
+CASES = {
+    "tampered_manifest": {"bundle_bad_signature", "bundle_malformed_manifest"},
+    "tampered_payload": {"bundle_payload_hash_mismatch", "bundle_decompress_failed"},
+    "wrong_key": {"bundle_unknown_key"},
+    "incompatible": {"bundle_incompatible"},
+    "downgrade": {"bundle_downgrade"},
+    "expired": {"bundle_expired"},
+    "wrong_device": {"bundle_wrong_device"},
+    "oversize": {"bundle_oversize"},
+    "truncated": {"bundle_truncated"},
+}
+
+
+async def assert_untouched(dev: Any) -> None:
+    boot = dev.sim.state()
+    assert not boot.slot("B").bootable and boot.next_boot() == "A"
+    assert dev.slot_bytes("A") == dev.factory["A"]
+    assert dev.reboot_requests == 0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_agent_bad_bundle_fails_with_its_code(
+    case: str, cloud: Any, cloud_dir: Any, make_device: Any, blob_server: Any, tmp_path: Path
+) -> None:
+    dev = make_device("dev1")
+    if case == "downgrade":
+        DeviceState(dev.state_dir / "device.json", {"A": "1.0"}, security_version=5).save()
+    await dev.start()
+    url = blob_server.add("bundle", bundle_bytes(cloud_dir, tmp_path, case))
+    await cloud.set_desired("dev1", {"software": {"version": "2.0", "url": url, "jobId": "bad"}})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    assert sw["jobId"] == "bad" and sw["error"]["code"] in CASES[case], sw
+    assert sw["version"] == "1.0" and sw["slot"] == "A"
+    await assert_untouched(dev)
+
+    # Restarting with the same desired state does not retry the job.
+    fetched = blob_server.requests
+    await dev.reboot()
+    await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    assert blob_server.requests == fetched and dev.agent.jobs_started == 0
+
+
+@pytest.mark.parametrize(
+    ("entry", "code"),
+    [
+        ({"version": "2.0", "url": "http://127.0.0.1/b", "jobId": "j"}, "download_insecure_url"),
+        ({"version": "2.0", "url": "ftp://127.0.0.1/b", "jobId": "j"}, "download_insecure_url"),
+        ({"version": 2, "url": "https://127.0.0.1/b", "jobId": "j"}, "desired_invalid"),
+        ({"version": "2.0", "jobId": "j"}, "desired_invalid"),
+        ({"version": "2.0", "url": "https://127.0.0.1/b", "jobId": ""}, "desired_invalid"),
+        ({"version": "2.0", "url": "https://x/b", "jobId": "j", "size": -1}, "desired_invalid"),
+        (
+            {"version": "2.0", "url": "https://x/b", "jobId": "j", "sha256": "xyz"},
+            "desired_invalid",
+        ),
+        ("not an object", "desired_invalid"),
+    ],
+)
+async def test_agent_malformed_desired_entry_fails_without_touching_the_device(
+    entry: Any, code: str, cloud: Any, make_device: Any
+) -> None:
+    dev = make_device("dev1")
+    await dev.start()
+    await cloud.set_desired("dev1", {"software": entry})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    assert sw["error"]["code"] == code and sw["version"] == "1.0"
+    boot = dev.sim.state()
+    assert boot.slot("B").good  # not even marked bad: the job never started
+    assert dev.slot_bytes("A") == dev.factory["A"] and dev.slot_bytes("B") == dev.factory["B"]
+    assert dev.agent is not None and dev.agent.jobs_started == 0
+
+
+async def test_agent_desired_version_differing_from_bundle_fails_before_writing(
+    cloud: Any, cloud_dir: Any, make_device: Any, blob_server: Any, tmp_path: Path
+) -> None:
+    dev = make_device("dev1")
+    await dev.start()
+    url = blob_server.add("bundle", bundle_bytes(cloud_dir, tmp_path, "ok"))
+    await cloud.set_desired("dev1", {"software": {"version": "9.9", "url": url, "jobId": "mix"}})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    assert sw["error"]["code"] == "desired_invalid"
+    await assert_untouched(dev)
+    assert dev.slot_bytes("B") == dev.factory["B"]  # refused before the first byte

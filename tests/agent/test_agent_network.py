@@ -1,0 +1,156 @@
+"""Network faults end to end: cuts, expired URLs, a broker that is down, an agent killed mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from plugins.agent_env import FaultProxy, offer_bundle, store_proxy, wait_reported
+from structlog.testing import capture_logs
+
+from otad.agent.journal import Journal
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_agent_download_cut_at_half_resumes_without_refetching(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    proxy = await store_proxy(cloud).start()
+    dev = make_device("dev1")
+    try:
+        await dev.start()
+        bundle_size = 0
+        with capture_logs() as logs:
+            image, entry = await offer_bundle(
+                cloud, cloud_dir, tmp_path, proxy=proxy, publish=False
+            )
+            bundle_size = (tmp_path / "j1.otb").stat().st_size
+            proxy.cut_after(bundle_size // 2)
+            await cloud.set_desired("dev1", {"software": entry})
+            await dev.wait_reboot_requested()
+    finally:
+        await proxy.close()
+    assert proxy.cuts == 1 and proxy.connections == 2
+    assert proxy.down_bytes < bundle_size * 1.05 + 64 * 1024  # not a byte twice (+ TLS)
+    resumed = [e for e in logs if e["event"] == "download_resumed"]
+    assert len(resumed) == 1 and 0 < resumed[0]["offset"] < bundle_size
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.slot_bytes("A") == dev.factory["A"]
+
+
+async def test_agent_expired_url_is_refreshed_and_resumed(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    proxy = await store_proxy(cloud).start()
+    dev = make_device("dev1")
+    try:
+        await dev.start()
+        image, entry = await offer_bundle(
+            cloud, cloud_dir, tmp_path, proxy=proxy, publish=False, expires_in=1.5
+        )
+        bundle_size = (tmp_path / "j1.otb").stat().st_size
+        proxy.rate = bundle_size / 6  # slow enough that the URL expires on the way
+        proxy.cut_after(bundle_size // 2)  # the resume after the cut meets the expired URL
+        await cloud.set_desired("dev1", {"software": entry})
+        sw = await wait_reported(
+            cloud, "dev1", lambda s: (s.get("error") or {}).get("code") == "download_url_expired"
+        )
+        assert sw["state"] == "downloading" and sw["jobId"] == "j1"
+        proxy.rate = None
+        artifact = entry["url"].split("/v1/artifacts/")[1].split("?")[0]
+        fresh = {**entry, "url": proxy.url(cloud.presign(artifact, "dev1"))}
+        await cloud.set_desired("dev1", {"software": fresh})
+        await dev.wait_reboot_requested()
+    finally:
+        await proxy.close()
+    assert proxy.down_bytes < bundle_size * 1.05 + 64 * 1024
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.agent is not None and dev.agent.jobs_started == 1
+
+
+async def test_agent_broker_down_at_start_reconnects(
+    cloud: Any, broker: Any, make_device: Any
+) -> None:
+    from plugins.cloud_env import free_port
+
+    # The device reaches the broker through a proxy that is not there yet: "broker down".
+    port = free_port()
+    dev = make_device("dev1", config={"broker": {"port": port}})
+    agent = await dev.start()  # recovery needs no broker: the agent becomes ready
+    await asyncio.sleep(1.5)
+    assert agent.session is not None and not agent.session.connected.is_set()
+    proxy = await FaultProxy(broker.host, broker.port).start(port)
+    try:
+        sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle", within=30)
+    finally:
+        await dev.stop()
+        await proxy.close()
+    assert sw["version"] == "1.0" and agent.session.connects == 1
+
+
+async def run_agent_process(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otad",
+        "--log-json",
+        "agent",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def test_agent_killed_mid_download_finishes_the_job_after_restart(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    marker = tmp_path / "rebooted"
+    dev = make_device(
+        "dev1", config={"slots": {"booted": "A"}, "reboot_command": ["touch", str(marker)]}
+    )
+    proxy = await store_proxy(cloud).start()
+    process = await run_agent_process(dev.config_path)
+    try:
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle")
+        image, entry = await offer_bundle(cloud, cloud_dir, tmp_path, proxy=proxy, publish=False)
+        proxy.rate = (tmp_path / "j1.otb").stat().st_size / 8
+        await cloud.set_desired("dev1", {"software": entry})
+        await wait_reported(
+            cloud, "dev1", lambda s: s["state"] == "downloading" and s.get("progress", 0) >= 10
+        )
+        process.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+        record = Journal(dev.state_dir, boot_id="x").load()
+        assert record is not None and record.state.value == "downloading"
+        assert not dev.sim.state().slot("B").bootable
+
+        proxy.rate = None
+        process = await run_agent_process(dev.config_path)
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
+        for _ in range(100):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert marker.exists()
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 20)
+        await proxy.close()
+    assert process.returncode == 0  # SIGTERM: a graceful stop
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.slot_bytes("A") == dev.factory["A"]
+    boot = dev.sim.state()
+    assert boot.slot("B").tries_left == 1 and boot.next_boot() == "B"
+    state = json.loads((dev.state_dir / "journal.json").read_text())
+    assert state["state"] == "rebooting" and state["job_id"] == "j1"
