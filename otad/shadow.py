@@ -28,6 +28,7 @@ Errors are :class:`otad.errors.ShadowError` subclasses whose ``status`` is the w
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -84,6 +85,7 @@ def check_device_id(device_id: str) -> str:
     return device_id
 
 
+@functools.lru_cache(maxsize=64)
 def check_template(template: str) -> str:
     """Return ``template`` if it names ``{device_id}`` as one whole topic level."""
     levels = template.split("/")
@@ -205,7 +207,7 @@ def json_equal(a: JsonValue, b: JsonValue) -> bool:
 
 def compact_json(value: Any) -> str:
     """Compact JSON text (no spaces), the form sizes are measured in."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def encode(value: Any) -> bytes:
@@ -386,7 +388,7 @@ def _decode(payload: bytes, *, allow_empty: bool, limit: int = MAX_REQUEST_BYTES
             "shadow: unsupported document encoding; supported encoding is UTF-8"
         ) from exc
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ShadowBadRequest(f"shadow: payload is not valid JSON: {exc}") from exc
 
@@ -402,6 +404,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.dumps/json.loads with options construct a new encoder/decoder per call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
 
 
 def _client_token(doc: Mapping[str, Any]) -> str | None:
@@ -526,13 +533,31 @@ class ShadowDocument:
     version: int
     timestamp: int
 
-    @property
+    # The JSON texts are cached: the replica encodes a document once and reuses the text for
+    # the size check, storage and the ``documents`` message (documents are never mutated).
+    @functools.cached_property
     def delta(self) -> JsonObject:
         return compute_delta(self.desired, self.reported)
 
+    @functools.cached_property
+    def state_json(self) -> str:
+        return compact_json(self.state())
+
+    @functools.cached_property
+    def metadata_json(self) -> str:
+        return compact_json(self.metadata())
+
+    @functools.cached_property
+    def snapshot_json(self) -> str:
+        """``{"state": .., "metadata": .., "version": N}`` as in the ``documents`` message."""
+        return (
+            f'{{"state":{self.state_json},"metadata":{self.metadata_json},'
+            f'"version":{self.version}}}'
+        )
+
     def state_size(self) -> int:
-        """Bytes of compact JSON of desired + reported, the quantity the 8 KiB limit bounds."""
-        return len(encode({"desired": self.desired, "reported": self.reported}))
+        """Bytes of compact JSON of the state (desired + reported), bounded by 8 KiB."""
+        return len(self.state_json.encode("utf-8"))
 
     def state(self) -> JsonObject:
         out: JsonObject = {}
@@ -552,14 +577,7 @@ class ShadowDocument:
 
     def to_storage(self) -> str:
         """The JSON text a store keeps (round-trips through :meth:`from_storage`)."""
-        return compact_json(
-            {
-                "state": self.state(),
-                "metadata": self.metadata(),
-                "version": self.version,
-                "timestamp": self.timestamp,
-            }
-        )
+        return f'{self.snapshot_json[:-1]},"timestamp":{self.timestamp}}}'
 
     @classmethod
     def from_storage(cls, text: str) -> ShadowDocument:
@@ -592,7 +610,7 @@ class ShadowDocument:
         }
         return _with_token(out, client_token)
 
-    def _snapshot(self) -> JsonObject:
+    def snapshot(self) -> JsonObject:
         return {"state": self.state(), "metadata": self.metadata(), "version": self.version}
 
 
@@ -607,9 +625,21 @@ class UpdateOutcome:
     """What an accepted update produces: the new document and the messages to publish."""
 
     document: ShadowDocument
+    previous: ShadowDocument | None
     accepted: JsonObject
     documents: JsonObject
     delta: JsonObject | None  # the update/delta message, or None when nothing is to be sent
+
+    def documents_payload(self) -> bytes:
+        """``encode(self.documents)``, built from the documents' cached JSON texts."""
+        parts = []
+        if self.previous is not None:
+            parts.append(f'"previous":{self.previous.snapshot_json}')
+        parts.append(f'"current":{self.document.snapshot_json}')
+        parts.append(f'"timestamp":{self.documents["timestamp"]}')
+        if "clientToken" in self.documents:
+            parts.append(f'"clientToken":{compact_json(self.documents["clientToken"])}')
+        return ("{" + ",".join(parts) + "}").encode("utf-8")
 
 
 def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: int) -> UpdateOutcome:
@@ -657,8 +687,8 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
         },
         token,
     )
-    previous = {} if current is None else {"previous": current._snapshot()}
-    documents = _with_token({**previous, "current": new._snapshot(), "timestamp": now}, token)
+    previous = {} if current is None else {"previous": current.snapshot()}
+    documents = _with_token({**previous, "current": new.snapshot(), "timestamp": now}, token)
     old_delta = current.delta if current is not None else {}
     new_delta = new.delta
     delta_message: JsonObject | None = None
@@ -672,7 +702,7 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
             },
             token,
         )
-    return UpdateOutcome(new, accepted, documents, delta_message)
+    return UpdateOutcome(new, current, accepted, documents, delta_message)
 
 
 def _apply_section(

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import queue
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,11 +71,9 @@ CREATE TABLE IF NOT EXISTS shadows (
     document  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic   TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos     INTEGER NOT NULL,
-    created REAL NOT NULL
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    messages BLOB NOT NULL,   -- the messages of one write, packed (see _pack)
+    created  REAL NOT NULL
 );
 """
 
@@ -85,7 +84,12 @@ MAX_BATCH = 2000
 
 @dataclass(frozen=True)
 class OutboxMessage:
-    """A message that must reach the broker because a write committed."""
+    """A message that must reach the broker because a write committed.
+
+    The messages of one :meth:`Transaction.add_outbox` call share one row and one ``id``; the
+    row is done when its last message is acknowledged (a broker acknowledges the messages of
+    one connection in order).
+    """
 
     topic: str
     payload: bytes
@@ -184,20 +188,42 @@ class SqliteTransaction:
         self._cache[device_id] = document
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
-        now = time.time()
-        out = []
-        for message in messages:
-            try:
-                cur = self.connection.execute(
-                    "INSERT INTO outbox (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
-                    (message.topic, message.payload, message.qos, now),
-                )
-            except sqlite3.Error as exc:
-                raise ShadowInternal(f"db: cannot add to the outbox: {exc}") from exc
-            out.append(
-                OutboxMessage(message.topic, message.payload, message.qos, int(cur.lastrowid or 0))
+        # One row per write, not per message: one INSERT instead of three per shadow update.
+        try:
+            cur = self.connection.execute(
+                "INSERT INTO outbox (messages, created) VALUES (?, ?)",
+                (_pack(messages), time.time()),
             )
-        return out
+        except sqlite3.Error as exc:
+            raise ShadowInternal(f"db: cannot add to the outbox: {exc}") from exc
+        row = int(cur.lastrowid or 0)
+        return [OutboxMessage(m.topic, m.payload, m.qos, row) for m in messages]
+
+
+def _pack(messages: Sequence[OutboxMessage]) -> bytes:
+    out = bytearray()
+    for m in messages:
+        topic = m.topic.encode("utf-8")
+        out += struct.pack(">BHI", m.qos, len(topic), len(m.payload)) + topic + m.payload
+    return bytes(out)
+
+
+def _unpack(row_id: int, blob: bytes) -> list[OutboxMessage]:
+    out, pos = [], 0
+    try:
+        while pos < len(blob):
+            qos, topic_len, payload_len = struct.unpack_from(">BHI", blob, pos)
+            pos += 7
+            topic = blob[pos : pos + topic_len].decode("utf-8")
+            pos += topic_len
+            payload = bytes(blob[pos : pos + payload_len])
+            pos += payload_len
+            if pos > len(blob):
+                raise ValueError("truncated")
+            out.append(OutboxMessage(topic, payload, qos, row_id))
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ShadowInternal(f"db: outbox row {row_id} is corrupt: {exc}") from exc
+    return out
 
 
 @dataclass
@@ -279,14 +305,9 @@ class SqliteStore:
 
     async def outbox_pending(self) -> list[OutboxMessage]:
         def pending(txn: Transaction) -> list[OutboxMessage]:
-            rows = (
-                cast(SqliteTransaction, txn)
-                .connection.execute("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
-                .fetchall()
-            )
-            return [
-                OutboxMessage(topic, bytes(payload), qos, id_) for id_, topic, payload, qos in rows
-            ]
+            conn = cast(SqliteTransaction, txn).connection
+            rows = conn.execute("SELECT id, messages FROM outbox ORDER BY id").fetchall()
+            return [m for row_id, blob in rows for m in _unpack(row_id, bytes(blob))]
 
         return await self.transact(pending)
 

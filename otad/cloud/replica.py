@@ -38,6 +38,7 @@ echoes its clientToken.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 import time
@@ -132,13 +133,22 @@ def process_request(
         return [_Outgoing(topics.rejected(kind), shadow.encode(body))], "rejected"
     messages = [
         OutboxMessage(topics.update_accepted, shadow.encode(outcome.accepted)),
-        OutboxMessage(topics.update_documents, shadow.encode(outcome.documents)),
+        OutboxMessage(topics.update_documents, outcome.documents_payload()),
     ]
     if outcome.delta is not None:
         messages.append(OutboxMessage(topics.update_delta, shadow.encode(outcome.delta)))
     txn.save(device_id, outcome.document)
     stored = txn.add_outbox(messages)
-    return [_Outgoing(m.topic, m.payload, m.id) for m in stored], "accepted"
+    return _outgoing(stored), "accepted"
+
+
+def _outgoing(stored: Sequence[OutboxMessage]) -> list[_Outgoing]:
+    """Outbox messages to publish; each row is done when its last message is acknowledged."""
+    out = []
+    for i, m in enumerate(stored):
+        last_of_row = i + 1 == len(stored) or stored[i + 1].id != m.id
+        out.append(_Outgoing(m.topic, m.payload, m.id if last_of_row else 0))
+    return out
 
 
 def _process_batch(
@@ -174,24 +184,38 @@ def _rejection(
 
 
 class _Wire:
-    """Fast receive/publish on an aiomqtt client's paho core (see the module docstring)."""
+    """Fast receive/publish on an aiomqtt client's paho core (see the module docstring).
+
+    Publishing keeps at most ``window`` QoS 1 messages unacknowledged in paho and queues the
+    rest here: paho scans every queued outgoing message on each PUBACK (``_update_inflight``),
+    so handing it thousands at once makes publishing quadratic.
+    """
 
     def __init__(
         self,
         client: aiomqtt.Client,
         on_messages: Callable[[list[_Request]], None],
         on_acked: Callable[[list[int]], None],
+        window: int,
+        stats: ReplicaStats,
     ) -> None:
         self._paho: paho.Client = client._client
         self._loop = asyncio.get_running_loop()
         self._inbox: list[_Request] = []
         self._acked: list[int] = []
-        self._unacked: dict[int, int] = {}  # mid -> outbox id
+        self._unacked: dict[int, int] = {}  # mid -> outbox id (0: not in the outbox)
+        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._window = window
         self._on_messages = on_messages
         self._on_acked = on_acked
         self._aiomqtt_on_publish: Any = self._paho.on_publish
         self._paho.on_message = self._message
         self._paho.on_publish = self._published
+        self._stats = stats
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + len(self._unacked)
 
     def _message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
         if not self._inbox:
@@ -205,29 +229,37 @@ class _Wire:
     def _published(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         if self._aiomqtt_on_publish is not None:
             self._aiomqtt_on_publish(client, userdata, mid, rc, props)
-        outbox_id = self._unacked.pop(mid, 0)
+        outbox_id = self._unacked.pop(mid, None)
+        if outbox_id is None:
+            return  # not ours (aiomqtt's own publish)
+        self._stats.published += 1
         if outbox_id:
             if not self._acked:
                 self._loop.call_soon(self._flush_acked)
             self._acked.append(outbox_id)
+        self._pump()
 
     def _flush_acked(self) -> None:
         batch, self._acked = self._acked, []
         self._on_acked(batch)
 
-    def publish(self, messages: Sequence[_Outgoing]) -> int:
-        """Queue messages at QoS 1 without waiting; return how many were queued."""
-        sent = 0
-        for message in messages:
+    def publish(self, messages: Sequence[_Outgoing]) -> None:
+        """Queue messages for QoS 1 publishing in order; never waits."""
+        self._queue.extend(messages)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and len(self._unacked) < self._window:
+            message = self._queue[0]
             info = self._paho.publish(message.topic, message.payload, qos=1)
             if info.rc != paho.MQTT_ERR_SUCCESS:
-                # Not connected: outbox rows stay and are published again on reconnect.
-                log.warning("publish_failed", topic=message.topic, rc=info.rc)
-                continue
-            sent += 1
-            if message.outbox_id:
-                self._unacked[info.mid] = message.outbox_id
-        return sent
+                # Not connected: the outbox keeps what matters; the session ends and the next
+                # one publishes the outbox again.
+                log.warning("publish_failed", topic=message.topic, rc=int(info.rc))
+                self._queue.clear()
+                return
+            self._queue.popleft()
+            self._unacked[info.mid] = message.outbox_id
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -248,7 +280,7 @@ class Replica:
         template: str = shadow.DEFAULT_TEMPLATE,
         share_group: str | None = SHARE_GROUP,
         max_pending: int = 20_000,
-        max_inflight: int = 1000,
+        window: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -256,7 +288,7 @@ class Replica:
         self.template = shadow.check_template(template)
         self.filters = shadow.request_filters(template, share_group)
         self.max_pending = max_pending
-        self.max_inflight = max_inflight
+        self.window = window
         self.clock = clock
         self.ready = asyncio.Event()
         self.stats = ReplicaStats()
@@ -283,14 +315,18 @@ class Replica:
             self.broker.host,
             self.broker.port,
             identifier=self.broker.identifier,
-            protocol=aiomqtt.ProtocolVersion.V5,
+            # MQTT 3.1.1: Mosquitto shares subscriptions for it too, and paho builds a
+            # Properties object for every v5 packet, which measured as a large part of the
+            # replica's per-message CPU.
+            protocol=aiomqtt.ProtocolVersion.V311,
             tls_context=self.broker.tls_context,
             keepalive=self.broker.keepalive,
-            max_inflight_messages=self.max_inflight,
+            # Our _Wire keeps the window; paho's own limit must not be the smaller one.
+            max_inflight_messages=self.window + 16,
             timeout=30,
         )
         async with client:
-            self._wire = _Wire(client, self._received, self._acked)
+            self._wire = _Wire(client, self._received, self._acked, self.window, self.stats)
             try:
                 await self._republish_outbox()
                 for flt in self.filters:
@@ -320,15 +356,17 @@ class Replica:
         deadline = time.monotonic() + 5.0
         while self._tasks and time.monotonic() < deadline:
             await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic())
-        await asyncio.sleep(0)
+        # Then the PUBACKs, so the outbox is empty after a clean stop.
+        while self._wire is not None and self._wire.backlog and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _republish_outbox(self) -> None:
         pending = await self.store.outbox_pending()
         if not pending or self._wire is None:
             return
-        sent = self._wire.publish([_Outgoing(m.topic, m.payload, m.id) for m in pending])
-        self.stats.republished += sent
-        log.info("outbox_republished", messages=sent)
+        self._wire.publish(_outgoing(pending))
+        self.stats.republished += len(pending)
+        log.info("outbox_republished", messages=len(pending))
 
     # --- hot path callbacks (event loop thread) ----------------------------------------------
 
@@ -390,7 +428,7 @@ class Replica:
             elif outcome == "get":
                 self.stats.gets += 1
         if self._wire is not None:
-            self.stats.published += self._wire.publish(outgoing)
+            self._wire.publish(outgoing)
 
     def _throttle(self, requests: list[_Request]) -> None:
         now = int(self.clock())
@@ -403,7 +441,7 @@ class Replica:
             )
             outgoing.extend(_rejection(self.template, r.topic, error, now)[0])
         if self._wire is not None:
-            self.stats.published += self._wire.publish(outgoing)
+            self._wire.publish(outgoing)
 
     def _acked(self, outbox_ids: list[int]) -> None:
         self.store.outbox_done(outbox_ids)

@@ -1,0 +1,293 @@
+"""Durable shadow updates per second through the real broker, next to a bare echo loop.
+
+Setup (all on loopback, in a temporary directory): ``init_cloud`` makes a cloud dir with
+``--devices`` device identities; the system mosquitto runs with its generated config (TLS,
+client certificates, ACL). Each rep runs, for each mode:
+
+* ``replica``: ``otad shadow serve`` as its own process with a fresh SQLite database: parse,
+  merge, fsync'd group commit with outbox, then publish accepted + documents (+ delta).
+* ``echo``: a bare aiomqtt loop in its own process, the same identity and topics: receive an
+  update, ``await client.publish`` it back on ``.../update/accepted``. No parsing, no storage.
+
+Load: one ``mosquitto_pub -l`` per device (QoS 1, the device's own certificate) sends
+``--per-device`` reported updates as fast as the broker takes them; one ``mosquitto_sub`` with
+the fleet identity counts ``state/+/update/accepted`` (QoS 1) and exits at the expected count.
+The rate is updates / (last accepted - first publish). The load tools are C programs so the
+Python under test gets most of the 2 cores. For the replica, every stored version is checked
+after the run: the count of accepted messages must equal the sum of the stored versions.
+
+    .venv/bin/python benchmarks/replica_throughput.py --devices 20 --per-device 1000 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import contextlib
+
+from otad.cloud.broker import mosquitto_path, wait_port  # noqa: E402
+from otad.cloud.pki import CloudDir, Identity, init_cloud, write_broker_files  # noqa: E402
+
+# The replica subscribes to every device's requests: mosquitto's default queue of 1000 messages
+# per client drops a burst (logged as "Outgoing messages are being dropped"), and its default
+# window of 20 QoS 1 messages in flight throttles the replica. Appended to the generated config
+# unless --no-broker-tuning (the default config then loses messages under this load).
+BROKER_TUNING = ["max_queued_messages 200000", "max_inflight_messages 100"]
+
+
+def start_broker(cloud: CloudDir, work: Path, tuning: list[str]) -> subprocess.Popen[bytes]:
+    config = cloud.config()
+    write_broker_files(cloud, config)
+    conf = work / "mosquitto-bench.conf"
+    conf.write_text(cloud.mosquitto_conf.read_text() + "\n".join(["", *tuning, ""]))
+    log = (work / "mosquitto.log").open("ab")
+    proc = subprocess.Popen(
+        [mosquitto_path(config), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+    )
+    if not wait_port(config.broker_host, config.broker_port, 10):
+        proc.kill()
+        raise SystemExit(f"mosquitto did not start; see {work / 'mosquitto.log'}")
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tls_args(cloud: CloudDir, ident: Identity) -> list[str]:
+    return ["--cafile", str(cloud.ca_cert), "--cert", str(ident.cert), "--key", str(ident.key)]
+
+
+def update_lines(device: str, count: int) -> str:
+    lines = []
+    for i in range(count):
+        doc = {
+            "state": {
+                "reported": {
+                    "software": {
+                        "version": "1.0",
+                        "slot": "A",
+                        "state": "downloading",
+                        "progress": i % 101,
+                        "jobId": "j-bench",
+                    },
+                    "seq": i,
+                }
+            },
+            "clientToken": f"{device}-{i}",
+        }
+        lines.append(json.dumps(doc, separators=(",", ":")))
+    return "\n".join(lines) + "\n"
+
+
+# --- the bare echo loop (runs as its own process) ----------------------------------------------
+
+
+async def echo_worker(cloud_dir: str) -> None:
+    import aiomqtt
+
+    cloud = CloudDir(cloud_dir)
+    config = cloud.config()
+    client = aiomqtt.Client(
+        config.broker_host,
+        config.broker_port,
+        tls_context=cloud.client_context(cloud.service("replica")),
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=30,
+    )
+    async with client:
+        await client.subscribe("state/+/update", qos=1)
+        print("ready", flush=True)
+        async for message in client.messages:
+            await client.publish(f"{message.topic}/accepted", message.payload, qos=1)
+
+
+# --- the harness -------------------------------------------------------------------------------
+
+
+def start_worker(mode: str, cloud: CloudDir, db: Path, log: Path) -> subprocess.Popen[bytes]:
+    if mode == "echo":
+        cmd = [sys.executable, __file__, "--echo-worker", str(cloud.root)]
+        marker = b"ready"
+    else:
+        cmd = [sys.executable, "-m", "otad", "shadow", "serve", str(cloud.root), "--db", str(db)]
+        if os.environ.get("OTAD_BENCH_PROFILE"):  # cProfile the replica (developer aid)
+            cmd[1:1] = ["-m", "cProfile", "-o", str(log.with_suffix(".prof"))]
+        marker = b"replica_serving"
+    out = log.open("wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, cwd=REPO)
+    # Wait for the ready line (echo: stdout) or log event (replica: stderr), 20 s at most.
+    deadline = time.monotonic() + 20
+    if mode == "echo":
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if marker not in line:
+            raise SystemExit(f"echo worker did not start: {line!r}")
+    else:
+        while marker not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"replica did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_once(
+    mode: str, cloud: CloudDir, devices: list[str], per_device: int, work: Path, rep: int
+) -> dict[str, float]:
+    config = cloud.config()
+    host, port = config.broker_host, str(config.broker_port)
+    db = work / f"{mode}-{rep}.db"
+    worker = start_worker(mode, cloud, db, work / f"{mode}-{rep}.log")
+    total = len(devices) * per_device
+    try:
+        sub = subprocess.Popen(
+            [
+                "mosquitto_sub",
+                "-h",
+                host,
+                "-p",
+                port,
+                *tls_args(cloud, cloud.service("fleet")),
+                "-q",
+                "1",
+                "-t",
+                "state/+/update/accepted",
+                "-C",
+                str(total),
+                "-F",
+                "%t",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)  # the subscription is in place (no ready signal from mosquitto_sub)
+        if sub.poll() is not None:
+            raise SystemExit(f"mosquitto_sub failed: {sub.stderr.read() if sub.stderr else ''}")
+        t0 = time.monotonic()
+        pubs = []
+        for device in devices:
+            pubs.append(
+                subprocess.Popen(
+                    [
+                        "mosquitto_pub",
+                        "-h",
+                        host,
+                        "-p",
+                        port,
+                        *tls_args(cloud, cloud.device(device)),
+                        "-q",
+                        "1",
+                        "-t",
+                        f"state/{device}/update",
+                        "-l",
+                    ],
+                    stdin=(work / f"{device}.lines").open("rb"),
+                    stderr=subprocess.PIPE,
+                )
+            )
+        try:
+            sub.wait(timeout=max(60, total / 500))
+        except subprocess.TimeoutExpired:
+            sub.kill()
+            raise SystemExit(f"{mode}: not every accepted arrived within the time limit") from None
+        t1 = time.monotonic()
+        for pub in pubs:
+            pub.wait(30)
+    finally:
+        stop_worker(worker)
+    result = {"rate": total / (t1 - t0), "seconds": t1 - t0}
+    if mode == "replica":
+        with sqlite3.connect(db) as conn:
+            stored = conn.execute("SELECT COALESCE(SUM(version), 0) FROM shadows").fetchone()[0]
+            outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        if stored != total:
+            raise SystemExit(f"replica stored {stored} versions, expected {total}")
+        result["outbox_left"] = outbox
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--per-device", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--modes", default="echo,replica")
+    parser.add_argument(
+        "--no-broker-tuning",
+        action="store_true",
+        help="run mosquitto with the generated config exactly",
+    )
+    parser.add_argument("--echo-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_worker:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(echo_worker(args.echo_worker))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="otad-replica-bench-"))
+    devices = [f"bench{i}" for i in range(args.devices)]
+    cloud = init_cloud(work / "cloud", devices, broker_port=free_port(), store_port=free_port())
+    for device in devices:
+        (work / f"{device}.lines").write_text(update_lines(device, args.per_device))
+    tuning = [] if args.no_broker_tuning else BROKER_TUNING
+    broker = start_broker(cloud, work, tuning)
+    results: dict[str, list[dict[str, float]]] = {}
+    try:
+        for rep in range(args.reps):
+            for mode in args.modes.split(","):
+                r = run_once(mode, cloud, devices, args.per_device, work, rep)
+                results.setdefault(mode, []).append(r)
+                print(
+                    f"rep {rep} {mode:8s} {r['rate']:9.0f} updates/s  ({r['seconds']:.2f} s)",
+                    flush=True,
+                )
+    finally:
+        broker.terminate()
+        broker.wait(15)
+    total = args.devices * args.per_device
+    print(
+        f"\n{args.devices} devices x {args.per_device} updates = {total} per run, "
+        f"{args.reps} reps, cpus={os.cpu_count()}, broker tuning: {tuning or 'none'}"
+    )
+    summary = {}
+    for mode, runs in results.items():
+        rates = sorted(r["rate"] for r in runs)
+        summary[mode] = statistics.median(rates)
+        print(
+            f"{mode:8s} updates/s min/median/max: {rates[0]:.0f} / {statistics.median(rates):.0f}"
+            f" / {rates[-1]:.0f}"
+        )
+    if "echo" in summary and "replica" in summary:
+        print(f"replica / echo (medians): {summary['replica'] / summary['echo']:.2f}x")
+    print(f"work dir (logs, databases): {work}")
+
+
+if __name__ == "__main__":
+    main()
