@@ -62,7 +62,7 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
     if kind == "uboot":
         from otad.agent.bootloader.uboot import UBootBootloader
 
-        return UBootBootloader(config.bootloader.fw_env_config)  # type: ignore[no-any-return]
+        return UBootBootloader(config.bootloader.fw_env_config)
     raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
 
 
