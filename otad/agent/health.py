@@ -1,0 +1,311 @@
+"""Post-reboot health checks: is the slot that just booted fit to be committed?
+
+Checks, all bounded in time, run concurrently (scripts one after the other, in name order):
+
+``system``
+    ``systemctl is-system-running --wait``: the boot must finish as ``running`` (``degraded``
+    means a unit failed, and fails the check). Not under systemd (no ``/run/systemd/system``):
+    reported as *skipped* - visible in the report, never a silent pass - and it does not fail
+    the result, because there is nothing to ask.
+``unit:<name>``
+    each required unit must be ``active`` (``activating`` is polled until the deadline). A
+    required unit on a system without systemd *fails*: a configured check that cannot run is
+    a failure, never a pass.
+``script:<name>``
+    every executable in the health.d directory, run with a timeout (its process group is
+    killed when it expires); exit status 0 passes. Non-executable files are reported as skipped.
+``broker``
+    the agent passes an async callable ``reachable(within_seconds) -> bool``; policy
+    ``required`` fails the check when it returns False or raises, ``ignore`` reports it skipped.
+
+The result (:class:`HealthReport`) has one :class:`CheckResult` per check and a short
+``reason`` for the shadow report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+__layer__ = "adapter"
+
+log = structlog.get_logger(__name__)
+
+SYSTEMD_MARKER = Path("/run/systemd/system")
+BrokerProbe = Callable[[float], Awaitable[bool]]
+_OUTPUT_LIMIT = 200
+_CANNOT_RUN = -1  # _run's status when the program could not be started at all
+
+
+class Outcome(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    outcome: Outcome
+    detail: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "outcome": self.outcome.value,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    checks: tuple[CheckResult, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """No check failed (skipped checks are listed in ``reason``, they do not pass)."""
+        return not any(c.outcome == Outcome.FAILED for c in self.checks)
+
+    @property
+    def reason(self) -> str:
+        failed = [f"{c.name}: {c.detail}" for c in self.checks if c.outcome == Outcome.FAILED]
+        skipped = [c.name for c in self.checks if c.outcome == Outcome.SKIPPED]
+        if failed:
+            return "; ".join(failed)
+        passed = sum(c.outcome == Outcome.PASSED for c in self.checks)
+        text = f"{passed} checks passed"
+        return f"{text}, skipped: {', '.join(skipped)}" if skipped else text
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "reason": self.reason, "checks": [c.to_dict() for c in self.checks]}
+
+
+class HealthSettings(Protocol):
+    """What :meth:`HealthChecker.from_config` reads (the agent's ``[health]`` table)."""
+
+    @property
+    def required_units(self) -> tuple[str, ...]: ...
+    @property
+    def health_d(self) -> Path: ...
+    @property
+    def script_timeout(self) -> float: ...
+    @property
+    def total_timeout(self) -> float: ...
+    @property
+    def check_systemd(self) -> bool: ...
+    @property
+    def broker(self) -> str: ...
+    @property
+    def broker_timeout(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class HealthChecker:
+    """Runs the configured checks; see the module docstring for what each one means."""
+
+    required_units: tuple[str, ...] = ()
+    health_d: Path | None = None
+    script_timeout: float = 30.0
+    total_timeout: float = 120.0
+    check_systemd: bool = True
+    broker: BrokerProbe | None = None
+    broker_policy: str = "required"  # required | ignore
+    broker_timeout: float = 60.0
+    systemctl: str = "systemctl"
+    systemd_marker: Path = SYSTEMD_MARKER
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(
+        cls, config: HealthSettings, *, broker: BrokerProbe | None = None, **overrides: object
+    ) -> HealthChecker:
+        values: dict[str, object] = {
+            "required_units": tuple(config.required_units),
+            "health_d": config.health_d,
+            "script_timeout": config.script_timeout,
+            "total_timeout": config.total_timeout,
+            "check_systemd": config.check_systemd,
+            "broker": broker,
+            "broker_policy": config.broker,
+            "broker_timeout": config.broker_timeout,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def under_systemd(self) -> bool:
+        return self.systemd_marker.is_dir()
+
+    async def run(self) -> HealthReport:
+        """Run every check; never longer than ``total_timeout`` (+ the kill grace period)."""
+        deadline = time.monotonic() + self.total_timeout
+        groups: list[Awaitable[list[CheckResult]]] = [
+            self._system(deadline),
+            self._units(deadline),
+            self._scripts(deadline),
+            self._broker(deadline),
+        ]
+        results = await asyncio.gather(*groups)
+        report = HealthReport(tuple(c for group in results for c in group))
+        log.info(
+            "health_checked",
+            ok=report.ok,
+            reason=report.reason,
+            checks={c.name: c.outcome.value for c in report.checks},
+        )
+        return report
+
+    # --- systemd ---------------------------------------------------------------------------
+
+    async def _system(self, deadline: float) -> list[CheckResult]:
+        if not self.check_systemd:
+            return []
+        start = time.monotonic()
+        if not self.under_systemd:
+            return [CheckResult("system", Outcome.SKIPPED, "not running under systemd")]
+        code, out = await _run(
+            [self.systemctl, "is-system-running", "--wait"], _left(deadline), self.env
+        )
+        took = time.monotonic() - start
+        if code is None:
+            return [CheckResult("system", Outcome.FAILED, "boot did not finish in time", took)]
+        if code == _CANNOT_RUN:
+            return [CheckResult("system", Outcome.FAILED, out, took)]
+        state = out.strip().splitlines()[-1] if out.strip() else f"exit status {code}"
+        if state == "running":
+            return [CheckResult("system", Outcome.PASSED, state, took)]
+        hint = " (a unit failed)" if state == "degraded" else ""
+        return [CheckResult("system", Outcome.FAILED, f"system is {state}{hint}", took)]
+
+    async def _units(self, deadline: float) -> list[CheckResult]:
+        if not self.required_units:
+            return []
+        if not self.under_systemd:
+            return [
+                CheckResult(f"unit:{u}", Outcome.FAILED, "cannot check: not running under systemd")
+                for u in self.required_units
+            ]
+        return list(await asyncio.gather(*(self._unit(u, deadline) for u in self.required_units)))
+
+    async def _unit(self, unit: str, deadline: float) -> CheckResult:
+        start = time.monotonic()
+        state = "unknown"
+        # bounded: each round waits 0.5 s and the deadline ends the loop
+        while True:
+            code, out = await _run([self.systemctl, "is-active", unit], _left(deadline), self.env)
+            if code == _CANNOT_RUN:
+                return CheckResult(f"unit:{unit}", Outcome.FAILED, out, time.monotonic() - start)
+            if code is not None:
+                state = out.strip() or f"exit status {code}"
+            if state == "active":
+                return CheckResult(f"unit:{unit}", Outcome.PASSED, state, time.monotonic() - start)
+            if state not in ("activating", "reloading") or _left(deadline) <= 0.5:
+                return CheckResult(
+                    f"unit:{unit}", Outcome.FAILED, f"unit is {state}", time.monotonic() - start
+                )
+            await asyncio.sleep(0.5)
+
+    # --- health.d ----------------------------------------------------------------------------
+
+    async def _scripts(self, deadline: float) -> list[CheckResult]:
+        if self.health_d is None or not self.health_d.is_dir():
+            return []
+        results: list[CheckResult] = []
+        for path in sorted(self.health_d.iterdir()):
+            name = f"script:{path.name}"
+            if path.name.startswith(".") or path.name.endswith("~") or path.is_dir():
+                continue
+            if not os.access(path, os.X_OK):
+                results.append(CheckResult(name, Outcome.SKIPPED, "not executable"))
+                continue
+            timeout = min(self.script_timeout, _left(deadline))
+            start = time.monotonic()
+            code, out = await _run([str(path)], timeout, self.env)
+            took = time.monotonic() - start
+            if code is None:
+                results.append(
+                    CheckResult(name, Outcome.FAILED, f"timed out after {timeout:.1f}s", took)
+                )
+            elif code == 0:
+                results.append(CheckResult(name, Outcome.PASSED, "exit status 0", took))
+            else:
+                last = out.strip().splitlines()[-1][:_OUTPUT_LIMIT] if out.strip() else ""
+                detail = f"exit status {code}" + (f": {last}" if last else "")
+                results.append(CheckResult(name, Outcome.FAILED, detail, took))
+        return results
+
+    # --- broker ------------------------------------------------------------------------------
+
+    async def _broker(self, deadline: float) -> list[CheckResult]:
+        if self.broker_policy == "ignore":
+            return [CheckResult("broker", Outcome.SKIPPED, "policy: ignore")]
+        if self.broker is None:
+            return [CheckResult("broker", Outcome.FAILED, "no broker probe configured")]
+        within = min(self.broker_timeout, _left(deadline))
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(within + 1.0):
+                reachable = await self.broker(within)
+        except TimeoutError:
+            reachable, why = False, f"no answer within {within:.1f}s"
+        except Exception as exc:  # the probe is the agent's code: its failure is a check failure
+            reachable, why = False, f"probe failed: {exc}"
+        else:
+            why = f"not reachable within {within:.1f}s"
+        took = time.monotonic() - start
+        if reachable:
+            return [CheckResult("broker", Outcome.PASSED, "reachable", took)]
+        return [CheckResult("broker", Outcome.FAILED, why, took)]
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _run(argv: list[str], seconds: float, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """Run ``argv`` for at most ``seconds``; (exit status, output), or (None, "") on timeout.
+
+    The child gets its own process group, killed as a whole when the time is up, so a script's
+    own children cannot outlive the check.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
+    except OSError as exc:
+        return _CANNOT_RUN, f"cannot run {argv[0]}: {exc.strerror or exc}"
+    try:
+        async with asyncio.timeout(seconds):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        _kill_group(proc.pid)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await proc.communicate()
+        return None, ""
+    except asyncio.CancelledError:
+        _kill_group(proc.pid)
+        raise
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,234 @@
+"""Health checks: systemd state, required units, health.d scripts, broker probe.
+
+systemd itself cannot run in the test sandbox: a `systemctl` stand-in script answers from
+files (the approach RAUC's tests take with fake tools on PATH); everything else is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from otad.agent.health import CheckResult, HealthChecker, HealthReport, Outcome
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# stand-in for systemctl: answers from files in $FAKE_SYSTEMD
+case "$1" in
+  is-system-running) cat "$FAKE_SYSTEMD/system"; [ "$(cat "$FAKE_SYSTEMD/system")" = running ] ;;
+  is-active)
+    f="$FAKE_SYSTEMD/unit-$2"
+    if [ -f "$f.activating" ]; then
+      n=$(cat "$f.activating")
+      if [ "$n" -gt 0 ]; then echo $((n-1)) > "$f.activating"; echo activating; exit 3; fi
+    fi
+    if [ -f "$f" ]; then cat "$f"; [ "$(cat "$f")" = active ]; else echo inactive; exit 3; fi ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_systemd(tmp_path: Path) -> Path:
+    root = tmp_path / "systemd"
+    (root / "marker").mkdir(parents=True)
+    ctl = root / "systemctl"
+    ctl.write_text(FAKE_SYSTEMCTL)
+    ctl.chmod(0o755)
+    (root / "system").write_text("running\n")
+    return root
+
+
+def checker(fake: Path, **kw: object) -> HealthChecker:
+    values: dict[str, object] = {
+        "systemctl": str(fake / "systemctl"),
+        "systemd_marker": fake / "marker",
+        "env": {"FAKE_SYSTEMD": str(fake)},
+        "broker_policy": "ignore",
+    }
+    values.update(kw)
+    return HealthChecker(**values)  # type: ignore[arg-type]
+
+
+def script(d: Path, name: str, body: str, mode: int = 0o755) -> None:
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(mode)
+
+
+def outcomes(report: HealthReport) -> dict[str, Outcome]:
+    return {c.name: c.outcome for c in report.checks}
+
+
+async def test_health_all_pass(fake_systemd: Path, tmp_path: Path) -> None:
+    (fake_systemd / "unit-app.service").write_text("active\n")
+    script(tmp_path / "health.d", "10-ok", "exit 0")
+
+    async def reachable(within: float) -> bool:
+        return True
+
+    report = await checker(
+        fake_systemd,
+        required_units=("app.service",),
+        health_d=tmp_path / "health.d",
+        broker=reachable,
+        broker_policy="required",
+    ).run()
+    assert report.ok, report.reason
+    assert outcomes(report) == {
+        "system": Outcome.PASSED,
+        "unit:app.service": Outcome.PASSED,
+        "script:10-ok": Outcome.PASSED,
+        "broker": Outcome.PASSED,
+    }
+    assert report.reason == "4 checks passed"
+
+
+async def test_health_degraded_system_fails(fake_systemd: Path) -> None:
+    (fake_systemd / "system").write_text("degraded\n")
+    report = await checker(fake_systemd).run()
+    assert not report.ok
+    assert "system: system is degraded (a unit failed)" in report.reason
+
+
+async def test_health_inactive_and_failed_units_fail(fake_systemd: Path) -> None:
+    (fake_systemd / "unit-a.service").write_text("failed\n")
+    report = await checker(fake_systemd, required_units=("a.service", "b.service")).run()
+    assert outcomes(report)["unit:a.service"] == Outcome.FAILED
+    assert "unit:a.service: unit is failed" in report.reason
+    assert "unit:b.service: unit is inactive" in report.reason
+
+
+async def test_health_activating_unit_is_polled_until_active(fake_systemd: Path) -> None:
+    (fake_systemd / "unit-slow.service").write_text("active\n")
+    (fake_systemd / "unit-slow.service.activating").write_text("2\n")
+    report = await checker(fake_systemd, required_units=("slow.service",)).run()
+    assert report.ok, report.reason
+
+
+async def test_health_not_under_systemd_skips_system_but_fails_required_units(
+    fake_systemd: Path, tmp_path: Path
+) -> None:
+    report = await checker(
+        fake_systemd, systemd_marker=tmp_path / "absent", required_units=("app.service",)
+    ).run()
+    assert outcomes(report) == {
+        "system": Outcome.SKIPPED,
+        "unit:app.service": Outcome.FAILED,
+        "broker": Outcome.SKIPPED,
+    }
+    assert "cannot check: not running under systemd" in report.reason
+    alone = await checker(fake_systemd, systemd_marker=tmp_path / "absent").run()
+    assert alone.ok and alone.reason == "0 checks passed, skipped: system, broker"
+
+
+async def test_health_scripts_run_in_order_with_status_and_output(
+    tmp_path: Path, fake_systemd: Path
+) -> None:
+    d = tmp_path / "health.d"
+    log = tmp_path / "order"
+    script(d, "20-fail", f"echo 20 >> {log}; echo 'disk check: /data is full'; exit 3")
+    script(d, "10-ok", f'echo 10 >> {log}; [ "$OTAD_SLOT" = B ]')
+    script(d, "30-not-exec", "exit 1", mode=0o644)
+    script(d, ".hidden", "exit 1")
+    report = await checker(
+        fake_systemd, health_d=d, check_systemd=False, env={"OTAD_SLOT": "B"}
+    ).run()
+    assert outcomes(report) == {
+        "script:10-ok": Outcome.PASSED,
+        "script:20-fail": Outcome.FAILED,
+        "script:30-not-exec": Outcome.SKIPPED,
+        "broker": Outcome.SKIPPED,
+    }
+    assert log.read_text().split() == ["10", "20"]
+    assert report.reason == "script:20-fail: exit status 3: disk check: /data is full"
+
+
+async def test_health_hanging_script_is_killed_with_its_children(
+    tmp_path: Path, fake_systemd: Path
+) -> None:
+    d = tmp_path / "health.d"
+    pidfile = tmp_path / "child.pid"
+    script(d, "10-hang", f"sleep 60 & echo $! > {pidfile}; wait")
+    start = time.monotonic()
+    report = await checker(fake_systemd, health_d=d, check_systemd=False, script_timeout=0.5).run()
+    assert time.monotonic() - start < 10
+    assert "script:10-hang: timed out after 0.5s" in report.reason
+    child = int(pidfile.read_text())
+    for _ in range(50):  # bounded wait for the kernel to reap the killed child
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the script's child {child} survived the timeout")
+
+
+async def test_health_broker_probe_outcomes(fake_systemd: Path) -> None:
+    async def no(within: float) -> bool:
+        return False
+
+    async def boom(within: float) -> bool:
+        raise RuntimeError("session gone")
+
+    async def hang(within: float) -> bool:
+        await asyncio.sleep(60)
+        return True
+
+    base = {"check_systemd": False, "broker_policy": "required", "broker_timeout": 0.3}
+    r1 = await checker(fake_systemd, broker=no, **base).run()
+    assert r1.reason == "broker: not reachable within 0.3s"
+    r2 = await checker(fake_systemd, broker=boom, **base).run()
+    assert r2.reason == "broker: probe failed: session gone"
+    start = time.monotonic()
+    r3 = await checker(fake_systemd, broker=hang, **base).run()
+    assert not r3.ok and time.monotonic() - start < 5
+    r4 = await checker(fake_systemd, broker=None, **base).run()
+    assert r4.reason == "broker: no broker probe configured"
+
+
+async def test_health_boot_that_never_finishes_is_bounded(fake_systemd: Path) -> None:
+    slow = fake_systemd / "systemctl"
+    slow.write_text("#!/bin/sh\nsleep 60\n")
+    start = time.monotonic()
+    report = await checker(fake_systemd, total_timeout=0.5).run()
+    assert time.monotonic() - start < 10
+    assert report.reason == "system: boot did not finish in time"
+
+
+async def test_health_missing_systemctl_is_a_failure(fake_systemd: Path, tmp_path: Path) -> None:
+    report = await checker(fake_systemd, systemctl=str(tmp_path / "nope")).run()
+    assert report.reason.startswith("system: cannot run ") and "No such file" in report.reason
+
+
+def test_health_from_config_reads_the_agent_settings(tmp_path: Path) -> None:
+    class Settings:
+        required_units = ("a.service",)
+        health_d = tmp_path
+        script_timeout = 3.0
+        total_timeout = 9.0
+        check_systemd = False
+        broker = "ignore"
+        broker_timeout = 4.0
+
+    c = HealthChecker.from_config(Settings())
+    assert (c.required_units, c.health_d, c.script_timeout, c.total_timeout) == (
+        ("a.service",),
+        tmp_path,
+        3.0,
+        9.0,
+    )
+    assert (c.check_systemd, c.broker_policy, c.broker_timeout) == (False, "ignore", 4.0)
+
+
+def test_health_report_serialises() -> None:
+    r = HealthReport((CheckResult("x", Outcome.FAILED, "why", 0.12345),))
+    assert r.to_dict() == {
+        "ok": False,
+        "reason": "x: why",
+        "checks": [{"name": "x", "outcome": "failed", "detail": "why", "seconds": 0.123}],
+    }
