@@ -33,7 +33,7 @@ def mosquitto_path(config: CloudConfig) -> str:
     """The mosquitto binary: the configured path, else whatever ``mosquitto`` is on PATH."""
     if os.access(config.mosquitto_bin, os.X_OK):
         return config.mosquitto_bin
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
+    found = shutil.which("mosquitto")
     if found is None:
         raise ConfigError(
             f"broker: mosquitto not found at {config.mosquitto_bin} or on PATH "
@@ -90,33 +90,42 @@ class BrokerProcess:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start mosquitto and return once its TLS port accepts connections."""
+        """Start mosquitto; return once it has loaded its config and TLS files and listens."""
         if self.running:
             return
+        if wait_port(self.host, self.port, 0):
+            # Something else listens there: waiting for "the port accepts" would mistake it
+            # for our broker.
+            raise BrokerError(f"broker: {self.host}:{self.port} is already in use")
         write_broker_files(self.cloud, self.config)
         binary = mosquitto_path(self.config)
         self._log = self.log_path.open("ab")
+        offset = self._log.tell()
         self._proc = subprocess.Popen(
             [binary, "-c", str(self.cloud.mosquitto_conf)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        # Mosquitto opens its socket before it loads the TLS files, so an accepting port alone
+        # is not "ready": wait for its "running" line too (written once everything loaded).
         deadline = time.monotonic() + timeout
-        while not wait_port(self.host, self.port, 0.1):
+        while not (self._logged_running(offset) and wait_port(self.host, self.port, 0.1)):
             if self._proc.poll() is not None:
                 code = self._proc.returncode
+                self._proc = None
                 self._close_log()
                 raise BrokerError(
-                    f"broker: mosquitto exited with {code} before listening on "
-                    f"{self.host}:{self.port}; log: {self.log_path}\n{self.log_tail()}"
+                    f"broker: mosquitto exited with {code} before serving on "
+                    f"{self.host}:{self.port}; log {self.log_path}:\n{self.log_tail(2048)}"
                 )
             if time.monotonic() >= deadline:
                 self.stop()
                 raise BrokerError(
-                    f"broker: mosquitto did not listen on {self.host}:{self.port} within "
+                    f"broker: mosquitto did not serve on {self.host}:{self.port} within "
                     f"{timeout} s; log: {self.log_path}"
                 )
+            time.sleep(0.02)
         log.info("broker_started", pid=self._proc.pid, host=self.host, port=self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -149,6 +158,14 @@ class BrokerProcess:
     def restart(self, timeout: float = 10.0) -> None:
         self.stop(timeout)
         self.start(timeout)
+
+    def _logged_running(self, offset: int) -> bool:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return b" running" in f.read()
+        except OSError:
+            return False
 
     def log_tail(self, max_bytes: int = 8192) -> str:
         try:

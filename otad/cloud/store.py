@@ -569,6 +569,7 @@ class ArtifactStore:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
+        peer = peer_common_name(request)  # before the handler: the transport may be gone after
         response: web.StreamResponse
         try:
             response = await handler(request)
@@ -581,7 +582,7 @@ class ArtifactStore:
                 status=response.status,
                 code=exc.code,
                 reason=exc.message,
-                peer=peer_common_name(request),
+                peer=peer,
             )
             return response
         except web.HTTPException as exc:
@@ -591,8 +592,8 @@ class ArtifactStore:
             method=request.method,
             path=request.path,
             status=response.status,
-            bytes=response.content_length,
-            peer=peer_common_name(request),
+            content_length=response.content_length,
+            peer=peer,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
         return response
@@ -729,14 +730,27 @@ class ArtifactStore:
         fd = await asyncio.to_thread(os.open, info.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             await response.prepare(request)
-            await self._send(response, fd, start, stop)
+            sent = await self._send(response, fd, start, stop)
         finally:
             os.close(fd)
+        if sent < stop - start:
+            # The client went away (a device losing its link resumes with Range later).
+            log.info(
+                "download_interrupted",
+                artifact=artifact_id,
+                device=grant.device_id,
+                sent=sent,
+                expected=stop - start,
+            )
+            return response
         await response.write_eof()
         return response
 
-    async def _send(self, response: web.StreamResponse, fd: int, start: int, stop: int) -> None:
-        """Stream [start, stop) of ``fd``; the next chunk is read while this one is sent."""
+    async def _send(self, response: web.StreamResponse, fd: int, start: int, stop: int) -> int:
+        """Stream [start, stop) of ``fd``; the next chunk is read while this one is sent.
+
+        Returns the bytes handed to the transport; fewer than asked when the client is gone.
+        """
         offset = start
         chunk = self.chunk_size
 
@@ -751,13 +765,18 @@ class ArtifactStore:
                 data = await pending
                 if not data:
                     raise StoreError("store: artifact shrank while being sent")
-                offset += len(data)
+                following = offset + len(data)
                 pending = (
-                    asyncio.ensure_future(asyncio.to_thread(read, offset))
-                    if offset < stop
+                    asyncio.ensure_future(asyncio.to_thread(read, following))
+                    if following < stop
                     else None
                 )
-                await response.write(data)
+                try:
+                    await response.write(data)
+                except ConnectionResetError:
+                    return offset - start
+                offset = following
+            return offset - start
         finally:
             if pending is not None:
                 pending.cancel()

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -25,7 +26,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
-from plugins.cloud_env import CloudEnv, make_bundle
+from plugins.cloud_env import CloudEnv, identity, make_bundle
 
 from otad.bundle import Keyring
 from otad.cloud.pki import CloudDir, init_cloud
@@ -467,3 +468,97 @@ def urllib_get(url: str, ctx: ssl.SSLContext, headers: dict[str, str]) -> tuple[
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
+
+
+# --- broken connections --------------------------------------------------------------------------
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``condition`` every 50 ms, at most ``seconds`` long (bounded in count and time)."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def raw_request(cloud: CloudEnv, who: str, head: bytes) -> tuple[Any, Any]:
+    ctx = cloud.cloud_dir.client_context(identity(cloud.cloud_dir, who))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", cloud.store.port, ssl=ctx, server_hostname="127.0.0.1"
+    )
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_store_client_gone_mid_download_is_logged_not_an_error(
+    cloud: CloudEnv, tmp_path: Path
+) -> None:
+    big = make_bundle(cloud.cloud_dir, tmp_path / "big.otab", image_size=24 * 1024 * 1024, seed=9)
+    artifact = await cloud.upload(big)
+    url = urlsplit(cloud.presign(artifact, "dev1", 60))
+    before = open_fds()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            reader, writer = await raw_request(
+                cloud, "dev1", f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            got = 0
+            async with asyncio.timeout(10):
+                while got < 2 * 1024 * 1024:
+                    got += len(await reader.read(65536))
+            writer.transport.abort()
+        await eventually(lambda: sum(e["event"] == "download_interrupted" for e in logs) == 3)
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+    assert open_fds() <= before + 1  # the bundle file descriptors were closed
+    # The store still serves.
+    status, _, body = await fetch(
+        cloud, cloud.presign(artifact, "dev1", 60), headers={"Range": "bytes=0-9"}
+    )
+    assert (status, len(body)) == (206, 10)
+
+
+async def test_store_upload_cut_half_way_leaves_nothing(
+    cloud: CloudEnv, bundle_bytes: bytes
+) -> None:
+    head = (
+        f"POST /v1/artifacts HTTP/1.1\r\nHost: x\r\nContent-Length: {len(bundle_bytes)}\r\n\r\n"
+    ).encode()
+    _, writer = await raw_request(cloud, "fleet", head + bundle_bytes[: len(bundle_bytes) // 2])
+    await asyncio.sleep(0.3)
+    writer.transport.abort()
+    incoming = cloud.config.artifacts_dir / ".incoming"
+    await eventually(lambda: not list(incoming.glob("*")))
+    assert not list(cloud.config.artifacts_dir.glob("*.bundle"))
+
+
+async def test_store_chunked_upload_over_the_limit_is_413(
+    cloud: CloudEnv, bundle_bytes: bytes
+) -> None:
+    cloud.store.config = cloud.store.config.with_overrides(max_upload_bytes=200_000)
+
+    async def body() -> Any:
+        for i in range(0, len(bundle_bytes), 64 * 1024):
+            yield bundle_bytes[i : i + 64 * 1024]
+
+    async with (
+        cloud.http("fleet") as session,
+        session.post(f"{cloud.store_url}/v1/artifacts", data=body()) as resp,
+    ):
+        answer = await resp.json()
+    assert resp.status == 413 and answer["error"]["code"] == "artifact_rejected"
+    assert not list((cloud.config.artifacts_dir / ".incoming").glob("*"))
+
+
+async def test_store_serves_parallel_downloads(cloud: CloudEnv, bundle_bytes: bytes) -> None:
+    artifact = await cloud.upload_bytes(bundle_bytes)
+    devices = ["dev1", "dev2", "dev3", "dev4"]
+    results = await asyncio.gather(
+        *(fetch(cloud, cloud.presign(artifact, d, 60), who=d) for d in devices for _ in range(2))
+    )
+    assert all(status == 200 and body == bundle_bytes for status, _, body in results)

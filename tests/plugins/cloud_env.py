@@ -198,13 +198,17 @@ class CloudEnv:
 
     async def upload(self, bundle: Path, *, who: str = "fleet") -> str:
         """Upload over HTTPS as the fleet identity; returns the artifact id."""
-        async with self.http(who) as session:
-            data = await asyncio.to_thread(bundle.read_bytes)
-            async with session.post(f"{self.store_url}/v1/artifacts", data=data) as resp:
-                body = await resp.json()
-                if resp.status != 201:
-                    raise AssertionError(f"upload refused: {resp.status} {body}")
-                return str(body["id"])
+        return await self.upload_bytes(await asyncio.to_thread(bundle.read_bytes), who=who)
+
+    async def upload_bytes(self, data: bytes, *, who: str = "fleet") -> str:
+        async with (
+            self.http(who) as session,
+            session.post(f"{self.store_url}/v1/artifacts", data=data) as resp,
+        ):
+            body = await resp.json()
+            if resp.status != 201:
+                raise AssertionError(f"upload refused: {resp.status} {body}")
+            return str(body["id"])
 
     async def shadows(self) -> ShadowClient:
         """A connected ShadowClient with the fleet identity (shared within the test)."""
