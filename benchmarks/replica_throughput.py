@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,13 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from otad.cloud.broker import mosquitto_path, wait_port
+from otad.cloud.pki import CloudDir, Identity, init_cloud, write_broker_files
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import contextlib
-
-from otad.cloud.broker import mosquitto_path, wait_port  # noqa: E402
-from otad.cloud.pki import CloudDir, Identity, init_cloud, write_broker_files  # noqa: E402
 
 # The replica subscribes to every device's requests: mosquitto's default queue of 1000 messages
 # per client drops a burst (logged as "Outgoing messages are being dropped"), and its default

@@ -212,10 +212,8 @@ class _Wire:
         self._paho.on_message = self._message
         self._paho.on_publish = self._published
         self._stats = stats
-
-    @property
-    def backlog(self) -> int:
-        return len(self._queue) + len(self._unacked)
+        self.idle = asyncio.Event()  # nothing queued or unacknowledged
+        self.idle.set()
 
     def _message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
         if not self._inbox:
@@ -257,9 +255,14 @@ class _Wire:
                 # one publishes the outbox again.
                 log.warning("publish_failed", topic=message.topic, rc=int(info.rc))
                 self._queue.clear()
-                return
+                self._unacked.clear()
+                break
             self._queue.popleft()
             self._unacked[info.mid] = message.outbox_id
+        if self._queue or self._unacked:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -282,7 +285,12 @@ class Replica:
         max_pending: int = 20_000,
         window: int = 64,
         clock: Callable[[], float] = time.time,
+        fault: Callable[[str], None] | None = None,
     ) -> None:
+        """``fault`` is a fault-injection hook for crash tests, called at named points:
+        ``"received"`` (requests read, nothing stored yet) and ``"committed"`` (durable, nothing
+        published yet). A test's hook SIGKILLs the process there; production passes None.
+        """
         self.store = store
         self.broker = broker
         self.template = shadow.check_template(template)
@@ -290,6 +298,7 @@ class Replica:
         self.max_pending = max_pending
         self.window = window
         self.clock = clock
+        self._fault = fault
         self.ready = asyncio.Event()
         self.stats = ReplicaStats()
         self._pending = 0
@@ -357,8 +366,11 @@ class Replica:
         while self._tasks and time.monotonic() < deadline:
             await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic())
         # Then the PUBACKs, so the outbox is empty after a clean stop.
-        while self._wire is not None and self._wire.backlog and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self._wire is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wire.idle.wait(), max(0.0, deadline - time.monotonic())
+                )
 
     async def _republish_outbox(self) -> None:
         pending = await self.store.outbox_pending()
@@ -378,6 +390,8 @@ class Replica:
             self._throttle(throttled)
         if not requests:
             return
+        if self._fault is not None:
+            self._fault("received")
         self._pending += len(requests)
         now = int(self.clock())
         template = self.template
@@ -418,6 +432,8 @@ class Replica:
             ]
         else:
             results = future.result()
+            if self._fault is not None:
+                self._fault("committed")
         outgoing: list[_Outgoing] = []
         for messages, outcome in results:
             outgoing.extend(messages)

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from replica_helpers import device, running_replica
+from plugins.cloud_env import free_port
+from replica_helpers import device, running_replica, settings
 
+from otad.cloud.broker import BrokerProcess
 from otad.cloud.db import SqliteStore
-from otad.cloud.pki import CloudDir
+from otad.cloud.pki import CloudDir, init_cloud
 from otad.cloud.replica import Replica, ShadowClient
 from otad.errors import ShadowBadRequest, ShadowNotFound, ShadowVersionConflict
 
@@ -162,16 +164,35 @@ async def test_replica_client_validates_before_sending(fleet: ShadowClient) -> N
         await fleet.update("dev1/x", desired={"a": 1})
 
 
-async def test_replica_aws_template_works_with_plain_subscriptions(
-    cloud_dir: CloudDir, broker: Any, tmp_path: Path
-) -> None:
-    # The broker's ACL is written for the cloud dir's template; the replica and fleet identities
-    # may use any topic their ACL allows, so this checks the topic layout end to end with them.
+async def test_replica_aws_template_end_to_end(tmp_path: Path) -> None:
+    """A cloud dir with the AWS layout: its own broker, ACL on $aws/things/<id>/shadow/#."""
     template = "$aws/things/{device_id}/shadow"
-    async with running_replica(
-        cloud_dir, broker, tmp_path / "aws.db", template=template
-    ) as replica:
-        assert replica.filters == ["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+    cloud = init_cloud(
+        tmp_path / "aws",
+        ["thing1"],
+        broker_port=free_port(),
+        store_port=free_port(),
+        topic_template=template,
+    )
+    with BrokerProcess(cloud, log_path=tmp_path / "mosquitto.log") as broker:
+        async with (
+            running_replica(cloud, broker, tmp_path / "aws.db", template=template) as replica,
+            ShadowClient(settings(cloud, broker, "fleet"), template) as fleet,
+            device(cloud, broker, "thing1", template) as dev,
+        ):
+            # $ filters cannot be shared on Mosquitto: the replica subscribes plainly.
+            assert replica.filters == ["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+            await fleet.update_desired("thing1", {"software": SOFTWARE})
+            delta = (await dev.wait_for("update/delta"))[0]
+            assert delta["state"] == {"software": SOFTWARE}
+            ok = await dev.request(
+                "update",
+                {"state": {"reported": {"software": SOFTWARE}}, "clientToken": "aws"},
+                "update/accepted",
+            )
+            assert ok["version"] == 2 and ok["clientToken"] == "aws"
+            got = await dev.request("get", b"", "get/accepted")
+            assert "delta" not in got["state"] and got["version"] == 2
 
 
 async def test_replica_restart_keeps_state(
