@@ -476,6 +476,12 @@ def render_mosquitto_conf(cloud: CloudDir, config: CloudConfig) -> str:
             # Shadow documents are at most 8 KiB; larger packets still reach the replica so it
             # can answer 413, but nothing huge is buffered by the broker.
             "max_packet_size 262144",
+            # The replica and the fleet tool subscribe to every device's topics: the default
+            # queue of 1000 messages per client drops their QoS 1 traffic in a burst, and the
+            # default window of 20 in-flight messages throttles them. Mosquitto 2.0 has no
+            # per-user limits; devices send a few messages a minute, so this costs them nothing.
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
             "",
             f"listener {config.broker_port} {config.broker_host}",
             "protocol mqtt",

@@ -28,7 +28,7 @@ from otad.cloud.db import SqliteStore
 from otad.cloud.pki import CloudDir
 from otad.cloud.replica import BrokerSettings, Replica, ShadowClient
 from otad.cloud.rollout import RolloutService
-from otad.cloud.rollout_mqtt import FleetShadow
+from otad.cloud.rollout_host import rollout_service
 from otad.cloud.store import ArtifactStore
 
 __layer__ = "root"
@@ -74,16 +74,9 @@ class CloudServer:
         )
         self.rollouts: RolloutService | None = None
         if rollouts:
-            fleet_tls = cloud.client_context(cloud.service("fleet"))
-            self.rollouts = RolloutService(
-                rollout_db.store_runner(self.db),
-                lambda: FleetShadow(
-                    host=self.config.broker_host,
-                    port=self.config.broker_port,
-                    tls_context=fleet_tls,
-                    topic_template=self.config.topic_template,
-                ),
-                self.store.signer.presign,
+            # The same SqliteStore: rollout rows ride in the replica writer's group commit.
+            self.rollouts = rollout_service(
+                cloud, self.config, rollout_db.store_runner(self.db), self.store.signer.presign
             )
         self.ready = asyncio.Event()
 

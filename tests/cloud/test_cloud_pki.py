@@ -212,3 +212,19 @@ def test_pki_signing_key_loads_into_the_bundle_keyring(cloud_dir: CloudDir) -> N
 
     keyring = Keyring.load(cloud_dir.keyring_dir)
     assert keyring.key_ids == [key_id_of(load_private_key(cloud_dir.signing_key))]
+
+
+def test_pki_mosquitto_conf_enforces_tls_identity_and_acl(cloud_dir: CloudDir) -> None:
+    lines = set(cloud_dir.mosquitto_conf.read_text().splitlines())
+    config = cloud_dir.config()
+    for expected in [
+        "allow_anonymous false",
+        "require_certificate true",
+        "use_identity_as_username true",
+        f"acl_file {cloud_dir.acl_file}",
+        f"listener {config.broker_port} 127.0.0.1",
+        f"cafile {cloud_dir.ca_cert}",
+        "max_queued_messages 100000",
+        "max_inflight_messages 100",
+    ]:
+        assert expected in lines
