@@ -27,6 +27,7 @@ from integration_files.layerfiles import (
     PARTITIONS_ENV,
     REPO,
     SYSTEMD,
+    WksPart,
     bitbake_assignments,
     default_of,
     parse_env,
@@ -51,6 +52,12 @@ def layer_files(*patterns: str) -> list[Path]:
 
 def partitions() -> dict[str, str]:
     return parse_env(PARTITIONS_ENV.read_text())
+
+
+def named_parts(wks: Path) -> list[WksPart]:
+    """The partitions of a wks file that get a GPT entry (raw copies have none)."""
+    _, parts = parse_wks(wks.read_text())
+    return [p for p in parts if "--no-table" not in p.options]
 
 
 # --- oelint-adv ------------------------------------------------------------------------------
@@ -206,16 +213,16 @@ def test_partitions_file_names_the_four_partitions() -> None:
 
 @pytest.mark.parametrize("wks", WKS_FILES, ids=[p.name for p in WKS_FILES])
 def test_wks_partition_names_equal_partitions_file(wks: Path) -> None:
-    _, parts = parse_wks(wks.read_text())
+    parts = named_parts(wks)
     names = [p.options.get("--part-name") for p in parts]
     assert names == [partitions()[k] for k in ORDER]
 
 
 @pytest.mark.parametrize("wks", WKS_FILES, ids=[p.name for p in WKS_FILES])
 def test_wks_layout_is_a_static_ab_layout(wks: Path) -> None:
-    bootloader, parts = parse_wks(wks.read_text())
+    bootloader, _ = parse_wks(wks.read_text())
     assert bootloader["--ptable"] == "gpt"
-    esp, slot_a, slot_b, data = parts
+    esp, slot_a, slot_b, data = named_parts(wks)
     assert esp.options["--fstype"] == "vfat" and esp.options["--label"] == partitions()[ORDER[0]]
     assert data.options["--label"] == partitions()[ORDER[3]]
     assert slot_a.mountpoint == "/" and slot_b.mountpoint is None
@@ -231,8 +238,7 @@ def test_wks_slot_size_bounds_the_image_rootfs() -> None:
     image_class = bitbake_assignments((LAYER / "classes-recipe" / "otad-image.bbclass").read_text())
     kib = int(default_of(image_class, "OTAD_IMAGE_SLOT_KIB"))
     for wks in WKS_FILES:
-        _, parts = parse_wks(wks.read_text())
-        size = parts[1].options["--fixed-size"]
+        size = named_parts(wks)[1].options["--fixed-size"]
         assert size.endswith("M") and int(size[:-1]) * 1024 == kib, wks.name
 
 
@@ -242,7 +248,7 @@ def test_grub_cfg_slot_defaults_match_the_layout() -> None:
     values = partitions()
     assert re.search(rf"^set otad_part_a={values['OTAD_PART_ROOTFS_A']}$", text, re.M)
     assert re.search(rf"^set otad_part_b={values['OTAD_PART_ROOTFS_B']}$", text, re.M)
-    _, parts = parse_wks((LAYER / "wic" / "otad-ab-grub-efi.wks").read_text())
+    parts = named_parts(LAYER / "wic" / "otad-ab-grub-efi.wks")
     position = {p.options["--part-name"]: i + 1 for i, p in enumerate(parts)}
     assert re.search(
         rf"^set otad_dev_a=hd0,gpt{position[values['OTAD_PART_ROOTFS_A']]}$", text, re.M
@@ -283,6 +289,7 @@ def test_wks_grub_cfg_is_the_repository_file() -> None:
     ("bbappend", "directory", "filename"),
     [
         ("recipes-bsp/grub/grub-bootconf_%.bbappend", "boot/grub", "grub.cfg"),
+        ("recipes-bsp/u-boot/u-boot_%.bbappend", "boot/u-boot", "fw_env.config"),
     ],
 )
 def test_bbappends_fetch_the_repository_boot_files(
