@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from integration_files.layerfiles import LAYER, REPO, bitbake_assignments, parse_wks
+from integration_files.layerfiles import LAYER, REPO, bitbake_assignments, parse_env, parse_wks
 from otad.agent.bootloader.uboot import UBootBootloader, parse_fw_env_config
 
 RECIPE = LAYER / "recipes-bsp" / "otad-uboot" / "otad-uboot_1.0.bb"
@@ -101,3 +101,16 @@ def test_uboot_wks_keeps_the_env_below_the_first_partition() -> None:
     first = next(p for p in parts if "--no-table" not in p.options)
     start = int(first.options["--align"]) * 1024
     assert max(loc.offset + loc.size for loc in locations) <= start
+
+
+def test_uboot_boot_script_defaults_match_the_layout() -> None:
+    """boot.cmd's GPT names and partition numbers agree with the wks and the names file."""
+    text = (REPO / "boot" / "u-boot" / "boot.cmd").read_text()
+    names = parse_env((LAYER / "wic" / "otad-partitions.env").read_text())
+    _, parts = parse_wks(WKS.read_text())
+    named = [p for p in parts if "--no-table" not in p.options]
+    number = {p.options["--part-name"]: i + 1 for i, p in enumerate(named)}
+    for slot, key in (("a", "OTAD_PART_ROOTFS_A"), ("b", "OTAD_PART_ROOTFS_B")):
+        label = names[key]
+        assert f"setenv otad_label_{slot} {label}\n" in text
+        assert f"setenv otad_part_{slot} {number[label]}\n" in text
