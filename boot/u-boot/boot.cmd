@@ -79,7 +79,7 @@ if test -n "${otad_slot}"; then
         saveenv
     fi
 else
-    echo "otad: no bootable slot in BOOT_ORDER='${BOOT_ORDER}': rescue boot of slot A"
+    echo "otad: no bootable slot in BOOT_ORDER=[${BOOT_ORDER}]: rescue boot of slot A"
     setenv otad_slot A
     setenv otad_rescue otad.rescue=1
 fi
