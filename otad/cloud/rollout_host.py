@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -56,7 +57,13 @@ def rollout_service(
 class LocalCloud:
     """Replica + store + rollout service as tasks of the running loop (``async with``)."""
 
-    def __init__(self, cloud: CloudDir, config: CloudConfig | None = None) -> None:
+    def __init__(
+        self,
+        cloud: CloudDir,
+        config: CloudConfig | None = None,
+        *,
+        wrap_presign: Callable[[Presigner], Presigner] | None = None,
+    ) -> None:
         self.cloud = cloud
         self.config = config or cloud.config()
         self.db = SqliteStore(self.config.db_path)
@@ -75,9 +82,11 @@ class LocalCloud:
             ),
             template=self.config.topic_template,
         )
-        self.rollouts = rollout_service(
-            cloud, self.config, store_runner(self.db), self.store.signer.presign
-        )
+        # wrap_presign: tests hand out URLs that are already expired, to see them replaced.
+        presign: Presigner = self.store.signer.presign
+        if wrap_presign is not None:
+            presign = wrap_presign(presign)
+        self.rollouts = rollout_service(cloud, self.config, store_runner(self.db), presign)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 

@@ -209,6 +209,8 @@ class FleetShadow:
             merged = dict(software)
         else:
             merged = merge_state(self._software.get(device_id, {}), software)
+        if self._software.get(device_id) == merged:
+            return  # the same state twice (documents + accepted of one update)
         self._software[device_id] = merged
         self._reports.put_nowait(Report(device_id, merged))
 

@@ -452,7 +452,32 @@ def apply_report(
         if moving is not None:
             if record.state in DONE and record.state != DeviceState.TIMED_OUT:
                 return record, ()
-            return replace(record, state=moving, progress=progress), ()
+            if error_code == EXPIRED_URL_CODE:
+                # The agent keeps the job and waits for the same jobId with a new URL. The
+                # record's error marks "a fresh URL was sent for this expiry", so the same
+                # report seen twice (documents + accepted, a re-sent report) refreshes once.
+                if record.error_code == EXPIRED_URL_CODE:
+                    return record, ()
+                if record.url_refreshes >= MAX_URL_REFRESHES:
+                    return _finish(
+                        record,
+                        DeviceState.FAILED,
+                        now,
+                        EXPIRED_URL_CODE,
+                        f"the download URL expired {record.url_refreshes + 1} times",
+                    ), ()
+                fresh = replace(
+                    record,
+                    state=moving,
+                    progress=progress,
+                    url_refreshes=record.url_refreshes + 1,
+                    error_code=EXPIRED_URL_CODE,
+                    error_message="the download URL expired; a fresh one was sent",
+                )
+                return fresh, (SetDesired(record.device_id, record.job_id or rollout.id),)
+            return replace(
+                record, state=moving, progress=progress, error_code=None, error_message=None
+            ), ()
         if state == "succeeded" or (state == "idle" and version == rollout.version):
             return _finish(record, DeviceState.SUCCEEDED, now, None, None), ()
         if state == "failed":

@@ -596,6 +596,31 @@ def test_apply_report_expired_url_gets_a_fresh_job_until_the_limit() -> None:
     assert devices["dev0"].error_code == rp.EXPIRED_URL_CODE
 
 
+def test_apply_report_expired_url_while_waiting_gets_a_fresh_url_for_the_same_job() -> None:
+    rollout, devices = started()
+    expired = {"code": rp.EXPIRED_URL_CODE, "message": "store said 403 expired"}
+    commands = report(rollout, devices, "dev0", "downloading", progress=30, error=expired)
+    record = devices["dev0"]
+    assert commands == (SetDesired("dev0", "r-1"),)
+    assert (record.state, record.url_refreshes, record.job_id) == (
+        DeviceState.DOWNLOADING,
+        1,
+        "r-1",
+    )
+    # The same report again (documents and accepted both carry it): no second URL.
+    assert report(rollout, devices, "dev0", "downloading", progress=30, error=expired) == ()
+    # The agent took the new URL: the marker clears, a later expiry refreshes again.
+    report(rollout, devices, "dev0", "downloading", progress=60)
+    assert devices["dev0"].error_code is None
+    for attempt in range(2, rp.MAX_URL_REFRESHES + 1):
+        assert report(rollout, devices, "dev0", "downloading", error=expired) != ()
+        assert devices["dev0"].url_refreshes == attempt
+        report(rollout, devices, "dev0", "downloading", progress=70)
+    assert report(rollout, devices, "dev0", "downloading", error=expired) == ()
+    assert devices["dev0"].state == DeviceState.FAILED
+    assert devices["dev0"].error_code == rp.EXPIRED_URL_CODE
+
+
 def test_apply_report_late_success_after_a_timeout_is_recorded() -> None:
     rollout, devices = started(state=DeviceState.TIMED_OUT, error_code=rp.TIMEOUT_CODE)
     report(rollout, devices, "dev0", "verifying")

@@ -1,0 +1,373 @@
+"""Rollouts end to end: real Mosquitto (TLS + ACL), replica, HTTPS store, rollout service and
+simulated devices running the real agent. Each test has its own cloud dir and broker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plugins.cloud_env import free_port
+
+from otad.bundle import build_bundle, load_private_key
+from otad.cli.fleet import create_rollout, make_fleet, request_action
+from otad.cloud import rollout_db as db
+from otad.cloud import rollout_plan as plan
+from otad.cloud.broker import BrokerProcess
+from otad.cloud.pki import CloudDir, init_cloud
+from otad.cloud.rollout import Presigner
+from otad.cloud.rollout_host import LocalCloud
+from otad.cloud.rollout_plan import DeviceState, RolloutState
+from otad.fleet.simulator import Fleet
+
+pytestmark = pytest.mark.slow
+
+COMPATIBLE = "otad-sim"
+DEVICES = [f"dev-{n}" for n in range(1, 7)]
+WAIT = 60.0
+
+
+@pytest.fixture
+def fleet_cloud(tmp_path: Path) -> Iterator[tuple[CloudDir, BrokerProcess]]:
+    cloud = init_cloud(tmp_path / "cloud", DEVICES, broker_port=free_port(), store_port=free_port())
+    broker = BrokerProcess(cloud, log_path=tmp_path / "mosquitto.log")
+    broker.start()
+    try:
+        yield cloud, broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def bundle(fleet_cloud: tuple[CloudDir, BrokerProcess], tmp_path: Path) -> Path:
+    cloud, _ = fleet_cloud
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(random.Random(5).randbytes(48 * 1024))
+    out = tmp_path / "v2.bundle"
+    build_bundle(
+        image, out, key=load_private_key(cloud.signing_key), version="2.0", compatible=COMPATIBLE
+    )
+    return out
+
+
+def fleet_of(cloud: CloudDir, root: Path, ids: list[str], **faults: Any) -> Fleet:
+    return make_fleet(cloud, ids, root, slot_size=64 * 1024, compatible=COMPATIBLE, **faults)
+
+
+def snapshot(cloud: CloudDir, rollout_id: str) -> tuple[plan.Rollout, dict[str, plan.DeviceRecord]]:
+    store = db.RolloutDB(cloud.config().db_path)
+    try:
+        return store.run(lambda c: (db.load_rollout(c, rollout_id), db.load_devices(c, rollout_id)))
+    finally:
+        store.close()
+
+
+async def wait_for(
+    cloud: CloudDir,
+    rollout_id: str,
+    predicate: Callable[[plan.Rollout, dict[str, plan.DeviceRecord]], bool],
+    within: float = WAIT,
+) -> tuple[plan.Rollout, dict[str, plan.DeviceRecord]]:
+    deadline = time.monotonic() + within
+    while True:
+        rollout, devices = await asyncio.to_thread(snapshot, cloud, rollout_id)
+        if predicate(rollout, devices):
+            return rollout, devices
+        if time.monotonic() > deadline:
+            states = {d: r.state.value for d, r in devices.items()}
+            raise AssertionError(f"timed out: {rollout.state} {rollout.reason!r} {states}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def running(
+    fleet_cloud: tuple[CloudDir, BrokerProcess],
+) -> AsyncIterator[LocalCloud]:
+    cloud, _ = fleet_cloud
+    async with LocalCloud(cloud) as local:
+        yield local
+
+
+def states(devices: dict[str, plan.DeviceRecord]) -> dict[str, str]:
+    return {d: r.state.value for d, r in devices.items()}
+
+
+async def test_rollout_three_waves_complete(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    fleet = fleet_of(cloud, tmp_path / "devices", DEVICES)
+    await fleet.start()
+    try:
+        rollout = create_rollout(
+            cloud.root, str(bundle), devices=",".join(DEVICES), waves="1,3,100%"
+        )
+        assert rollout.waves == (1, 3, 6)
+        rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
+    finally:
+        await fleet.stop()
+    assert rollout.state == RolloutState.COMPLETED, rollout.reason
+    assert set(states(devices).values()) == {"succeeded"}
+    # Waves started in order: every device of a later wave started after the earlier finished.
+    by_wave: dict[int, list[plan.DeviceRecord]] = {}
+    for record in devices.values():
+        by_wave.setdefault(record.wave, []).append(record)
+    for wave in (1, 2):
+        first_start = min(r.started_at or 0 for r in by_wave[wave])
+        last_end = max(r.finished_at or 0 for r in by_wave[wave - 1])
+        assert first_start >= last_end
+    # The fleet view saw every device on the new version, on slot B.
+    store = db.RolloutDB(cloud.config().db_path)
+    seen = store.run(db.seen_devices)
+    store.close()
+    assert {(s.version, s.slot) for d, s in seen.items() if d in DEVICES} == {("2.0", "B")}
+
+
+async def test_rollout_pauses_above_threshold_and_resume_continues(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    ids = DEVICES[:4]
+    # plan_faults spares the first device, so dev-2 (wave 2) fails its health check.
+    fleet = fleet_of(cloud, tmp_path / "devices", ids, fail_health=0.25, spare=1, seed=1)
+    bad = next(iter(fleet.faults.fail_health))
+    ordered = [ids[0], bad, *[d for d in ids[1:] if d != bad]]
+    await fleet.start()
+    try:
+        rollout = create_rollout(
+            cloud.root,
+            str(bundle),
+            devices=",".join(ordered),
+            waves="1,2,100%",
+            max_failure_rate="10%",
+        )
+        rollout, devices = await wait_for(
+            cloud, rollout.id, lambda r, _: r.state != RolloutState.RUNNING
+        )
+        assert rollout.state == RolloutState.PAUSED
+        assert rollout.reason == "wave 2: 1 of 1 devices failed (100% > 10% allowed)"
+        assert devices[bad].state == DeviceState.ROLLED_BACK
+        assert devices[bad].error_code == "health_check_failed"
+        # Paused: nothing of wave 3 was started.
+        assert all(devices[d].state == DeviceState.PENDING for d in ordered[2:])
+
+        result = await asyncio.to_thread(request_action, cloud.root, rollout.id, "resume", 10)
+        assert result == "ok"
+        rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
+    finally:
+        await fleet.stop()
+    assert rollout.state == RolloutState.COMPLETED
+    assert rollout.accepted_waves == frozenset({1})
+    assert [devices[d].state.value for d in ordered] == [
+        "succeeded",
+        "rolled_back",
+        "succeeded",
+        "succeeded",
+    ]
+
+
+async def test_rollout_abort_stops_new_starts_and_withdraws_unstarted(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    online, offline = DEVICES[:2], DEVICES[2]
+    fleet = fleet_of(cloud, tmp_path / "devices", online)
+    await fleet.start()
+    try:
+        rollout = create_rollout(
+            cloud.root,
+            str(bundle),
+            devices=",".join([*online, offline, *DEVICES[3:]]),
+            waves="3,100%",
+        )
+        # The offline device is told but never starts; the online ones finish.
+        rollout, devices = await wait_for(
+            cloud,
+            rollout.id,
+            lambda r, d: all(d[x].state == DeviceState.SUCCEEDED for x in online),
+        )
+        assert devices[offline].state == DeviceState.ASSIGNED
+        assert rollout.current_wave == 0
+        result = await asyncio.to_thread(request_action, cloud.root, rollout.id, "abort", 10)
+        assert result == "ok"
+        rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
+        assert rollout.state == RolloutState.ABORTED
+        assert devices[offline].state == DeviceState.CANCELLED
+        assert {devices[d].state for d in DEVICES[3:]} == {DeviceState.SKIPPED}
+        # The withdrawal reached the replica: the offline device's desired software is gone,
+        # and devices of the never-started wave were never given one.
+        deadline = time.monotonic() + 10
+        while True:
+            doc = await running.db.read(offline)
+            desired = doc.desired if doc else {}
+            if "software" not in desired or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert "software" not in desired
+        never = await running.db.read(DEVICES[3])
+        assert never is None or "software" not in never.desired
+        # A finished rollout refuses further actions.
+        result = await asyncio.to_thread(request_action, cloud.root, rollout.id, "resume", 10)
+        assert result is not None and result.startswith("error:")
+    finally:
+        await fleet.stop()
+
+
+async def test_rollout_continues_after_a_cloud_restart(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    ids = DEVICES[:4]
+    fleet = fleet_of(cloud, tmp_path / "devices", ids)
+    await fleet.start()
+    try:
+        async with LocalCloud(cloud):
+            rollout = create_rollout(cloud.root, str(bundle), devices=",".join(ids), waves="1,100%")
+            await wait_for(cloud, rollout.id, lambda r, _: r.current_wave == 1)
+        # The cloud process is gone mid-rollout; devices keep going on their own.
+        stopped, _ = await asyncio.to_thread(snapshot, cloud, rollout.id)
+        assert stopped.state == RolloutState.RUNNING and stopped.current_wave == 1
+        await asyncio.sleep(1.0)
+        async with LocalCloud(cloud):
+            rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
+    finally:
+        await fleet.stop()
+    assert rollout.state == RolloutState.COMPLETED
+    assert set(states(devices).values()) == {"succeeded"}
+
+
+async def test_rollout_replaces_an_expired_url(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    issued: list[int] = []
+
+    def expire_first(presign: Any) -> Presigner:
+        def wrapped(artifact_id: str, device_id: str, lifetime: int) -> str:
+            issued.append(lifetime)
+            if len(issued) > 1:
+                return str(presign(artifact_id, device_id, lifetime))
+            # The first URL was issued long ago, as if the device had been offline for days.
+            then = time.time() - lifetime - 60
+            return str(presign(artifact_id, device_id, lifetime, now=then))
+
+        return wrapped
+
+    fleet = fleet_of(cloud, tmp_path / "devices", DEVICES[:1])
+    await fleet.start()
+    try:
+        async with LocalCloud(cloud, wrap_presign=expire_first):
+            rollout = create_rollout(cloud.root, str(bundle), devices=DEVICES[0], waves="100%")
+            rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
+    finally:
+        await fleet.stop()
+    record = devices[DEVICES[0]]
+    assert rollout.state == RolloutState.COMPLETED
+    assert record.state == DeviceState.SUCCEEDED
+    assert record.url_refreshes == 1 and record.job_id == rollout.id  # same job, new URL
+    size = await asyncio.to_thread(lambda: bundle.stat().st_size)
+    assert len(issued) == 2 and issued[1] == plan.url_lifetime(size)
+
+
+def test_rollout_cli_refuses_bad_input(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    otad = [sys.executable, "-m", "otad", "fleet"]
+    cases = [
+        (["--devices", "dev-1,nobody"], "no identity"),
+        (["--devices", "dev-1", "--waves", "1,0"], "at least one device"),
+        (["--devices", "dev-1", "--max-failure-rate", "120%"], "between 0% and 100%"),
+        (["--devices", "dev-1", "--wave-timeout", "soon"], "duration"),
+        (["--group", "empty"], "is empty"),
+    ]
+    for extra, message in cases:
+        done = subprocess.run(
+            [*otad, "rollout", str(cloud.root), str(bundle), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, (extra, done.stderr)
+        assert "rollout_error" in done.stderr and message in done.stderr, (extra, done.stderr)
+    done = subprocess.run(
+        [*otad, "rollout", str(cloud.root), "no-such-artifact", "--devices", "dev-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "artifact" in done.stderr
+
+
+def test_fleet_cli_group_status_and_queued_actions(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    otad = [sys.executable, "-m", "otad", "fleet"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*otad, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    out = run("group", str(cloud.root), "canary", "--add", "dev-2,dev-1,dev-2")
+    assert out.returncode == 0 and "group canary (2): dev-1, dev-2" in out.stdout
+    out = run("rollout", str(cloud.root), str(bundle), "--group", "canary", "--waves", "100%")
+    assert out.returncode == 0, out.stderr
+    rollout_id = out.stdout.split()[1].rstrip(":")
+    # No rollout service runs in this test: the rollout waits, actions are queued.
+    out = run("status", str(cloud.root), "--json")
+    assert out.returncode == 0 and f'"id": "{rollout_id}"' in out.stdout
+    assert '"state": "running"' in out.stdout
+    out = run("status", str(cloud.root), rollout_id)
+    assert out.returncode == 0 and rollout_id in out.stdout and "RUNNING" in out.stdout
+    out = run("rollout", str(cloud.root), str(bundle), "--devices", "dev-1")
+    assert out.returncode == 1 and "already in an active rollout" in out.stderr
+    out = run("devices", str(cloud.root), "--json")
+    assert out.returncode == 0 and '"device": "dev-6"' in out.stdout
+    out = run("status", str(cloud.root), "r-nothere")
+    assert out.returncode == 1 and "not found" in out.stderr
+
+
+def test_demo_runs_and_summarizes(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "otad",
+            "demo",
+            "--devices",
+            "5",
+            "--fail-health",
+            "1",
+            "--fail-boot",
+            "1",
+            "--max-failure-rate",
+            "100%",
+            "--no-live",
+            "--dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "completed" in out and "updated to 2.0  3 of 5" in out
+    assert "rolled back     2" in out
+    assert "boot_failed" in out and "health_check_failed" in out
+    assert "mosquitto stopped" in out
+    leftover = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True, check=False
+    )
+    assert leftover.stdout == "", "the demo left a process behind"
