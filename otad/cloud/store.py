@@ -3,6 +3,7 @@
 Endpoints (``docs/cloud.md`` has the full table)::
 
     POST /v1/artifacts           upload a bundle (mTLS, CN in ``store.uploaders``); 201 + id
+    PUT /v1/artifacts/{id}       the same, idempotent, the body must hash to {id}
     GET|HEAD /v1/artifacts/{id}  download; Range/If-Range/ETag; pre-signed query or Bearer token
     POST /v1/credentials         mTLS device -> short-lived Bearer token (optionally one artifact)
     GET /v1/health               liveness, no auth
@@ -74,6 +75,7 @@ CHUNK = 1024 * 1024
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
+_DECIMAL = re.compile(r"^[0-9]{1,12}$")
 _TOKEN_PREFIX = "otad1"  # noqa: S105 - a format tag, not a secret
 
 
@@ -209,11 +211,13 @@ class Signer:
         if len(present) != len(fields):
             raise AuthError("store: pre-signed URL is incomplete")
         device_id, expires_text, signature = (query[name] for name in fields)
-        if not expires_text.isdigit() or len(expires_text) > 12:
+        if not _DECIMAL.fullmatch(expires_text):
             raise AuthError("store: pre-signed URL has a malformed expiry")
+        if not (device_id.isascii() and signature.isascii() and path.isascii()):
+            raise AuthError("store: pre-signed URL signature does not match")
         expires = int(expires_text)
         expected = self._url_mac("GET", path, device_id, expires)
-        if not hmac.compare_digest(expected, signature.lower()):
+        if not hmac.compare_digest(expected.encode(), signature.lower().encode()):
             raise AuthError("store: pre-signed URL signature does not match")
         if (time.time() if now is None else now) >= expires:
             raise AuthExpired("store: pre-signed URL has expired")
@@ -238,7 +242,7 @@ class Signer:
 
     def check_token(self, token: str, *, now: float | None = None) -> Grant:
         parts = token.split(".")
-        if len(parts) != 3 or parts[0] != _TOKEN_PREFIX:
+        if len(parts) != 3 or parts[0] != _TOKEN_PREFIX or not token.isascii():
             raise AuthError("store: bearer token is malformed")
         _, body, mac = parts
         expected = _b64(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest())
@@ -318,6 +322,7 @@ class Upload:
         self._hash = hashlib.sha256()
         self._verifier = StreamVerifier(keyring, VerifyPolicy(), threaded=False)
         self.size = 0
+        self.created = False
 
     def feed(self, chunk: bytes) -> None:
         if self._file is None:
@@ -335,7 +340,8 @@ class Upload:
         except BundleError as exc:
             raise ArtifactRejected(f"store: bundle rejected: {exc}", reason=exc.code) from exc
 
-    def commit(self, uploader: str) -> ArtifactInfo:
+    def commit(self, uploader: str, expected_id: str | None = None) -> ArtifactInfo:
+        """Finish verification and publish; ``expected_id`` (PUT) must equal the content hash."""
         if self._file is None:
             raise StoreError("store: upload already finished")
         try:
@@ -347,6 +353,13 @@ class Upload:
         self._file.close()
         self._file = None
         artifact_id = self._hash.hexdigest()
+        if expected_id is not None and expected_id != artifact_id:
+            raise ArtifactRejected(
+                f"store: the bundle's SHA-256 is {artifact_id}, not the {expected_id} named "
+                "in the URL",
+                reason="artifact_id_mismatch",
+            )
+        self.created = not self._repo.bundle_path(artifact_id).exists()
         meta = {
             "id": artifact_id,
             "size": self.size,
@@ -528,7 +541,14 @@ class ArtifactStore:
         site = web.TCPSite(
             self._runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise StoreError(
+                f"store: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
         addresses = self._runner.addresses
         if addresses:
             self.port = int(addresses[0][1])  # the real port when 0 was asked for
@@ -562,6 +582,7 @@ class ArtifactStore:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024**2)
         app.router.add_post("/v1/artifacts", self.handle_upload)
         app.router.add_get(ARTIFACT_PATH, self.handle_download, allow_head=True)
+        app.router.add_put(ARTIFACT_PATH, self.handle_put)
         app.router.add_post("/v1/credentials", self.handle_credentials)
         app.router.add_get("/v1/health", self.handle_health)
         return app
@@ -672,6 +693,15 @@ class ArtifactStore:
         )
 
     async def handle_upload(self, request: web.Request) -> web.Response:
+        """POST /v1/artifacts: the store names the artifact (its SHA-256)."""
+        return await self._receive(request, None)
+
+    async def handle_put(self, request: web.Request) -> web.Response:
+        """PUT /v1/artifacts/<id>: idempotent; the body must hash to <id>."""
+        expected = check_artifact_id(request.match_info["artifact_id"])
+        return await self._receive(request, expected)
+
+    async def _receive(self, request: web.Request, expected_id: str | None) -> web.Response:
         uploader = peer_common_name(request)
         if uploader is None:
             raise AuthRequired("store: uploads need a client certificate")
@@ -688,14 +718,20 @@ class ArtifactStore:
         try:
             async for chunk in request.content.iter_chunked(CHUNK):
                 await asyncio.to_thread(upload.feed, chunk)
-            info = await asyncio.to_thread(upload.commit, uploader)
+            info = await asyncio.to_thread(upload.commit, uploader, expected_id)
         except BaseException:
             await asyncio.to_thread(upload.abort)
             raise
-        log.info("artifact_uploaded", artifact=info.artifact_id, size=info.size, by=uploader)
+        log.info(
+            "artifact_uploaded",
+            artifact=info.artifact_id,
+            size=info.size,
+            by=uploader,
+            created=upload.created,
+        )
         return web.json_response(
             info.to_json(),
-            status=201,
+            status=201 if upload.created or expected_id is None else 200,
             headers={"Location": ARTIFACT_PATH.format(artifact_id=info.artifact_id)},
         )
 

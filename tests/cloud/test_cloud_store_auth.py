@@ -177,3 +177,31 @@ def test_store_token_round_trip_expiry_and_tampering() -> None:
 def test_store_check_token_garbage_only_raises_auth_error(text: str) -> None:
     with pytest.raises(AuthError):
         Signer(SECRET, "https://h").check_token(text, now=NOW)
+
+
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["device", "expires", "signature", "other"]), st.text(max_size=70)
+    ),
+    path=st.text(max_size=80),
+)
+def test_store_check_presigned_garbage_only_raises_auth_error(
+    query: dict[str, str], path: str
+) -> None:
+    signer = Signer(SECRET, "https://h")
+    try:
+        grant = signer.check_presigned(path, ART, query, now=NOW)
+    except AuthError:
+        return
+    assert grant is None or grant.device_id == query["device"]
+
+
+def test_store_presigned_expiry_must_be_ascii_digits() -> None:
+    signer = Signer(SECRET, "https://h")
+    url = signer.presign(ART, "dev1", 60, now=NOW)
+    query = query_of(url)
+    arabic = query["expires"].translate(
+        str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+    )
+    with pytest.raises(AuthError, match="malformed expiry"):
+        signer.check_presigned(urlsplit(url).path, ART, {**query, "expires": arabic}, now=NOW)

@@ -31,6 +31,7 @@ from plugins.cloud_env import CloudEnv, identity, make_bundle
 from otad.bundle import Keyring
 from otad.cloud.pki import CloudDir, init_cloud
 from otad.cloud.store import ArtifactStore
+from otad.errors import StoreError
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -562,3 +563,45 @@ async def test_store_serves_parallel_downloads(cloud: CloudEnv, bundle_bytes: by
         *(fetch(cloud, cloud.presign(artifact, d, 60), who=d) for d in devices for _ in range(2))
     )
     assert all(status == 200 and body == bundle_bytes for status, _, body in results)
+
+
+async def test_store_put_is_idempotent_and_checks_the_id(
+    cloud: CloudEnv, bundle_bytes: bytes
+) -> None:
+    artifact = hashlib.sha256(bundle_bytes).hexdigest()
+    url = f"{cloud.store_url}/v1/artifacts/{artifact}"
+    async with cloud.http("fleet") as session:
+        async with session.put(url, data=bundle_bytes) as resp:
+            assert resp.status == 201
+            assert (await resp.json())["id"] == artifact
+        async with session.put(url, data=bundle_bytes) as resp:
+            assert resp.status == 200  # already there: nothing created
+        wrong = f"{cloud.store_url}/v1/artifacts/{'a' * 64}"
+        async with session.put(wrong, data=bundle_bytes) as resp:
+            body = await resp.json()
+            assert resp.status == 422
+            assert body["error"]["reason"] == "artifact_id_mismatch"
+    assert not (cloud.config.artifacts_dir / f"{'a' * 64}.bundle").exists()
+    async with cloud.http("dev1") as session, session.put(url, data=b"x") as resp:
+        assert resp.status == 403
+
+
+async def test_store_non_ascii_credentials_are_refused_not_crashing(
+    cloud: CloudEnv, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload_bytes(bundle_bytes)
+    url = cloud.presign(artifact, "dev1", 60)
+    for field, value in [("signature", "é" * 64), ("device", "dév1"), ("expires", "١٢٣")]:
+        assert await error_code(cloud, with_query(url, **{field: value})) == (403, "auth_failed")
+
+
+async def test_store_refuses_to_start_on_a_busy_port(cloud: CloudEnv) -> None:
+    other = ArtifactStore(
+        cloud.config,
+        keyring=cloud.store.keyring,
+        ssl_context=cloud.cloud_dir.server_context(),
+        host="127.0.0.1",
+        port=cloud.store.port,
+    )
+    with pytest.raises(StoreError, match="cannot listen"):  # the running store has that port
+        await other.start()
