@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 from bundle_helpers import make_image
 
 from otad.bundle import generate_private_key, private_key_pem, public_key_pem
@@ -34,10 +35,15 @@ def otad(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
     """``otad ARGS`` in-process; same shape as a subprocess result."""
     capsys.readouterr()
+    # main() points structlog at the captured stderr; put the previous set-up back afterwards
+    # so no later test logs into a closed capture file.
+    saved = structlog.get_config()
     try:
         code = main([str(a) for a in args])
     except SystemExit as exc:  # argparse usage errors
         code = int(exc.code or 0)
+    finally:
+        structlog.configure(**saved)
     out = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
