@@ -284,9 +284,13 @@ class RecoveryAction:
 
 
 def _needs_confirm(boot: BootState, slot: str) -> bool:
-    """Is a mark_good(slot) needed for the booted, known-good slot to stay the default?"""
+    """Is a mark_good(slot) needed for the booted, known-good slot to stay the default?
+
+    Yes unless it is committed, first, and still has all its attempts: both schemes consume
+    one at every boot, so without a confirmation a committed slot falls back after them.
+    """
     state = boot.slot(slot)
-    return not (state.good and state.bootable and boot.next_boot() == slot)
+    return not (state.good and boot.next_boot() == slot and state.tries_left >= boot.full_tries)
 
 
 def _confirm(boot: BootState, booted: str) -> str | None:

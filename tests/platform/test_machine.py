@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, other_slot
+from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.machine import (
     FINAL_STATES,
     MAX_TRANSITIONS,
@@ -148,12 +150,15 @@ SLOT_STATES = {
 def boot_states(target: str) -> list[tuple[str, BootState]]:
     other = other_slot(target)
     out = []
-    for (tn, ts), (on, os_), first in itertools.product(
-        SLOT_STATES.items(), SLOT_STATES.items(), ("target", "other")
+    for (tn, ts), (on, os_), first, full in itertools.product(
+        SLOT_STATES.items(), SLOT_STATES.items(), ("target", "other"), (1, 3)
     ):
         order = (target, other) if first == "target" else (other, target)
         out.append(
-            (f"target_{tn}__other_{on}__{first}_first", BootState(order, {target: ts, other: os_}))
+            (
+                f"target_{tn}__other_{on}__{first}_first__full_{full}",
+                BootState(order, {target: ts, other: os_}, full_tries=full),
+            )
         )
     return out
 
@@ -264,8 +269,8 @@ def test_machine_recovery_keeps_the_safety_properties(record_kind: str) -> None:
 
 
 def test_machine_recovery_cross_product_size() -> None:
-    # 2 targets x (1 + 9 states x 2 x 2) records x 2 booted x 2 rebooted x 50 boot states
-    assert len(CASES) == 2 * (1 + len(State) * 4) * 2 * 2 * 50
+    # 2 targets x (1 + 9 states x 2 x 2) records x 2 booted x 2 rebooted x 100 boot states
+    assert len(CASES) == 2 * (1 + len(State) * 4) * 2 * 2 * 100
 
 
 # --- the named cases a reader checks first ---------------------------------------------------
@@ -342,6 +347,22 @@ def test_machine_recovery_loop_breaker_stops_retrying() -> None:
 def test_machine_recovery_idle_confirms_the_booted_slot_once() -> None:
     assert decide_recovery(None, "A", boot(TRIED, GOOD, ("A", "B")), True).confirm == "A"
     assert decide_recovery(None, "A", boot(GOOD, GOOD), True).confirm is None
+    # an attempt used this boot (U-Boot 3 -> 2) needs a confirmation too
+    used = BootState(("A", "B"), {"A": SlotBoot(tries_left=2, good=True), "B": GOOD}, full_tries=3)
+    assert decide_recovery(None, "A", used, True).confirm == "A"
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_machine_recovery_keeps_an_idle_device_on_its_slot(tmp_path: Path, attempts: int) -> None:
+    # 3 x attempts power cycles of an idle device: applying the decision's confirmation each
+    # time keeps it on A (without it, it would fall back to B after `attempts` boots)
+    sim = SimBootloader(tmp_path / "sim.json", attempts=attempts)
+    for _ in range(3 * attempts):
+        booted = sim.power_on()
+        assert booted == "A"
+        act = decide_recovery(None, booted, sim.state(), True)
+        if act.confirm is not None:
+            sim.mark_good(act.confirm)
 
 
 def test_machine_recovery_unreported_final_state_is_reported() -> None:

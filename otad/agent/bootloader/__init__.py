@@ -76,10 +76,15 @@ class SlotBoot:
 
 @dataclass(frozen=True)
 class BootState:
-    """What the bootloader environment says, for both slots."""
+    """What the bootloader environment says, for both slots.
+
+    ``full_tries``: the attempts ``mark_good`` grants (GRUB 1, U-Boot/sim their setting); a
+    booted slot with fewer left has used one this boot and needs confirming.
+    """
 
     order: tuple[str, ...]
     slots: Mapping[str, SlotBoot] = field(default_factory=dict)
+    full_tries: int = 1
 
     def slot(self, name: str) -> SlotBoot:
         """The state of slot ``name`` (a slot absent from the env counts as bad)."""
@@ -98,6 +103,7 @@ class BootState:
         return {
             "order": list(self.order),
             "next": self.next_boot(),
+            "fullTries": self.full_tries,
             "slots": {
                 name: {
                     "bad": self.slot(name).bad,

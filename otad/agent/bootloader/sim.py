@@ -67,13 +67,16 @@ class SimBootloader:
     # --- Bootloader protocol --------------------------------------------------------------
 
     def state(self) -> BootState:
-        raw = self._load()
+        return self._state(self._load())
+
+    def _state(self, raw: dict[str, Any]) -> BootState:
         return BootState(
             tuple(raw["order"]),
             {
                 s: SlotBoot(bad=v["bad"], tries_left=v["tries"], good=v["good"])
                 for s, v in raw["slots"].items()
             },
+            full_tries=self.attempts,
         )
 
     def mark_bad(self, slot: str) -> None:
@@ -125,14 +128,7 @@ class SimBootloader:
         attempts_made: list[str] = []
         # each iteration consumes an attempt, so the loop is bounded by the attempts in the env
         for _ in range(2 * self.attempts + 2):
-            state = BootState(
-                tuple(raw["order"]),
-                {
-                    s: SlotBoot(bad=v["bad"], tries_left=v["tries"], good=v["good"])
-                    for s, v in raw["slots"].items()
-                },
-            )
-            slot = state.next_boot()
+            slot = self._state(raw).next_boot()
             if slot is None:
                 break
             raw["slots"][slot]["tries"] -= 1

@@ -71,7 +71,7 @@ def parse_fw_env_config(text: str, where: str = "fw_env.config") -> tuple[EnvLoc
     return tuple(found)
 
 
-def scheme_state(values: Mapping[str, str]) -> BootState:
+def scheme_state(values: Mapping[str, str], attempts: int = DEFAULT_ATTEMPTS) -> BootState:
     """Interpret BOOT_ORDER / BOOT_X_LEFT / otad_trial the way boot.cmd does."""
     order: list[str] = []
     for word in values.get("BOOT_ORDER", "").split():
@@ -84,7 +84,7 @@ def scheme_state(values: Mapping[str, str]) -> BootState:
         tries = int(left) if left.isascii() and left.isdigit() else 0
         bad = s not in order
         slots[s] = SlotBoot(bad=bad, tries_left=0 if bad else tries, good=not bad and trial != s)
-    return BootState(tuple(order), slots)
+    return BootState(tuple(order), slots, full_tries=attempts)
 
 
 def initial_values(
@@ -226,7 +226,7 @@ class UBootBootloader:
     # --- Bootloader protocol --------------------------------------------------------------
 
     def state(self) -> BootState:
-        return scheme_state(self.values())
+        return scheme_state(self.values(), self.attempts)
 
     def primary(self) -> str | None:
         return self.state().next_boot()
