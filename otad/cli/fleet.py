@@ -327,6 +327,7 @@ def make_fleet(
     version: str = "1.0",
     compatible: str = "otad-sim",
     broker_port: int | None = None,
+    progress_interval: float = 0.5,
 ) -> Fleet:
     config = cloud.config()
     settings = SimSettings(
@@ -338,6 +339,7 @@ def make_fleet(
         topic_template=config.topic_template,
         slot_size=slot_size,
         version=version,
+        progress_interval=progress_interval,
     )
     faults = plan_faults(ids, fail_health=fail_health, fail_boot=fail_boot, seed=seed, spare=spare)
 
