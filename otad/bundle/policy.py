@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from otad.bundle.keys import ALGORITHMS
 from otad.bundle.manifest import Manifest, format_timestamp
-from otad.errors import Downgrade, Expired, Incompatible, Oversize, WrongDevice
+from otad.errors import ConfigError, Downgrade, Expired, Incompatible, Oversize, WrongDevice
 
 __layer__ = "pure"
 
@@ -27,6 +27,15 @@ class VerifyPolicy:
     now: datetime | None = None
     algorithms: frozenset[str] = field(default_factory=lambda: frozenset(ALGORITHMS))
     max_image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_security_version < 0:
+            raise ConfigError("bundle: min_security_version must be >= 0")
+        if self.now is not None and self.now.tzinfo is None:
+            raise ConfigError("bundle: the policy's now must be timezone-aware")
+        unknown = self.algorithms - set(ALGORITHMS)
+        if unknown:
+            raise ConfigError(f"bundle: unknown signature algorithms {sorted(unknown)}")
 
     def check(self, manifest: Manifest) -> None:
         """Raise the error naming the first rule ``manifest`` breaks."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
+import structlog
+
 from otad.bundle.decode import Decoder, make_decoder
 from otad.bundle.digest import Sha256
 from otad.bundle.header import HEADER_SIZE, Header, parse_header
@@ -36,6 +38,8 @@ from otad.errors import (
 __layer__ = "pure"
 
 Buffer = bytes | bytearray | memoryview
+
+log = structlog.get_logger(__name__)
 
 
 class StreamVerifier:
@@ -96,7 +100,8 @@ class StreamVerifier:
 
         Preamble and payload checks run before this returns (errors raise here); decompression
         runs as the returned iterator is consumed, one chunk of at most 1 MiB at a time, so a
-        highly compressed payload never needs more memory. Consume the iterator before the next
+        highly compressed payload never needs more memory (``compression: none`` hands back
+        the fed bytes as they are). Consume the iterator before the next
         ``feed`` or ``finish``: leaving output behind is a programming error (RuntimeError).
         """
         self._check_alive()
@@ -163,6 +168,14 @@ class StreamVerifier:
         if len(self._preamble) == self._header.preamble_size:
             preamble = parse_preamble(self._preamble)
             self.manifest, self.signer = verify_preamble(preamble, self._keyring, self._policy)
+            log.debug(
+                "bundle_preamble_verified",
+                version=self.manifest.version,
+                compatible=self.manifest.compatible,
+                security_version=self.manifest.security_version,
+                key_id=self.signer,
+                image_size=self.manifest.image_size,
+            )
             self._preamble = bytearray()
             self._decoder = make_decoder(self.manifest.compression, fallback=self._zstd_fallback)
             if self.manifest.compression != "none":

@@ -4,6 +4,7 @@ endless data, downgrade by re-signing tricks."""
 from __future__ import annotations
 
 import tracemalloc
+from datetime import datetime
 
 import pytest
 import zstandard
@@ -205,3 +206,28 @@ def test_bundle_zstd_bomb_is_stopped_at_the_declared_image_size(
     assert produced <= 1 << 20  # nothing beyond the declared size ever came out
     limit = 16 << 20 if fallback else 8 << 20  # the fallback holds one 128-byte slice's output
     assert peak < limit, peak  # never anything like the 256 MiB the bomb expands to
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_bundle_frame_needing_a_window_above_8_mib_is_refused(
+    forge: Forge, ed_key: PrivateKey, keyring: Keyring, fallback: bool
+) -> None:
+    image = make_image(1 << 20, seed=6)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=25)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    payload = compressor.compress(image) + compressor.flush()  # no size: window is declared
+    forged = forge.bundle(image, [ed_key], payload=payload)
+    verifier = StreamVerifier(keyring, zstd_fallback=fallback)
+    with pytest.raises(DecompressFailed):
+        list(verifier.feed(bytes(forged)))
+
+
+def test_bundle_policy_refuses_nonsense() -> None:
+    from otad.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        VerifyPolicy(now=datetime(2030, 1, 1))  # naive: which time zone?
+    with pytest.raises(ConfigError):
+        VerifyPolicy(min_security_version=-1)
+    with pytest.raises(ConfigError):
+        VerifyPolicy(algorithms=frozenset({"rsa"}))
