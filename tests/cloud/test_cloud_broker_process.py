@@ -56,7 +56,7 @@ async def test_broker_process_aws_layout_acl(aws_broker: tuple[CloudDir, BrokerP
     assert seen == [own]
 
 
-def test_broker_process_kill_and_start_again(cloud_dir: CloudDir, tmp_path: Path) -> None:
+def test_broker_process_kill_and_start_again(tmp_path: Path) -> None:
     config_port = free_port()
     cloud = init_cloud(tmp_path / "c", ["d1"], broker_port=config_port)
     process = BrokerProcess(cloud, log_path=tmp_path / "m.log")

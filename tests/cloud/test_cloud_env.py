@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 from plugins.cloud_env import CloudEnv
 
 from otad.errors import ShadowNotFound
@@ -34,3 +35,21 @@ async def test_cloud_env_desired_reaches_the_device_as_delta(
 async def test_cloud_env_each_test_starts_with_an_empty_replica(cloud: CloudEnv) -> None:
     with pytest.raises(ShadowNotFound):
         await cloud.get_document("dev1")
+
+
+async def test_cloud_env_survives_a_broker_restart(cloud: CloudEnv) -> None:
+    await cloud.set_desired("dev2", {"software": {"version": "1.0"}})
+    with structlog.testing.capture_logs() as logs:
+        cloud.broker.restart()
+        # The replica notices, reconnects with bounded backoff and subscribes again.
+        for _ in range(300):
+            if any(e["event"] == "replica_serving" for e in logs):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the replica did not resubscribe within 30 s")
+    # The helper's own client was cut too: it reconnects once, by itself.
+    accepted = await cloud.set_desired("dev2", {"software": {"version": "2.0"}})
+    assert accepted["state"]["desired"]["software"]["version"] == "2.0"
+    document = await cloud.get_document("dev2")
+    assert document["version"] == 2

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICES, CloudDir, Identity, init_cloud
 from otad.cloud.replica import ShadowClient
 from otad.cloud.server import READY_TIMEOUT, CloudServer
+from otad.errors import BrokerError
 
 DEVICES = ("dev1", "dev2", "dev3", "dev4")
 
@@ -218,13 +219,27 @@ class CloudEnv:
             self._shadows = client
         return self._shadows
 
+    async def _shadow_call(self, call: Callable[[ShadowClient], Awaitable[Any]]) -> Any:
+        # A test may bounce the broker: one fresh connection, then the error stands.
+        try:
+            return await call(await self.shadows())
+        except BrokerError:
+            if self._shadows is not None:
+                await self._shadows.__aexit__(None, None, None)
+                self._shadows = None
+            return await call(await self.shadows())
+
     async def set_desired(self, device_id: str, desired: dict[str, Any]) -> dict[str, Any]:
         """Merge ``desired`` into the device's desired state; the update/accepted payload."""
-        return await (await self.shadows()).update_desired(device_id, desired)
+        result: dict[str, Any] = await self._shadow_call(
+            lambda shadows: shadows.update_desired(device_id, desired)
+        )
+        return result
 
     async def get_document(self, device_id: str) -> dict[str, Any]:
         """The device's full shadow document (ShadowNotFound if never written)."""
-        return await (await self.shadows()).get(device_id)
+        result: dict[str, Any] = await self._shadow_call(lambda shadows: shadows.get(device_id))
+        return result
 
     def mqtt(self, who: str, **kwargs: Any) -> aiomqtt.Client:
         return mqtt_client(self.cloud_dir, who, self.broker, **kwargs)
