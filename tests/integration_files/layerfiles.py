@@ -228,6 +228,87 @@ def python_function(text: str, name: str) -> str:
     raise FileFormatError(f"no top-level def {name}")
 
 
-def sed_substitutions(text: str) -> list[tuple[str, str]]:
-    """The ``-e 's#@TOKEN@#replacement#g'`` pairs of a recipe's shell code, in order."""
-    return re.findall(r"-e 's#@([A-Z0-9_]+)@#(.*?)#g'", text)
+def shell_function(text: str, name: str) -> str:
+    """The body of a BitBake shell function ``name() {`` ... ``}`` (closing brace in column 0)."""
+    lines = text.splitlines()
+    for start, line in enumerate(lines):
+        if line.strip() == f"{name}() {{":
+            for end in range(start + 1, len(lines)):
+                if lines[end] == "}":
+                    return "\n".join(lines[start + 1 : end]) + "\n"
+            raise FileFormatError(f"{name}: no closing brace")
+    raise FileFormatError(f"no shell function {name}")
+
+
+def python_task(text: str, name: str) -> str:
+    """The body of ``python name() {`` ... ``}`` as a plain function of (d, e, bb)."""
+    lines = text.splitlines()
+    for start, line in enumerate(lines):
+        if line.strip() == f"python {name}() {{":
+            for end in range(start + 1, len(lines)):
+                if lines[end] == "}":
+                    body = lines[start + 1 : end]
+                    return f"def {name}(d, e, bb):\n" + "\n".join(body or ["    pass"]) + "\n"
+            raise FileFormatError(f"{name}: no closing brace")
+    raise FileFormatError(f"no python function {name}")
+
+
+class FakeDatastore:
+    """The part of BitBake's datastore recipe code uses here: ``getVar`` with expansion."""
+
+    def __init__(self, variables: Mapping[str, str]) -> None:
+        self.variables = dict(variables)
+
+    def getVar(self, name: str) -> str | None:  # BitBake's spelling
+        value = self.variables.get(name)
+        return None if value is None else expand_python(value, self.variables)
+
+    def appendVarFlag(self, var: str, flag: str, value: str) -> None:  # BitBake's spelling
+        key = f"{var}[{flag}]"
+        self.variables[key] = self.variables.get(key, "") + value
+
+
+class FakeBitbake:
+    """``bb.utils.contains``, ``bb.warn``, ``bb.fatal`` as recipe code calls them."""
+
+    class Fatal(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.utils = self
+
+    def contains(self, var: str, items: str, yes: object, no: object, d: FakeDatastore) -> object:
+        have = set((d.getVar(var) or "").split())
+        return yes if set(items.split()) <= have else no
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def fatal(self, message: str) -> None:
+        raise FakeBitbake.Fatal(message)
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def expand_python(value: str, variables: Mapping[str, str]) -> str:
+    """Like :func:`expand`, also evaluating ``${@expr}`` with a fake ``d`` and ``bb``."""
+    out = value
+    while "${@" in out:
+        start = out.index("${@")
+        depth, end = 0, start + 3
+        for end in range(start + 3, len(out)):
+            if out[end] == "{":
+                depth += 1
+            elif out[end] == "}":
+                if depth == 0:
+                    break
+                depth -= 1
+        else:
+            raise FileFormatError(f"unterminated inline python in {value!r}")
+        expr = out[start + 3 : end]
+        d = FakeDatastore(variables)
+        result = eval(expr, {"d": d, "bb": FakeBitbake()})  # noqa: S307 - the layer's own code
+        out = out[:start] + str(result) + out[end + 1 :]
+    return expand(out, variables)

@@ -13,7 +13,6 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -26,17 +25,12 @@ from integration_files.layerfiles import (
     LAYER,
     PARTITIONS_ENV,
     REPO,
-    SYSTEMD,
     WksPart,
     bitbake_assignments,
     default_of,
     parse_env,
     parse_wks,
-    sed_substitutions,
 )
-from otad.agent.bootloader.grub import GrubBootloader
-from otad.agent.config import AgentConfig
-from otad.agent.config import parse as parse_agent_config
 from otad.bundle import Keyring, key_id_of, load_private_key
 
 OELINT_TIMEOUT = 180
@@ -316,7 +310,7 @@ def test_bbappends_change_nothing_without_the_distro_feature() -> None:
     assert "DISTROOVERRIDES:append" in conf and "':otad'" in conf
 
 
-# --- otad-conf: the default configuration the agent reads ------------------------------------
+# --- otad-conf: defaults shared with other files ------------------------------------------------
 
 
 def recipe_defaults() -> dict[str, str]:
@@ -324,109 +318,9 @@ def recipe_defaults() -> dict[str, str]:
     return {var: default_of(assigns, var) for var in assigns if var.startswith("OTAD_")}
 
 
-def render_conf_template(name: str, machine: str = "qemux86-64", **overrides: str) -> str:
-    """Fill a template the way otad-conf's do_install does, from the recipe's defaults."""
-    defaults = recipe_defaults() | overrides
-    env = partitions()
-    text = (CONF_FILES / name).read_text()
-    for token, replacement in sed_substitutions(CONF_RECIPE.read_text()):
-        shell = re.fullmatch(r"'\"\$([A-Z0-9_]+)\"'", replacement)
-        if shell:
-            value = env[shell[1]]
-        else:
-            var = re.fullmatch(r"\$\{([A-Z0-9_]+)\}", replacement)
-            assert var, replacement
-            value = defaults[var[1]].replace("${MACHINE}", machine)
-        text = text.replace(f"@{token}@", value)
-    assert "@" not in text.replace("# @NAME@", ""), "a token of the template is not substituted"
-    return text
-
-
-def rendered_config(tmp_path: Path) -> AgentConfig:
-    """The default config, with the data partition at tmp_path and a provisioned device id."""
-    data_dir = tmp_path / "data" / "otad"
-    (data_dir / "identity").mkdir(parents=True)
-    (data_dir / "identity" / "device-id").write_text("dev-000123\n")
-    text = render_conf_template("otad.toml.in", OTAD_DATA_DIR=str(data_dir))
-    return parse_agent_config(tomllib.loads(text))
-
-
-def test_conf_renders_a_config_the_agent_accepts(tmp_path: Path) -> None:
-    config = rendered_config(tmp_path)
-    assert config.device_id == "dev-000123"
-    values = partitions()
-    assert (config.slots.a.label, config.slots.b.label) == (
-        values["OTAD_PART_ROOTFS_A"],
-        values["OTAD_PART_ROOTFS_B"],
-    )
-    assert config.compatible == "qemux86-64"
-    # The same paths, seen from the device: the directories systemd/otad.tmpfiles creates.
-    data_dir = recipe_defaults()["OTAD_DATA_DIR"]
-    on_device = Path(data_dir)
-    local = tmp_path / "data" / "otad"
-    tmpfiles = (SYSTEMD / "otad.tmpfiles").read_text()
-    state = on_device / config.state_dir.relative_to(local)
-    assert config.broker.key is not None
-    identity = on_device / config.broker.key.parent.relative_to(local)
-    assert f" {state} " in tmpfiles and f" {identity} " in tmpfiles
-    assert f" {data_dir} " in tmpfiles
-
-
 def test_conf_compatible_default_equals_bundle_class_default() -> None:
     bundle = bitbake_assignments((LAYER / "classes-recipe" / "otad-bundle.bbclass").read_text())
     assert recipe_defaults()["OTAD_COMPATIBLE"] == default_of(bundle, "OTAD_BUNDLE_COMPATIBLE")
-
-
-def test_conf_grubenv_dir_is_where_the_image_puts_the_env(tmp_path: Path) -> None:
-    """config bootloader.grubenv, otad-image's ESP paths and the env generator agree."""
-    config = rendered_config(tmp_path)
-    image_class = bitbake_assignments((LAYER / "classes-recipe" / "otad-image.bbclass").read_text())
-    deploy = tmp_path / "deploy"
-    script = LAYER / "recipes-bsp" / "otad-grubenv" / "files" / "otad-initial-grubenv.py"
-    subprocess.run(
-        [sys.executable, str(script), str(deploy / "otad-grub"), "--no-initrd"],
-        check=True,
-        timeout=60,
-    )
-    (deploy / "otad-grub" / "otad-local.cfg").write_text("set otad_kernel=/boot/bzImage\n")
-    esp = tmp_path / "esp"
-    for entry in default_of(image_class, "OTAD_IMAGE_GRUB_FILES").split():
-        src, dest = entry.split(";")
-        (esp / dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(deploy / src, esp / dest)
-    mounted_at = Path("/boot/efi")
-    env_dir = esp / config.bootloader.grub_env_dir.relative_to(mounted_at)
-    state = GrubBootloader(env_dir).state()
-    assert state.order[0] == "A"
-    listed = subprocess.run(
-        ["grub-editenv", str(env_dir / "grubenv.0"), "list"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout.split()
-    assert "A_OK=1" in listed and "otad_noinitrd=1" in listed
-
-
-def test_conf_mount_units_verify_clean(tmp_path: Path) -> None:
-    for name in ("data.mount", "boot-efi.mount"):
-        (tmp_path / name).write_text(render_conf_template(f"{name}.in"))
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "data.mount", "boot-efi.mount"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
-    data = (tmp_path / "data.mount").read_text()
-    assert f"What=/dev/disk/by-partlabel/{partitions()['OTAD_PART_DATA']}" in data
-    assert "Where=/data\n" in data
-    assert (
-        f"What=/dev/disk/by-partlabel/{partitions()['OTAD_PART_ESP']}"
-        in (tmp_path / "boot-efi.mount").read_text()
-    )
 
 
 def test_conf_example_keyring_holds_the_example_signing_key() -> None:
