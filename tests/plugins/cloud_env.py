@@ -30,6 +30,13 @@ Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
     that identity (kwargs go to aiomqtt, e.g. ``identifier``, ``protocol``, ``clean_session``).
     Use it as ``async with mqtt_client(cloud_dir, "dev1", broker) as client: ...``.
     ``free_port()``: a currently free loopback TCP port.
+    ``make_bundle(cloud_dir, out, version="2.0", image_size=..., compatible="qemu-x86_64",
+    seed=1, **build_bundle_kwargs) -> Path``: a bundle signed with the cloud dir's signing key
+    (image: deterministic, half noise, half zeros). ``make_image(path, size, seed=1)``.
+    ``await cloud.upload_bytes(data)`` uploads bytes already in memory.
+
+The broker's and the cloud's ``set_desired``/``get_document`` survive a broker bounce: the
+helper reconnects once; the replica reconnects by itself (wait for it before asserting).
 """
 
 from __future__ import annotations
