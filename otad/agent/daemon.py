@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import ctypes
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +27,7 @@ import structlog
 from otad.agent.bootloader import Bootloader
 from otad.agent.config import AgentConfig
 from otad.agent.download import Downloader
+from otad.agent.health import HealthChecker
 from otad.agent.journal import Journal
 from otad.agent.machine import RecoveryAction, Step
 from otad.agent.mqtt import ShadowSession
@@ -46,6 +47,24 @@ from otad.errors import BootloaderError, OtadError
 __layer__ = "root"
 
 log = structlog.get_logger(__name__)
+
+
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas(count: int = 1) -> bool:
+    """Cap glibc's malloc arenas for this process (call once, at the process entry point).
+
+    glibc gives every thread that allocates its own arena and keeps freed chunks there; with
+    the network on the event loop and the disk and hash threads handing 256 KiB buffers to
+    each other, a 1 GiB install grew the peak RSS by ~70 MiB of retained free memory. One
+    arena keeps the memory bound flat. A no-op (False) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, count) == 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def make_bootloader(config: AgentConfig) -> Bootloader:
@@ -194,12 +213,10 @@ class Agent:
         return True
 
     async def _configured_health(self) -> HealthResult:
-        health = importlib.import_module("otad.agent.health")
-        checker = health.HealthChecker.from_config(
-            self.config.health, broker=self._broker_reachable
-        )
+        checker = HealthChecker.from_config(self.config.health, broker=self._broker_reachable)
         report = await checker.run()
-        return HealthResult(bool(report.ok), str(report.reason))
+        log.info("health_checked", ok=report.ok, checks=report.to_dict())
+        return HealthResult(report.ok, report.reason)
 
     # --- documents -------------------------------------------------------------------------------
 

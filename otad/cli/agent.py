@@ -20,8 +20,15 @@ from typing import Any
 from otad.agent import config as agent_config
 from otad.agent.bootloader import other_slot
 from otad.agent.config import AgentConfig
-from otad.agent.daemon import Agent, command_rebooter, make_bootloader, make_layout
+from otad.agent.daemon import (
+    Agent,
+    command_rebooter,
+    limit_malloc_arenas,
+    make_bootloader,
+    make_layout,
+)
 from otad.agent.download import Downloader
+from otad.agent.health import HealthChecker
 from otad.agent.journal import Journal
 from otad.agent.machine import reported_state
 from otad.agent.slots import booted_slot
@@ -87,6 +94,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 async def _run(args: argparse.Namespace) -> int:
     config = agent_config.load(args.config)
+    limit_malloc_arenas()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -232,16 +240,14 @@ async def broker_reachable(config: AgentConfig, within: float) -> bool:
 
 
 async def run_health(config: AgentConfig) -> HealthResult:
-    import importlib
-
-    health = importlib.import_module("otad.agent.health")
-
     async def broker(within: float) -> bool:
         return await broker_reachable(config, within)
 
-    checker = health.HealthChecker.from_config(config.health, broker=broker)
+    checker = HealthChecker.from_config(config.health, broker=broker)
     report = await checker.run()
-    return HealthResult(bool(report.ok), str(report.reason))
+    for check in report.checks:
+        print(f"{check.outcome.value:8} {check.name} {check.detail}".rstrip())
+    return HealthResult(report.ok, report.reason)
 
 
 async def _health_check(args: argparse.Namespace) -> int:
@@ -302,6 +308,7 @@ def _install(args: argparse.Namespace) -> Any:
 
 async def _install_job(args: argparse.Namespace, url: str) -> int:
     config = agent_config.load(args.config)
+    limit_malloc_arenas()
     job = DesiredSoftware(version="", url=url, job_id=f"local-{int(time.time())}")
     journal = Journal(config.state_dir)
     await asyncio.to_thread(journal.acquire)  # AgentLocked while the daemon runs

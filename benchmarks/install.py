@@ -1,0 +1,338 @@
+"""Install throughput and memory of the agent's code path, next to curl | zstd -d | dd.
+
+    python benchmarks/install.py [--size 1G] [--reps 3] [--workdir DIR]
+
+Builds an ext4-like image of ``--size`` (an ext4 file system header from mkfs.ext4, then real
+files from /usr until about 80 % full, the rest empty: it compresses like a root file system),
+makes a zstd bundle of it, serves it with the real artifact store over HTTPS, and then, in the
+same run and against the same server:
+
+* otad: a child process runs the agent's job path (``UpdateRunner.run_job``: download, verify,
+  decompress, write the slot file, fsync, re-read and hash, switch the sim bootloader) and
+  reports its own peak RSS (``ru_maxrss``);
+* pipeline: ``curl -s -r <payload offset>- URL | zstd -d | dd of=SLOT bs=1M conv=fsync,notrunc``
+  (Range skips the bundle's signed preamble, so zstd gets the plain payload).
+
+Both write into preallocated, already written slot files (a first write into a fresh file is
+several times slower on this kind of disk). MiB/s counts image bytes. Ends with the lines
+``ratio: <otad MiB/s / pipeline MiB/s>`` and ``rss: <peak MiB of the installing process>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("/usr/lib", "/usr/include", "/usr/share")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def make_image(path: Path, size: int) -> None:
+    """mkfs.ext4 for a real superblock and group descriptors, then real file bytes."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0", str(path)],
+        check=True,
+    )
+    fill_until = int(size * 0.8)
+    offset = 8 << 20  # leave the metadata mkfs wrote at the start alone
+    with path.open("r+b") as out:
+        out.seek(offset)
+        for root in SOURCES:
+            for dirpath, _, files in os.walk(root):
+                for name in sorted(files):
+                    if offset >= fill_until:
+                        return
+                    try:
+                        with open(os.path.join(dirpath, name), "rb") as src:
+                            data = src.read(fill_until - offset)
+                    except OSError:
+                        continue
+                    # 4 KiB aligned like file system blocks
+                    data += bytes(-len(data) % 4096)
+                    out.write(data)
+                    offset += len(data)
+
+
+def preallocate(path: Path, size: int) -> None:
+    """A slot file of ``size`` bytes whose blocks are already written (not fresh extents)."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size >> 20}", "status=none"],
+        check=True,
+    )
+
+
+# --- the child: the agent's install path ------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    """Runs in its own process so its peak RSS is the installer's alone."""
+    spec = json.loads(args.child)
+    from otad import logs
+
+    logs.configure(level=os.environ.get("OTAD_BENCH_LOG", "warning"), stream=sys.stderr)
+    from otad.agent.bootloader.sim import SimBootloader
+    from otad.agent.config import parse
+    from otad.agent.daemon import limit_malloc_arenas
+    from otad.agent.download import Downloader
+    from otad.agent.journal import Journal
+    from otad.agent.slots import SlotLayout, SlotSpec
+    from otad.agent.update import DesiredSoftware, HealthResult, RebootPending, UpdateRunner
+    from otad.bundle import Keyring
+
+    limit_malloc_arenas()  # what `otad agent run` does at start
+    config = parse(spec["config"])
+    imports_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    class Quiet:
+        def report(self, reported: Any) -> int:
+            return 0
+
+        async def flush(self, within: float) -> bool:
+            return True
+
+    async def health() -> HealthResult:
+        return HealthResult(True)
+
+    async def main() -> float:
+        journal = Journal(config.state_dir, boot_id="bench")
+        journal.acquire()
+        downloader = Downloader(config)
+        layout = SlotLayout({s: SlotSpec(s, path=Path(spec["slots"][s])) for s in ("A", "B")})
+        runner = UpdateRunner(
+            config,
+            bootloader=SimBootloader(config.sim_state_path),
+            journal=journal,
+            booted_slot="A",
+            layout=layout,
+            downloader=downloader,
+            reporter=Quiet(),
+            rebooter=lambda: None,
+            health=health,
+            keyring=Keyring.load(config.keyring),
+        )
+        desired = DesiredSoftware(version=spec["version"], url=spec["url"], job_id=spec["job"])
+        start = time.perf_counter()
+        with contextlib.suppress(RebootPending):
+            await runner.run_job(desired)
+        elapsed = time.perf_counter() - start
+        await downloader.close()
+        record = journal.load()
+        if record is None or record.state.value != "rebooting":
+            raise SystemExit(
+                f"install did not reach rebooting: {record!r} {record and record.error}"
+            )
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": elapsed, "rss_kib": peak_kib, "imports_kib": imports_kib}))
+
+
+# --- the parent ---------------------------------------------------------------------------------
+
+
+async def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--child",
+        json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"otad install child failed with {proc.returncode}")
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def run_pipeline(url: str, offset: int, slot: Path, tls: dict[str, str]) -> float:
+    cmd = (
+        f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
+        f"-r {offset}- '{url}' | zstd -d -q | "
+        f"dd of={slot} bs=1M iflag=fullblock conv=fsync,notrunc status=none"
+    )
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_shell(cmd, executable="/bin/bash")
+    code = await proc.wait()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"pipeline failed with {code}")
+    return elapsed
+
+
+def sha256_of(path: Path, size: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        left = size
+        while left:
+            chunk = f.read(min(1 << 20, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+async def bench(args: argparse.Namespace, work: Path) -> None:
+    from otad import logs
+
+    logs.configure(level="warning")
+    from otad.bundle import Keyring, build_bundle, load_private_key
+    from otad.cloud.pki import CloudDir, init_cloud
+    from otad.cloud.store import ArtifactStore
+
+    size = parse_size(args.size)
+    image = work / "rootfs.ext4"
+    bundle = work / "rootfs.otb"
+    cloud_dir = (
+        CloudDir(work / "cloud")
+        if (work / "cloud").exists()
+        else init_cloud(work / "cloud", ["bench"])
+    )
+    if not image.exists() or image.stat().st_size != size:
+        print(f"building a {size >> 20} MiB ext4-like image ...", flush=True)
+        await asyncio.to_thread(make_image, image, size)
+        bundle.unlink(missing_ok=True)
+    if not bundle.exists():
+        print("building the zstd bundle ...", flush=True)
+        manifest = await asyncio.to_thread(
+            build_bundle,
+            image,
+            bundle,
+            key=load_private_key(cloud_dir.signing_key),
+            version="2.0",
+            compatible="bench",
+        )
+    else:
+        from otad.bundle import read_preamble
+
+        with bundle.open("rb") as f:
+            manifest = read_preamble(f).manifest()
+    print(
+        f"image {size >> 20} MiB, bundle {bundle.stat().st_size / 2**20:.1f} MiB "
+        f"(zstd {size / manifest.size:.2f}:1)",
+        flush=True,
+    )
+    slots = {"A": work / "slot-a.img", "B": work / "slot-b.img"}
+    for slot in slots.values():
+        await asyncio.to_thread(preallocate, slot, size)
+
+    config = cloud_dir.config().with_overrides(artifacts_dir=work / "artifacts")
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    store = ArtifactStore(
+        config,
+        keyring=keyring,
+        ssl_context=cloud_dir.server_context(),
+        host="127.0.0.1",
+        port=0,
+    )
+    info = await asyncio.to_thread(store.repository.import_file, bundle, keyring)
+    from otad.bundle import read_preamble
+
+    with bundle.open("rb") as f:
+        payload_offset = read_preamble(f).header.preamble_size
+    device = cloud_dir.device("bench")
+    tls = {"ca": str(cloud_dir.ca_cert), "cert": str(device.cert), "key": str(device.key)}
+    otad_rates: list[float] = []
+    pipe_rates: list[float] = []
+    rss: list[float] = []
+    async with store:
+        for rep in range(args.reps):
+            url = store.signer.presign(info.artifact_id, "bench", 3600)
+            state = work / f"state-{rep}"
+            state.mkdir(exist_ok=True)
+            (state / "journal.json").unlink(missing_ok=True)
+            agent_config = {
+                "device_id": "bench",
+                "compatible": "bench",
+                "state_dir": str(state),
+                "keyring": str(cloud_dir.keyring_dir),
+                "broker": {"host": "127.0.0.1"},
+                "store": {"ca": tls["ca"], "cert": tls["cert"], "key": tls["key"]},
+                "slots": {"A": {"path": str(slots["A"])}, "B": {"path": str(slots["B"])}},
+                "bootloader": {"type": "sim", "sim_state": str(work / "sim.json")},
+                "download": {"chunk_size": args.chunk, "queue_chunks": args.queue},
+            }
+            (work / "sim.json").unlink(missing_ok=True)
+            from otad.agent.bootloader.sim import SimBootloader
+
+            SimBootloader(work / "sim.json").power_on()
+            spec = {
+                "config": agent_config,
+                "slots": {k: str(v) for k, v in slots.items()},
+                "url": url,
+                "version": "2.0",
+                "job": f"bench-{rep}",
+            }
+            result = await run_child(spec)
+            otad_rate = size / 2**20 / result["seconds"]
+            pipe_seconds = await run_pipeline(url, payload_offset, slots["A"], tls)
+            pipe_rate = size / 2**20 / pipe_seconds
+            otad_rates.append(otad_rate)
+            pipe_rates.append(pipe_rate)
+            rss.append(result["rss_kib"] / 1024)
+            print(
+                f"rep {rep}: otad {otad_rate:7.1f} MiB/s ({result['seconds']:.2f} s, "
+                f"peak RSS {result['rss_kib'] / 1024:.1f} MiB, after imports "
+                f"{result['imports_kib'] / 1024:.1f} MiB)   pipeline {pipe_rate:7.1f} MiB/s "
+                f"({pipe_seconds:.2f} s)",
+                flush=True,
+            )
+    want = manifest.image_sha256
+    got_otad = await asyncio.to_thread(sha256_of, slots["B"], size)
+    got_pipe = await asyncio.to_thread(sha256_of, slots["A"], size)
+    if got_otad != want or got_pipe != want:
+        raise SystemExit("a slot does not hold the image: the benchmark is void")
+    o, p = statistics.median(otad_rates), statistics.median(pipe_rates)
+    print(f"otad (median):     {o:.1f} MiB/s  (download, verify, write, fsync, re-read + hash)")
+    print(f"pipeline (median): {p:.1f} MiB/s  (curl | zstd -d | dd conv=fsync)")
+    print(f"ratio: {o / p:.2f}")
+    print(f"rss: {max(rss):.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1G", help="image size (e.g. 256M, 1G, 2G)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=256 * 1024, help="download.chunk_size")
+    parser.add_argument("--queue", type=int, default=4, help="download.queue_chunks")
+    parser.add_argument("--workdir", type=Path, help="keep image, bundle and slots here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        asyncio.run(bench(args, args.workdir))
+        return
+    with tempfile.TemporaryDirectory(prefix="otad-install-bench-", dir="/var/tmp") as tmp:
+        asyncio.run(bench(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
