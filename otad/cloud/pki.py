@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otad.bundle import generate_private_key, key_id_of, private_key_pem, public_key_pem
-from otad.bundle.keys import P256
+from otad.bundle.keys import ALGORITHMS, P256
 from otad.cloud.config import CONFIG_NAME, CloudConfig, load_config, parse_config, render_config
 from otad.errors import ConfigError
 
@@ -214,10 +214,21 @@ def init_cloud(
             f"pki: {cloud.root} is already a cloud dir; add devices with "
             f"`otad cloud add-device {cloud.root} ID`"
         )
+    if signing_algorithm not in ALGORITHMS:
+        raise ConfigError(f"pki: unknown signing algorithm {signing_algorithm!r}")
+    # Every argument is checked before the first file is written.
+    text = render_config(
+        broker_port=broker_port,
+        store_port=store_port,
+        topic_template=topic_template,
+        uploaders=(service_cn("fleet"),),
+    )
+    config = parse_config(text, root=cloud.root)
     for sub in ("pki/devices", "pki/services", "keys/keyring", "broker/data", "state"):
         (cloud.root / sub).mkdir(parents=True, exist_ok=True)
     (cloud.root / "artifacts").mkdir(exist_ok=True)
     (cloud.root / "secrets").mkdir(mode=0o700, exist_ok=True)
+    (cloud.root / "secrets").chmod(0o700)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _ca_certificate(ca_key)
@@ -232,13 +243,6 @@ def init_cloud(
 
     _write_signing_key(cloud, signing_algorithm)
     _write(cloud.presign_secret, secrets.token_hex(32).encode() + b"\n", 0o600)
-    text = render_config(
-        broker_port=broker_port,
-        store_port=store_port,
-        topic_template=topic_template,
-        uploaders=(service_cn("fleet"),),
-    )
-    config = parse_config(text, root=cloud.root)
     write_broker_files(cloud, config)
     # The config goes last: its presence marks the dir complete (init refuses to redo it).
     _write(cloud.config_file, text.encode(), 0o644)

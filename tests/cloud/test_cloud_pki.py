@@ -228,3 +228,30 @@ def test_pki_mosquitto_conf_enforces_tls_identity_and_acl(cloud_dir: CloudDir) -
         "max_inflight_messages 100",
     ]:
         assert expected in lines
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"topic_template": "state/+/{device_id}"},
+        {"broker_port": 70000},
+        {"signing_algorithm": "rsa"},
+        {"server_sans": ["bad name"]},
+        {"devices": ["ok", "not ok"]},
+    ],
+)
+def test_pki_init_checks_everything_before_writing(
+    tmp_path: Path, kwargs: dict[str, object]
+) -> None:
+    root = tmp_path / "c"
+    with pytest.raises(ConfigError):
+        init_cloud(root, **kwargs)  # type: ignore[arg-type]
+    assert not root.exists()
+
+
+def test_pki_ed25519_signing_key_is_supported(tmp_path: Path) -> None:
+    from otad.bundle import Keyring, algorithm_of, load_private_key
+
+    cloud = init_cloud(tmp_path, [], signing_algorithm="ed25519")
+    assert algorithm_of(load_private_key(cloud.signing_key)) == "ed25519"
+    assert len(Keyring.load(cloud.keyring_dir).key_ids) == 1
