@@ -246,3 +246,43 @@ def test_bundle_cli_create_bad_inputs(work: Path, capsys: pytest.CaptureFixture[
     usage = run(capsys, *base, "--image", work / "image.img")  # --key missing: argparse usage error
     assert usage.returncode == 2
     assert not (work / "x.otab").exists()
+
+
+def test_bundle_cli_progress_bar_only_on_a_terminal(work: Path) -> None:
+    """`verify` draws a progress bar when stderr is a terminal (a real pty), none otherwise."""
+    import os
+    import pty
+
+    bundle = work / "update.otab"
+    piped = otad("bundle", "verify", bundle, "--keyring", work / "signing.pub.pem")
+    assert piped.returncode == 0, piped.stderr
+    assert "verifying" not in piped.stderr
+
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [
+                str(OTAD),
+                "bundle",
+                "verify",
+                str(bundle),
+                "--keyring",
+                str(work / "signing.pub.pem"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        seen = b""
+        while True:  # read until the child closes the terminal (bounded by the timeout below)
+            try:
+                part = os.read(controller, 65536)
+            except OSError:  # EIO: the child side is closed
+                break
+            if not part:
+                break
+            seen += part
+        assert process.wait(timeout=60) == 0, seen
+    finally:
+        os.close(controller)
+    assert b"verifying" in seen, seen
