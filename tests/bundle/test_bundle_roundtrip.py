@@ -242,3 +242,17 @@ def test_bundle_key_id_is_a_stable_function_of_the_public_key(ed_key: PrivateKey
     )
     assert key_id_of(ed_key) == hashlib.sha256(der).hexdigest()[:16]
     assert key_id_of(ed_key) == key_id_of(ed_key.public_key())
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_bundle_empty_image_round_trips(
+    write_image: Callable[[bytes], Path], tmp_path: Path, ed_key: PrivateKey, compression: str
+) -> None:
+    from otad.bundle import build_bundle
+
+    out = tmp_path / "empty.otab"
+    built = build_bundle(
+        write_image(b""), out, key=ed_key, version="1", compatible="c", compression=compression
+    )
+    manifest, image = verify_bytes(out.read_bytes(), Keyring.from_keys([ed_key.public_key()]))
+    assert image == b"" and manifest == built and manifest.image_size == 0
