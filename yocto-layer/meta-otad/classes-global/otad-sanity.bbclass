@@ -8,6 +8,7 @@ OTAD_SANITY_SKIP ??= "0"
 
 addhandler otad_sanity_check
 otad_sanity_check[eventmask] = "bb.event.SanityCheck"
+otad_sanity_check[doc] = "Warns when meta-otad is used without the otad distro feature"
 
 python otad_sanity_check() {
     if d.getVar("OTAD_SANITY_SKIP") == "1":
