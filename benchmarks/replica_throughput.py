@@ -4,8 +4,10 @@ Setup (all on loopback, in a temporary directory): ``init_cloud`` makes a cloud 
 ``--devices`` device identities; the system mosquitto runs with its generated config (TLS,
 client certificates, ACL). Each rep runs, for each mode:
 
-* ``replica``: ``otad shadow serve`` as its own process with a fresh SQLite database: parse,
+* ``replicax1``: ``otad shadow serve`` as its own process with a fresh SQLite database: parse,
   merge, fsync'd group commit with outbox, then publish accepted + documents (+ delta).
+* ``replicax2``: two such processes on one database, splitting the shared subscription (the
+  deployment answer to a replica that is CPU-bound in one Python process).
 * ``echo``: a bare aiomqtt loop in its own process, the same identity and topics: receive an
   update, ``await client.publish`` it back on ``.../update/accepted``. No parsing, no storage.
 
@@ -147,6 +149,12 @@ def start_worker(mode: str, cloud: CloudDir, db: Path, log: Path) -> subprocess.
     return proc
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -159,10 +167,14 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
 def run_once(
     mode: str, cloud: CloudDir, devices: list[str], per_device: int, work: Path, rep: int
 ) -> dict[str, float]:
+    """``mode`` is "echo" or "replicaxK" (K replica processes sharing one database)."""
     config = cloud.config()
     host, port = config.broker_host, str(config.broker_port)
     db = work / f"{mode}-{rep}.db"
-    worker = start_worker(mode, cloud, db, work / f"{mode}-{rep}.log")
+    kind, processes = ("echo", 1) if mode == "echo" else ("replica", int(mode.split("x")[1]))
+    workers = [
+        start_worker(kind, cloud, db, work / f"{mode}-{rep}-{i}.log") for i in range(processes)
+    ]
     total = len(devices) * per_device
     try:
         sub = subprocess.Popen(
@@ -186,6 +198,7 @@ def run_once(
             stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # the subscription is in place (no ready signal from mosquitto_sub)
+        startup_cpu = sum(cpu_seconds(w.pid) for w in workers)
         if sub.poll() is not None:
             raise SystemExit(f"mosquitto_sub failed: {sub.stderr.read() if sub.stderr else ''}")
         t0 = time.monotonic()
@@ -216,12 +229,15 @@ def run_once(
             sub.kill()
             raise SystemExit(f"{mode}: not every accepted arrived within the time limit") from None
         t1 = time.monotonic()
+        cpu = sum(cpu_seconds(w.pid) for w in workers) - startup_cpu
         for pub in pubs:
             pub.wait(30)
     finally:
-        stop_worker(worker)
-    result = {"rate": total / (t1 - t0), "seconds": t1 - t0}
-    if mode == "replica":
+        for worker in workers:
+            stop_worker(worker)
+    # CPU per update of the process(es) under test: less sensitive to a busy machine than rates.
+    result = {"rate": total / (t1 - t0), "seconds": t1 - t0, "cpu_us": cpu / total * 1e6}
+    if kind == "replica":
         with sqlite3.connect(db) as conn:
             stored = conn.execute("SELECT COALESCE(SUM(version), 0) FROM shadows").fetchone()[0]
             outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -236,7 +252,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--per-device", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--modes", default="echo,replica")
+    parser.add_argument(
+        "--modes",
+        default="echo,replicax1,replicax2",
+        help="echo and/or replicaxK: K replica processes splitting a shared subscription",
+    )
     parser.add_argument(
         "--no-broker-tuning",
         action="store_true",
@@ -263,7 +283,8 @@ def main() -> None:
                 r = run_once(mode, cloud, devices, args.per_device, work, rep)
                 results.setdefault(mode, []).append(r)
                 print(
-                    f"rep {rep} {mode:8s} {r['rate']:9.0f} updates/s  ({r['seconds']:.2f} s)",
+                    f"rep {rep} {mode:10s} {r['rate']:9.0f} updates/s  ({r['seconds']:.2f} s, "
+                    f"{r['cpu_us']:.0f} us CPU/update)",
                     flush=True,
                 )
     finally:
@@ -278,12 +299,14 @@ def main() -> None:
     for mode, runs in results.items():
         rates = sorted(r["rate"] for r in runs)
         summary[mode] = statistics.median(rates)
+        cpu = statistics.median(r["cpu_us"] for r in runs)
         print(
-            f"{mode:8s} updates/s min/median/max: {rates[0]:.0f} / {statistics.median(rates):.0f}"
-            f" / {rates[-1]:.0f}"
+            f"{mode:10s} updates/s min/median/max: {rates[0]:.0f} / "
+            f"{statistics.median(rates):.0f} / {rates[-1]:.0f}   CPU/update median {cpu:.0f} us"
         )
-    if "echo" in summary and "replica" in summary:
-        print(f"replica / echo (medians): {summary['replica'] / summary['echo']:.2f}x")
+    for mode in summary:
+        if mode != "echo" and "echo" in summary:
+            print(f"{mode} / echo (medians): {summary[mode] / summary['echo']:.2f}x")
     print(f"work dir (logs, databases): {work}")
 
 

@@ -77,9 +77,21 @@ class Device:
                 await asyncio.wait_for(self._new.wait(), left)
 
     async def request(self, suffix: str, payload: Any, answer: str, within: float = 10) -> Any:
-        before = len([p for s, p in self.received if s == answer])
+        """Publish and return the answer: the one echoing the request's clientToken if it has
+        one (other requests' answers may arrive in between), else the next one."""
+        token = payload.get("clientToken") if isinstance(payload, dict) else None
+        before = len(self.of(answer))
         await self.publish(suffix, payload)
-        return (await self.wait_for(answer, count=before + 1, within=within))[-1]
+        deadline = time.monotonic() + within
+        count = before + 1
+        while True:
+            got = await self.wait_for(answer, count=count, within=deadline - time.monotonic())
+            if token is None:
+                return got[before]
+            for body in got[before:]:
+                if body.get("clientToken") == token:
+                    return body
+            count = len(got) + 1
 
     def of(self, suffix: str) -> list[Any]:
         return [p for s, p in self.received if s == suffix]
