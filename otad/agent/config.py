@@ -70,7 +70,7 @@ class BootloaderConfig:
     grub_env_dir: Path = Path("/boot/efi/EFI/otad")  # holds grubenv.0 and grubenv.1
     fw_env_config: Path = Path("/etc/fw_env.config")
     sim_state: Path | None = None  # default: <state_dir>/sim-bootloader.json
-    tries: int = 1
+    tries: int = 3  # boot attempts per committed slot (U-Boot, sim); GRUB's scheme has one
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,7 @@ def _bootloader(t: _Table) -> BootloaderConfig:
         grub_env_dir=t.path("grub_env_dir", d.grub_env_dir),
         fw_env_config=t.path("fw_env_config", d.fw_env_config),
         sim_state=t.path("sim_state"),
-        tries=t.integer("tries", d.tries, minimum=1, maximum=10),
+        tries=t.integer("tries", d.tries, minimum=1, maximum=9),
     )
     t.done()
     return cfg

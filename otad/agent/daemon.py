@@ -73,7 +73,7 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
     if kind == "sim":
         from otad.agent.bootloader.sim import SimBootloader
 
-        return SimBootloader(config.sim_state_path)
+        return SimBootloader(config.sim_state_path, attempts=config.bootloader.tries)
     if kind == "grub":
         from otad.agent.bootloader.grub import GrubBootloader
 
@@ -81,7 +81,7 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
     if kind == "uboot":
         from otad.agent.bootloader.uboot import UBootBootloader
 
-        return UBootBootloader(config.bootloader.fw_env_config)
+        return UBootBootloader(config.bootloader.fw_env_config, attempts=config.bootloader.tries)
     raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
 
 

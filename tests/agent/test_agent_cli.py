@@ -1,0 +1,118 @@
+"""`otad agent ...` commands on a simulated device (sim bootloader, file slots)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from plugins.cloud_env import make_bundle
+
+from otad.cli import main
+
+
+async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed before
+    try:
+        code = await asyncio.to_thread(main, list(argv))
+    finally:
+        # main() points structlog at this test's captured stderr; do not leave it there
+        structlog.reset_defaults()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_cli_status_json(make_device: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    code, out, _ = await run(capsys, "agent", "status", "--json", "--config", str(dev.config_path))
+    status = json.loads(out)
+    assert code == 0 and status["booted"] == "A" and status["version"] == "1.0"
+    assert status["bootloader"]["next"] == "A" and status["job"] is None
+    code, out, _ = await run(capsys, "agent", "status", "--config", str(dev.config_path))
+    assert code == 0 and "booted slot: A" in out
+
+
+async def test_cli_mark_bad_and_good(make_device: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    cfg = str(dev.config_path)
+    assert (await run(capsys, "agent", "mark-bad", "other", "--config", cfg))[0] == 0
+    assert dev.sim.state().slot("B").bad
+    assert (await run(capsys, "agent", "mark-good", "B", "--config", cfg))[0] == 0
+    assert dev.sim.state().slot("B").good and dev.sim.state().next_boot() == "B"
+    assert (await run(capsys, "agent", "mark-good", "--config", cfg))[0] == 0
+    assert dev.sim.state().next_boot() == "A"
+
+
+async def test_cli_install_local_bundle(
+    make_device: Any, cloud_dir: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "rebooted"
+    dev = make_device(
+        "dev1", config={"slots": {"booted": "A"}, "reboot_command": ["touch", str(marker)]}
+    )
+    bundle = make_bundle(cloud_dir, tmp_path / "v2.otb", image_size=1024 * 1024, seed=5)
+    code, out, err = await run(
+        capsys, "agent", "install", str(bundle), "--config", str(dev.config_path)
+    )
+    assert code == 0, err
+    assert "installed into slot B" in out and marker.exists()
+    boot = dev.sim.state()
+    assert boot.slot("B").tries_left == 1 and boot.next_boot() == "B"
+    image = bundle.with_suffix(".img").read_bytes()
+    assert dev.slot_bytes("B")[: len(image)] == image
+    assert dev.slot_bytes("A") == dev.factory["A"]
+
+
+async def test_cli_install_refuses_a_bad_bundle(
+    make_device: Any, cloud_dir: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = make_device("dev1", config={"slots": {"booted": "A"}, "reboot_command": ["false"]})
+    bundle = make_bundle(cloud_dir, tmp_path / "v2.otb", image_size=512 * 1024, compatible="other")
+    code, _, err = await run(
+        capsys, "agent", "install", str(bundle), "--config", str(dev.config_path)
+    )
+    assert code == 1 and "bundle_incompatible" in err
+    assert not dev.sim.state().slot("B").bootable
+    code, _, err = await run(
+        capsys, "agent", "install", "http://x/b", "--config", str(dev.config_path)
+    )
+    assert code == 1 and "only https" in err
+
+
+async def test_cli_install_refused_while_the_daemon_runs(
+    make_device: Any, cloud: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = make_device("dev1")
+    await dev.start()
+    bundle = tmp_path / "x.otb"
+    bundle.write_bytes(b"x")
+    code, _, err = await run(
+        capsys, "agent", "install", str(bundle), "--config", str(dev.config_path)
+    )
+    assert code == 1 and "agent_locked" in err
+
+
+async def test_cli_health_check_exit_codes(
+    make_device: Any, broker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    cfg = str(dev.config_path)
+    code, out, _ = await run(capsys, "agent", "health-check", "--config", cfg)
+    assert code == 0 and "healthy" in out and "broker" in out
+    script = dev.health_d / "50-fail"
+    script.write_text("#!/bin/sh\nexit 1\n")
+    script.chmod(0o755)
+    code, _, err = await run(capsys, "agent", "health-check", "--config", cfg)
+    assert code == 1 and "unhealthy" in err and "50-fail" in err
+
+
+async def test_cli_bad_config_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "otad.toml"
+    cfg.write_text('device_id = "d"\ncompatible = "c"\n[broker]\nhost = "h"\nport = 0\n')
+    code, _, err = await run(capsys, "agent", "status", "--config", str(cfg))
+    assert code == 1 and "broker.port" in err and "config_invalid" in err

@@ -1,0 +1,183 @@
+"""The device's MQTT session against the real broker (TLS + ACL), with a test peer in the
+replica's identity playing the replica: what is sent, re-sent, and what is ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from plugins.cloud_env import mqtt_client
+
+from otad.agent.config import AgentConfig, parse
+from otad.agent.mqtt import ShadowSession, merge_reported, probe_broker
+from otad.errors import BrokerError
+
+
+def device_config(cloud_dir: Any, broker: Any, **broker_extra: Any) -> AgentConfig:
+    ident = cloud_dir.device("dev1")
+    return parse(
+        {
+            "device_id": "dev1",
+            "compatible": "x",
+            "broker": {
+                "host": broker.host,
+                "port": broker.port,
+                "ca": str(cloud_dir.ca_cert),
+                "cert": str(ident.cert),
+                "key": str(ident.key),
+                "report_timeout": 0.5,
+                "reconnect_initial": 0.05,
+                "reconnect_max": 0.5,
+                **broker_extra,
+            },
+            "slots": {"A": {"path": "/a"}, "B": {"path": "/b"}},
+        }
+    )
+
+
+class Peer:
+    """Subscribes to dev1's requests as the replica would; answers as the test says."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.updates: list[dict[str, Any]] = []
+        self.gets = 0
+        self.drop_updates = 0
+
+    async def run(self) -> None:
+        await self.client.subscribe([("state/dev1/update", 1), ("state/dev1/get", 1)])
+        async for message in self.client.messages:
+            body = json.loads(message.payload)
+            if message.topic.value == "state/dev1/get":
+                self.gets += 1
+                await self.document({"state": {"desired": {}}, "version": self.gets})
+                continue
+            self.updates.append(body)
+            if self.drop_updates:
+                self.drop_updates -= 1
+                continue
+            await self.client.publish(
+                "state/dev1/update/accepted",
+                json.dumps({"clientToken": body["clientToken"]}),
+                qos=1,
+            )
+
+    async def document(self, doc: dict[str, Any]) -> None:
+        await self.client.publish("state/dev1/get/accepted", json.dumps(doc), qos=1)
+
+
+@pytest.fixture
+async def peer(cloud_dir: Any, broker: Any) -> AsyncIterator[Peer]:
+    async with mqtt_client(cloud_dir, "replica", broker, identifier="test-peer") as client:
+        p = Peer(client)
+        task = asyncio.create_task(p.run())
+        await asyncio.sleep(0.2)
+        yield p
+        task.cancel()
+        # after a broker restart the peer's iterator already ended with MqttError
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+@pytest.fixture
+async def session_docs(
+    cloud_dir: Any, broker: Any
+) -> AsyncIterator[tuple[ShadowSession, list[Any]]]:
+    docs: list[Any] = []
+    session = ShadowSession(device_config(cloud_dir, broker), docs.append)
+    task = asyncio.create_task(session.run())
+    await asyncio.wait_for(session.connected.wait(), 10)
+    yield session, docs
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def eventually(check: Any, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def test_mqtt_merge_reported_merges_nested_and_replaces_rest() -> None:
+    base = {"software": {"state": "idle", "progress": 0}, "x": [1]}
+    out = merge_reported(base, {"software": {"state": "downloading"}, "x": [2]})
+    assert out == {"software": {"state": "downloading", "progress": 0}, "x": [2]}
+    assert base["software"]["state"] == "idle"
+
+
+async def test_mqtt_gets_the_document_after_connect(peer: Peer, session_docs: Any) -> None:
+    _, docs = session_docs
+    await eventually(lambda: docs)
+    assert peer.gets >= 1 and docs[0]["version"] >= 1
+
+
+async def test_mqtt_report_is_resent_with_the_same_token_until_accepted(
+    peer: Peer, session_docs: Any
+) -> None:
+    session, _ = session_docs
+    peer.drop_updates = 2
+    session.report({"software": {"state": "downloading", "progress": 5}})
+    assert await session.flush(10)
+    assert len(peer.updates) == 3
+    tokens = {u["clientToken"] for u in peer.updates}
+    assert len(tokens) == 1 and len(next(iter(tokens))) <= 64  # idempotent retries
+    assert peer.updates[-1]["state"]["reported"]["software"]["progress"] == 5
+
+
+async def test_mqtt_reports_coalesce_to_the_latest_state(peer: Peer, session_docs: Any) -> None:
+    session, _ = session_docs
+    peer.drop_updates = 1
+    for percent in range(0, 100, 10):
+        session.report({"software": {"state": "downloading", "progress": percent}})
+    assert await session.flush(10)
+    assert peer.updates[-1]["state"]["reported"]["software"]["progress"] == 90
+    assert len(peer.updates) < 10
+
+
+async def test_mqtt_ignores_garbage_oversize_and_older_documents(
+    peer: Peer, session_docs: Any
+) -> None:
+    _, docs = session_docs
+    await eventually(lambda: docs)
+    seen = len(docs)
+    await peer.client.publish("state/dev1/get/accepted", b"\xff not json", qos=1)
+    await peer.client.publish("state/dev1/get/accepted", b"[1, 2]", qos=1)
+    await peer.client.publish("state/dev1/get/accepted", b"{" + b" " * 70_000 + b"}", qos=1)
+    await peer.document({"state": {}, "version": 0})  # older than what we have
+    await peer.document({"state": {"desired": {"software": {}}}, "version": 100})
+    await eventually(lambda: docs and docs[-1].get("version") == 100)
+    assert len(docs) == seen + 1
+
+
+async def test_mqtt_delta_triggers_a_fresh_get(peer: Peer, session_docs: Any) -> None:
+    _, docs = session_docs
+    await eventually(lambda: docs)
+    gets = peer.gets
+    await peer.client.publish(
+        "state/dev1/update/delta", json.dumps({"state": {"software": {}}, "version": 9}), qos=1
+    )
+    await eventually(lambda: peer.gets > gets)
+
+
+async def test_mqtt_reconnects_after_broker_restart(
+    peer: Peer, broker: Any, session_docs: Any
+) -> None:
+    session, docs = session_docs
+    await eventually(lambda: docs)
+    broker.restart()
+    await eventually(lambda: session.connects >= 2, within=20)
+    assert session.connected.is_set()
+
+
+async def test_mqtt_probe_broker(cloud_dir: Any, broker: Any, tmp_path: Path) -> None:
+    await probe_broker(device_config(cloud_dir, broker), 5)
+    with pytest.raises(BrokerError):
+        await probe_broker(device_config(cloud_dir, broker, port=1), 2)
