@@ -268,6 +268,28 @@ def test_qemu_image_uses_the_same_partition_names() -> None:
     assert names[:4] == [partitions()[k] for k in ORDER]
 
 
+def repo_paths_used_by_qemu_build() -> set[str]:
+    """The ``REPO / "<path>"`` expressions in qemu/build-image."""
+    tree = ast.parse((REPO / "qemu" / "build-image").read_text())
+    return {
+        node.right.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Div)
+        and isinstance(node.left, ast.Name)
+        and node.left.id == "REPO"
+        and isinstance(node.right, ast.Constant)
+        and isinstance(node.right.value, str)
+    }
+
+
+def test_qemu_image_boots_the_same_grub_cfg_and_units() -> None:
+    """The files the layer installs are the ones the QEMU image build takes from the checkout."""
+    used = repo_paths_used_by_qemu_build()
+    assert "boot/grub/grub.cfg" in used
+    assert "systemd" in used
+
+
 # --- boot files: the repository's, not copies -----------------------------------------------
 
 
