@@ -249,6 +249,7 @@ def encode_record(record: JobRecord) -> bytes:
         "bundle_url": record.bundle_url,
         "boot_id": record.boot_id,
         "transitions": record.transitions,
+        "last_event": record.last_event,
         "reported": record.reported,
         "error": dict(record.error) if record.error is not None else None,
         "created": record.created,
@@ -302,6 +303,9 @@ def decode_record(data: bytes, where: str = "journal") -> JobRecord:
         and isinstance(error.get("message"), str)
     ):
         raise JournalCorrupt(f"journal: {where}: field 'error' is mistyped")
+    last_event = doc.get("last_event", "")  # absent in records of the first agent builds
+    if not isinstance(last_event, str):
+        raise JournalCorrupt(f"journal: {where}: field 'last_event' is mistyped")
     if doc["transitions"] < 0:
         raise JournalCorrupt(f"journal: {where}: negative transition count")
     try:
@@ -314,6 +318,7 @@ def decode_record(data: bytes, where: str = "journal") -> JobRecord:
             bundle_url=doc["bundle_url"],
             boot_id=doc["boot_id"],
             transitions=doc["transitions"],
+            last_event=last_event,
             reported=doc["reported"],
             error=error,
             created=float(doc["created"]),

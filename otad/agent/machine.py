@@ -166,7 +166,8 @@ class JobRecord:
     query: never log it. ``runtime`` is the runner's own extensible data (resume offsets, ETag,
     manifest fields ...); values must be JSON-serialisable. ``boot_id`` is the kernel boot id at
     the last store, so "did a reboot happen since" is a fact. ``transitions`` counts the stored
-    transitions of this job (the loop breaker). ``reported``: the final state was acknowledged.
+    transitions of this job (the loop breaker); ``last_event`` is the event of the last one.
+    ``reported``: the final state was acknowledged.
     """
 
     job_id: str
@@ -177,6 +178,7 @@ class JobRecord:
     from_version: str = ""
     boot_id: str = ""
     transitions: int = 0
+    last_event: str = ""
     reported: bool = False
     error: Mapping[str, str] | None = None
     created: float = 0.0
@@ -215,6 +217,7 @@ def advance(
     """
     new_state = transition(record.state, event)
     fields: dict[str, Any] = {"reported": False} if new_state in FINAL_STATES else {}
+    fields["last_event"] = Event(event).value
     fields.update(changes)
     return dataclasses.replace(
         record,
@@ -270,9 +273,12 @@ class RecoveryAction:
 
     1. ``mark_bad``: bootloader.mark_bad(slot) (always safe first: it only removes a choice);
     2. ``event``: journal ``advance(record, event, error=error)`` (persist, then act);
-    3. ``step``;
-    4. ``confirm``: bootloader.mark_good(slot) - the booted slot, known good, confirmed for
+    3. ``confirm``: bootloader.mark_good(slot) - the booted slot, known good, confirmed for
        this boot (both schemes consume an attempt on every boot). Never a slot on trial.
+       Before the step: SWITCH_AND_REBOOT's try_once must come after it (mark_good reorders).
+    4. ``step``. SWITCH_AND_REBOOT and ROLLBACK carry no event: their step journals
+       ``reboot_requested`` itself, after try_once / mark_bad, so the record tells whether the
+       switch reached the bootloader (``last_event``).
     """
 
     step: Step
@@ -369,13 +375,16 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
                     reason="target booted and is already committed",
                 )
             return RecoveryAction(Step.VERIFY, event=Event.BOOTED_TARGET, reason="target booted")
-        if not rebooted or target_state.bad:
-            # no reboot yet, or the power went before try_once reached the env: (re)switch
+        switched = record.last_event == Event.REBOOT_REQUESTED.value
+        if not rebooted or target_state.bootable or (target_state.bad and not switched):
+            # no reboot yet; or the bootloader never tried the target (it still has its try,
+            # or the power went before try_once reached the env): switch (again) and reboot
             return RecoveryAction(
                 Step.SWITCH_AND_REBOOT,
-                event=Event.REBOOT_REQUESTED,
+                confirm=_confirm(boot, booted),
                 reason="reboot into the target not done yet",
             )
+        # the try was used (or the target was already marked bad after it): it fell back
         return _boot_failed(record, booted, boot, "the target slot did not come up")
 
     if record.state == State.VERIFYING:
@@ -396,10 +405,7 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
     # ROLLING_BACK
     if on_target:
         return RecoveryAction(
-            Step.ROLLBACK,
-            event=Event.REBOOT_REQUESTED,
-            mark_bad=_ensure_bad(boot, target, booted),
-            reason="rollback interrupted",
+            Step.ROLLBACK, mark_bad=_ensure_bad(boot, target, booted), reason="rollback interrupted"
         )
     return RecoveryAction(
         Step.FINISH,

@@ -166,16 +166,21 @@ def boot_states(target: str) -> list[tuple[str, BootState]]:
 def records(target: str) -> list[tuple[str, JobRecord | None]]:
     out: list[tuple[str, JobRecord | None]] = [("no_record", None)]
     for state, reported, count in itertools.product(State, (False, True), (0, MAX_TRANSITIONS)):
-        rec = JobRecord(
-            job_id="j1",
-            state=state,
-            target_slot=target,
-            version="2.0",
-            transitions=count,
-            reported=reported,
-            boot_id="boot-1",
-        )
-        out.append((f"{state.value}__reported_{reported}__transitions_{count}", rec))
+        # every event that can have led into the state (and none, as an old record has)
+        incoming = ["", *sorted({e.value for (_, e), nxt in TRANSITIONS.items() if nxt == state})]
+        for last in incoming:
+            rec = JobRecord(
+                job_id="j1",
+                state=state,
+                target_slot=target,
+                version="2.0",
+                transitions=count,
+                last_event=last,
+                reported=reported,
+                boot_id="boot-1",
+            )
+            name = f"{state.value}__after_{last or 'nothing'}__reported_{reported}__n_{count}"
+            out.append((name, rec))
     return out
 
 
@@ -234,6 +239,16 @@ def check_safety(
     # reboots go the right way
     if act.step == Step.SWITCH_AND_REBOOT:
         assert booted != target
+        # a target that used its try is never given another one
+        target_state = boot.slot(target)
+        used = not target_state.bootable and (
+            not target_state.bad or rec.last_event == Event.REBOOT_REQUESTED.value
+        )
+        assert not (rebooted and used)
+    if act.error is not None and act.error["code"] == "boot_failed":
+        assert booted != target
+        if rec.state == State.REBOOTING:  # the target never ran: only a used try is a failure
+            assert not boot.slot(target).bootable
     if act.step == Step.ROLLBACK:
         assert booted == target
         assert target_ends_bad or not boot.slot(other_slot(target)).bootable
@@ -247,8 +262,13 @@ def check_safety(
         assert act.event is None
         assert act.step == (Step.NONE if rec.reported else Step.REPORT)
     else:
-        # an unfinished job always moves: an event is stored, or the step re-runs the state
-        assert act.event is not None or act.step == Step.REVERIFY_SLOT
+        # an unfinished job always moves: an event is stored, or the step journals one itself
+        # (switch and rollback store reboot_requested after their bootloader write)
+        assert act.event is not None or act.step in (
+            Step.REVERIFY_SLOT,
+            Step.SWITCH_AND_REBOOT,
+            Step.ROLLBACK,
+        )
     if act.event is not None and after in FINAL_STATES:
         assert act.step in (Step.FINISH, Step.COMMIT)
         if after != State.SUCCEEDED:
@@ -269,8 +289,9 @@ def test_machine_recovery_keeps_the_safety_properties(record_kind: str) -> None:
 
 
 def test_machine_recovery_cross_product_size() -> None:
-    # 2 targets x (1 + 9 states x 2 x 2) records x 2 booted x 2 rebooted x 100 boot states
-    assert len(CASES) == 2 * (1 + len(State) * 4) * 2 * 2 * 100
+    # 2 targets x records (state x last event x reported x counter) x 2 booted x 2 rebooted
+    # x 100 bootloader states
+    assert len(CASES) == 2 * len(records("A")) * 2 * 2 * 100 > 30_000
 
 
 # --- the named cases a reader checks first ---------------------------------------------------
@@ -299,20 +320,38 @@ def test_machine_recovery_booted_target_after_reboot_runs_the_health_check() -> 
 
 
 def test_machine_recovery_fallback_reports_boot_failed() -> None:
-    act = decide_recovery(rec_in(State.REBOOTING), "A", boot(SlotBoot(good=True), TRIED), True)
+    rec = rec_in(State.REBOOTING, last_event="reboot_requested")
+    act = decide_recovery(rec, "A", boot(SlotBoot(good=True), TRIED), True)
     assert act.step == Step.FINISH and act.event == Event.BOOTED_OTHER
     assert act.error is not None and act.error["code"] == "boot_failed"
     assert act.mark_bad == "B" and act.confirm == "A"
 
 
 def test_machine_recovery_power_cut_before_the_switch_switches_again() -> None:
-    act = decide_recovery(rec_in(State.REBOOTING), "A", boot(GOOD, BAD), True)
-    assert act.step == Step.SWITCH_AND_REBOOT and act.event == Event.REBOOT_REQUESTED
+    rec = rec_in(State.REBOOTING, last_event="slot_verified")
+    used = BootState(("A", "B"), {"A": SlotBoot(tries_left=2, good=True), "B": BAD}, full_tries=3)
+    act = decide_recovery(rec, "A", used, True)
+    assert act.step == Step.SWITCH_AND_REBOOT and act.event is None
+    assert act.confirm == "A"  # the old slot is confirmed before try_once reorders
+
+
+def test_machine_recovery_target_marked_bad_after_its_try_is_boot_failed() -> None:
+    # fallback seen, mark_bad done, power gone before the journal said rolled_back
+    rec = rec_in(State.REBOOTING, last_event="reboot_requested")
+    act = decide_recovery(rec, "A", boot(GOOD, BAD), True)
+    assert act.step == Step.FINISH and act.error is not None
+    assert act.error["code"] == "boot_failed"
+
+
+def test_machine_recovery_untried_target_is_switched_again() -> None:
+    rec = rec_in(State.REBOOTING, last_event="reboot_requested")
+    act = decide_recovery(rec, "A", boot(GOOD, TRIAL, ("A", "B")), True)
+    assert act.step == Step.SWITCH_AND_REBOOT
 
 
 def test_machine_recovery_crash_before_reboot_reboots() -> None:
     act = decide_recovery(rec_in(State.REBOOTING), "A", boot(GOOD, TRIAL, ("B", "A")), False)
-    assert act.step == Step.SWITCH_AND_REBOOT and act.confirm is None
+    assert act.step == Step.SWITCH_AND_REBOOT and act.event is None
 
 
 def test_machine_recovery_committed_in_bootloader_finishes_commit() -> None:
