@@ -85,6 +85,13 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     upload_cmd.add_argument("bundle", type=Path, metavar="BUNDLE")
     upload_cmd.set_defaults(handler=_upload)
 
+    artifacts_cmd = commands.add_parser(
+        "artifacts", help="list the stored artifacts: id, version, compatible, size"
+    )
+    artifacts_cmd.add_argument("dir", type=Path, metavar="DIR")
+    artifacts_cmd.add_argument("--json", action="store_true", help="one JSON document")
+    artifacts_cmd.set_defaults(handler=_artifacts)
+
     presign_cmd = commands.add_parser(
         "presign", help="print a pre-signed download URL of ARTIFACT for DEVICE"
     )
@@ -197,4 +204,25 @@ def _presign(args: argparse.Namespace) -> int:
     repository = store.ArtifactRepository(config.artifacts_dir)
     repository.info(args.artifact)  # ArtifactNotFound: no URL for something that is not there
     print(store.presign(config, args.artifact, args.device, args.expires))
+    return 0
+
+
+def _artifacts(args: argparse.Namespace) -> int:
+    import json
+
+    from otad.cloud import pki, store
+
+    config = pki.CloudDir(args.dir).config()
+    infos = store.ArtifactRepository(config.artifacts_dir).all()
+    if args.json:
+        print(json.dumps({"artifacts": [info.to_json() for info in infos]}, indent=1))
+        return 0
+    print(f"{'ID':<64}  {'VERSION':<12} {'COMPATIBLE':<20} {'SECVER':>6} {'SIZE':>12}")
+    for info in infos:
+        manifest = info.manifest
+        print(
+            f"{info.artifact_id:<64}  {manifest.get('version', '?')!s:<12} "
+            f"{manifest.get('compatible', '?')!s:<20} "
+            f"{manifest.get('security_version', '?')!s:>6} {info.size:>12}"
+        )
     return 0

@@ -6,6 +6,7 @@ Endpoints (``docs/cloud.md`` has the full table)::
     PUT /v1/artifacts/{id}       the same, idempotent, the body must hash to {id}
     GET|HEAD /v1/artifacts/{id}  download; Range/If-Range/ETag; pre-signed query or Bearer token
     POST /v1/credentials         mTLS device -> short-lived Bearer token (optionally one artifact)
+    GET /v1/artifacts[/{id}/manifest]  the catalogue, for service identities (mTLS)
     GET /v1/health               liveness, no auth
 
 Artifact id = the SHA-256 (hex) of the whole bundle file. It is content addressed: the same bundle
@@ -404,6 +405,16 @@ class ArtifactRepository:
     def ids(self) -> list[str]:
         return sorted(p.stem for p in self.directory.glob("*.bundle"))
 
+    def all(self) -> list[ArtifactInfo]:
+        """Every complete artifact, oldest first. Blocking."""
+        infos = []
+        for artifact_id in self.ids():
+            try:
+                infos.append(self.info(artifact_id))
+            except ArtifactNotFound:
+                continue  # deleted between the listing and the read
+        return sorted(infos, key=lambda info: (info.mtime, info.artifact_id))
+
     def begin(self, keyring: Keyring, max_bytes: int) -> Upload:
         return Upload(self, keyring, max_bytes)
 
@@ -584,6 +595,8 @@ class ArtifactStore:
         app.router.add_get(ARTIFACT_PATH, self.handle_download, allow_head=True)
         app.router.add_put(ARTIFACT_PATH, self.handle_put)
         app.router.add_post("/v1/credentials", self.handle_credentials)
+        app.router.add_get("/v1/artifacts", self.handle_list)
+        app.router.add_get(ARTIFACT_PATH + "/manifest", self.handle_manifest)
         app.router.add_get("/v1/health", self.handle_health)
         return app
 
@@ -621,6 +634,28 @@ class ArtifactStore:
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    def _require_service(self, request: web.Request) -> str:
+        """Catalogue reads are for the backend's own identities (operators, rollouts)."""
+        peer = peer_common_name(request)
+        if peer is None:
+            raise AuthRequired("store: the artifact catalogue needs a service certificate")
+        if not peer.startswith(SERVICE_PREFIX):
+            raise AuthError(f"store: {peer} may not read the artifact catalogue")
+        return peer
+
+    async def handle_list(self, request: web.Request) -> web.Response:
+        """GET /v1/artifacts: every artifact with its size and manifest (services only)."""
+        self._require_service(request)
+        infos = await asyncio.to_thread(self.repository.all)
+        return web.json_response({"artifacts": [info.to_json() for info in infos]})
+
+    async def handle_manifest(self, request: web.Request) -> web.Response:
+        """GET /v1/artifacts/<id>/manifest: size and signed manifest (services only)."""
+        self._require_service(request)
+        artifact_id = check_artifact_id(request.match_info["artifact_id"])
+        info = await asyncio.to_thread(self.repository.info, artifact_id)
+        return web.json_response(info.to_json())
 
     # authorisation
 

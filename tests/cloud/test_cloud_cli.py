@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from plugins.cloud_env import free_port, make_bundle
 
+from otad.cli import main
 from otad.cli.cloud import parse_duration
 from otad.cloud.broker import wait_port
 from otad.cloud.pki import CloudDir
@@ -28,12 +30,27 @@ OTAD = [sys.executable, "-m", "otad"]
 
 
 def otad(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`otad ARGS` in a child process (for commands that serve or take signals)."""
     result = subprocess.run(
         [*OTAD, *args], capture_output=True, text=True, timeout=120, check=False
     )
     if check and result.returncode != 0:
         raise AssertionError(f"otad {' '.join(args)} failed: {result.stderr}")
     return result
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`otad ARGS` in this process (one-shot commands: same code path, no start-up cost)."""
+    capsys.readouterr()
+    # main() configures logging for a process bound to the captured stderr; put the test
+    # session's configuration back so later log lines do not go to a closed capture.
+    saved = structlog.get_config()
+    try:
+        code = main(list(args))
+    finally:
+        structlog.configure(**saved)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def get(url: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -57,10 +74,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
 
 
 @pytest.fixture
-def cli_cloud(tmp_path: Path) -> Iterator[tuple[CloudDir, Path]]:
-    """A cloud dir made by `otad cloud init` and its broker run by `otad cloud broker`."""
+def cli_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[CloudDir, Path]:
+    """A cloud dir made by `otad cloud init` (no processes running)."""
     root = tmp_path / "cloud"
-    otad(
+    run_cli(
+        capsys,
         "cloud",
         "init",
         str(root),
@@ -71,10 +89,16 @@ def cli_cloud(tmp_path: Path) -> Iterator[tuple[CloudDir, Path]]:
         "--store-port",
         str(free_port()),
     )
-    cloud = CloudDir(root)
+    return CloudDir(root), tmp_path
+
+
+@pytest.fixture
+def cli_cloud(cli_dir: tuple[CloudDir, Path]) -> Iterator[tuple[CloudDir, Path]]:
+    """The same, with its broker run by `otad cloud broker`."""
+    cloud, tmp_path = cli_dir
     config = cloud.config()
     log = (tmp_path / "broker.log").open("wb")
-    broker = subprocess.Popen([*OTAD, "cloud", "broker", str(root)], stdout=log, stderr=log)
+    broker = subprocess.Popen([*OTAD, "cloud", "broker", str(cloud.root)], stdout=log, stderr=log)
     try:
         assert wait_port(config.broker_host, config.broker_port, 10), (
             tmp_path / "broker.log"
@@ -86,24 +110,26 @@ def cli_cloud(tmp_path: Path) -> Iterator[tuple[CloudDir, Path]]:
         log.close()
 
 
-def test_cloud_cli_serve_upload_presign_download(cli_cloud: tuple[CloudDir, Path]) -> None:
+def test_cloud_cli_serve_upload_presign_download(
+    cli_cloud: tuple[CloudDir, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     cloud, tmp = cli_cloud
     config = cloud.config()
-    assert otad("cloud", "add-device", str(cloud.root), "gamma").stdout.splitlines() == [
+    assert run_cli(capsys, "cloud", "add-device", str(cloud.root), "gamma")[1].splitlines() == [
         str(cloud.device("gamma").cert),
         str(cloud.device("gamma").key),
     ]
     bundle = make_bundle(cloud, tmp / "b.otab", image_size=200_000)
-    artifact = otad("cloud", "upload", str(cloud.root), str(bundle)).stdout.strip()
+    artifact = run_cli(capsys, "cloud", "upload", str(cloud.root), str(bundle))[1].strip()
     assert len(artifact) == 64
 
     log = (tmp / "serve.log").open("wb")
     serve = subprocess.Popen([*OTAD, "cloud", "serve", str(cloud.root)], stdout=log, stderr=log)
     try:
         assert wait_port(config.store_host, config.store_port, 20), (tmp / "serve.log").read_text()
-        url = otad(
-            "cloud", "presign", str(cloud.root), artifact, "gamma", "--expires", "5m"
-        ).stdout.strip()
+        url = run_cli(
+            capsys, "cloud", "presign", str(cloud.root), artifact, "gamma", "--expires", "5m"
+        )[1].strip()
         assert url.startswith(f"{config.store_public_url}/v1/artifacts/{artifact}?")
         status, body = get(url, cloud.client_context(cloud.device("gamma")))
         assert status == 200 and body == bundle.read_bytes()
@@ -138,34 +164,51 @@ def test_cloud_cli_second_signal_forces_exit(cli_cloud: tuple[CloudDir, Path]) -
         stop(serve)
 
 
-def test_cloud_cli_upload_rejects_a_tampered_bundle(cli_cloud: tuple[CloudDir, Path]) -> None:
-    cloud, tmp = cli_cloud
+def test_cloud_cli_upload_rejects_a_tampered_bundle(
+    cli_dir: tuple[CloudDir, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud, tmp = cli_dir
     bundle = make_bundle(cloud, tmp / "b.otab", image_size=100_000)
     data = bytearray(bundle.read_bytes())
     data[-10] ^= 0xFF
     bundle.write_bytes(bytes(data))
-    result = otad("cloud", "upload", str(cloud.root), str(bundle), check=False)
-    assert result.returncode == 1
-    assert "artifact_rejected" in result.stderr
+    code, _, err = run_cli(capsys, "cloud", "upload", str(cloud.root), str(bundle))
+    assert code == 1
+    assert err.startswith("otad: error: artifact_rejected: store: bundle rejected: ")
     assert not list(cloud.config().artifacts_dir.glob("*.bundle"))
 
 
-def test_cloud_cli_errors_are_one_line(tmp_path: Path) -> None:
-    result = otad("cloud", "add-device", str(tmp_path), "dev1", check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
+def test_cloud_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "cloud", "add-device", str(tmp_path), "dev1")
+    assert code == 1
+    assert err.strip() == (
         f"otad: error: config_invalid: pki: {tmp_path} is not a cloud dir "
         "(run `otad cloud init` first)"
     )
-    result = otad("cloud", "init", str(tmp_path / "x"), "--devices", "a/b", check=False)
-    assert result.returncode == 1 and "invalid device id" in result.stderr
-    result = otad("cloud", "presign", str(tmp_path), "0" * 64, "dev1", check=False)
-    assert result.returncode == 1 and "config_invalid" in result.stderr
+    code, _, err = run_cli(capsys, "cloud", "init", str(tmp_path / "x"), "--devices", "a/b")
+    assert code == 1 and "invalid device id" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "cloud", "presign", str(tmp_path), "0" * 64, "dev1")
+    assert code == 1 and "config_invalid" in err
 
 
-def test_cloud_cli_presign_refuses_an_unknown_artifact(cloud_dir: CloudDir) -> None:
-    result = otad("cloud", "presign", str(cloud_dir.root), "f" * 64, "dev1", check=False)
-    assert result.returncode == 1 and "artifact_not_found" in result.stderr
+def test_cloud_cli_presign_refuses_an_unknown_artifact(
+    cloud_dir: CloudDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "cloud", "presign", str(cloud_dir.root), "f" * 64, "dev1")
+    assert code == 1 and "artifact_not_found" in err
+
+
+def test_cloud_cli_presign_refuses_a_lifetime_over_7_days(
+    cli_dir: tuple[CloudDir, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud, tmp = cli_dir
+    bundle = make_bundle(cloud, tmp / "b.otab", image_size=10_000)
+    code, out, _ = run_cli(capsys, "cloud", "upload", str(cloud.root), str(bundle))
+    artifact = out.strip()
+    code, _, err = run_cli(
+        capsys, "cloud", "presign", str(cloud.root), artifact, "alpha", "--expires", "8d"
+    )
+    assert code == 1 and "7 days" in err
 
 
 @pytest.mark.parametrize(
@@ -181,7 +224,24 @@ def test_cloud_cli_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
-def test_cloud_cli_init_prints_the_layout(tmp_path: Path) -> None:
-    result = otad("cloud", "init", str(tmp_path / "c"), "--devices", "d1", "--san", "10.0.2.100")
-    assert "device:   d1" in result.stdout
+def test_cloud_cli_init_prints_the_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "cloud", "init", str(tmp_path / "c"), "--devices", "d1", "--san", "10.0.2.100"
+    )
+    assert code == 0 and "device:   d1" in out
     assert os.stat(tmp_path / "c" / "pki" / "devices" / "d1.key").st_mode & 0o777 == 0o600
+
+
+def test_cloud_cli_artifacts_lists_uploads(
+    cli_dir: tuple[CloudDir, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud, tmp = cli_dir
+    bundle = make_bundle(cloud, tmp / "b.otab", version="3.1", image_size=50_000)
+    artifact = run_cli(capsys, "cloud", "upload", str(cloud.root), str(bundle))[1].strip()
+    table = run_cli(capsys, "cloud", "artifacts", str(cloud.root))[1].splitlines()
+    assert table[0].split()[:3] == ["ID", "VERSION", "COMPATIBLE"]
+    assert table[1].split()[:3] == [artifact, "3.1", "qemu-x86_64"]
+    listing = json.loads(run_cli(capsys, "cloud", "artifacts", str(cloud.root), "--json")[1])
+    assert [a["id"] for a in listing["artifacts"]] == [artifact]

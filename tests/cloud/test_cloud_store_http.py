@@ -605,3 +605,19 @@ async def test_store_refuses_to_start_on_a_busy_port(cloud: CloudEnv) -> None:
     )
     with pytest.raises(StoreError, match="cannot listen"):  # the running store has that port
         await other.start()
+
+
+async def test_store_catalogue_is_for_services_only(cloud: CloudEnv, bundle_bytes: bytes) -> None:
+    artifact = await cloud.upload_bytes(bundle_bytes)
+    async with cloud.http("fleet") as session:
+        async with session.get(f"{cloud.store_url}/v1/artifacts") as resp:
+            listing = await resp.json()
+        async with session.get(f"{cloud.store_url}/v1/artifacts/{artifact}/manifest") as resp:
+            one = await resp.json()
+    assert [a["id"] for a in listing["artifacts"]] == [artifact]
+    assert one["size"] == len(bundle_bytes)
+    assert one["manifest"]["version"] == "2.0"
+    for who, expected in [("dev1", (403, "auth_failed")), (None, (401, "auth_required"))]:
+        assert await error_code(cloud, f"{cloud.store_url}/v1/artifacts", who=who) == expected
+        manifest_url = f"{cloud.store_url}/v1/artifacts/{artifact}/manifest"
+        assert await error_code(cloud, manifest_url, who=who) == expected
