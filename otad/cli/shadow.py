@@ -125,5 +125,12 @@ async def _serve(args: argparse.Namespace) -> int:
         replica = Replica(store, settings, template=template, share_group=args.share_group)
         log.info("replica_starting", db=str(db), template=template)
         await replica.run(stop)
-        log.info("replica_stopped", commits=store.batches, units=store.units, **vars(replica.stats))
+        log.info(
+            "replica_stopped",
+            commits=store.batches,
+            units=store.units,
+            writer_busy_s=round(store.busy_seconds, 3),
+            commit_s=round(store.commit_seconds, 3),
+            **vars(replica.stats),
+        )
     return 0

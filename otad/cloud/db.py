@@ -253,8 +253,12 @@ class SqliteStore:
         self._done_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.batches = 0  # counters for logs and benchmarks
+        # Counters for logs and benchmarks: commits, units, seconds the writer was busy and the
+        # part of it spent in COMMIT (the fsync).
+        self.batches = 0
         self.units = 0
+        self.busy_seconds = 0.0
+        self.commit_seconds = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -402,6 +406,7 @@ class SqliteStore:
         loop = self._loop
         assert loop is not None
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             seen = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -425,7 +430,9 @@ class SqliteStore:
                     continue
                 conn.execute("RELEASE unit")
                 results.append((unit.future, result, None))
+            committing = time.perf_counter()
             conn.execute("COMMIT")
+            self.commit_seconds += time.perf_counter() - committing
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -437,6 +444,7 @@ class SqliteStore:
             results = [(unit.future, None, error) for unit in batch]
         self.batches += 1
         self.units += len(batch)
+        self.busy_seconds += time.perf_counter() - started
         loop.call_soon_threadsafe(_resolve, results)
         # Our own commit changes nothing in data_version; read it after, for the next batch.
         return int(conn.execute("PRAGMA data_version").fetchone()[0])
