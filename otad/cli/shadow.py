@@ -14,19 +14,27 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from otad import shadow
-from otad.cloud.db import SqliteStore
-from otad.cloud.pki import CloudDir
-from otad.cloud.replica import SHARE_GROUP, BrokerSettings, Replica, ShadowClient
 from otad.errors import ShadowBadRequest
+
+if TYPE_CHECKING:
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.replica import BrokerSettings
+
+# otad.cloud.* (and aiomqtt behind it) is imported inside the handlers: `otad bundle ...` must
+# start on a build host that has none of the network libraries.
 
 __layer__ = "cli"
 
 log = structlog.get_logger(__name__)
+
+SHARE_GROUP = (
+    "otad-replica"  # the default of otad.cloud.replica.SHARE_GROUP (a test keeps them equal)
+)
 
 
 def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,6 +76,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _broker(cloud: CloudDir, who: str) -> tuple[BrokerSettings, str]:
+    from otad.cloud.replica import BrokerSettings
+
     config = cloud.config()
     settings = BrokerSettings(
         config.broker_host, config.broker_port, cloud.client_context(cloud.service(who))
@@ -93,6 +103,9 @@ def _print(doc: Any) -> None:
 
 
 async def _get(args: argparse.Namespace) -> int:
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.replica import ShadowClient
+
     settings, template = _broker(CloudDir(args.dir), "fleet")
     async with ShadowClient(settings, template, timeout=args.timeout) as client:
         _print(await client.get(args.device_id))
@@ -104,6 +117,9 @@ async def _update(args: argparse.Namespace) -> int:
     reported = _section(args.reported, "reported")
     if desired is shadow.ABSENT and reported is shadow.ABSENT:
         raise ShadowBadRequest("shadow: give --desired and/or --reported")
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.replica import ShadowClient
+
     settings, template = _broker(CloudDir(args.dir), "fleet")
     async with ShadowClient(settings, template, timeout=args.timeout) as client:
         accepted = await client.update(
@@ -114,6 +130,10 @@ async def _update(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from otad.cloud.db import SqliteStore
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.replica import Replica
+
     cloud = CloudDir(args.dir)
     settings, template = _broker(cloud, "replica")
     db = args.db or cloud.config().db_path

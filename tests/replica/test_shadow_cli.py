@@ -78,3 +78,21 @@ async def test_shadow_cli_get_unknown_device_is_404(
 ) -> None:
     code, _, err = await otad("shadow", "get", str(cloud_dir.root), "dev4")
     assert code == 1 and "shadow_not_found" in err
+
+
+def test_shadow_cli_imports_no_network_library_at_module_level() -> None:
+    """`otad bundle` must start without aiomqtt/aiohttp: this module imports them lazily."""
+    import ast
+    from pathlib import Path
+
+    import otad.cli.shadow as cli
+    from otad.cloud import replica
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    names = {
+        (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name) or ""
+        for node in top_level
+    }
+    assert not {n for n in names if n.startswith(("otad.cloud", "aiomqtt", "aiohttp"))}
+    assert cli.SHARE_GROUP == replica.SHARE_GROUP
