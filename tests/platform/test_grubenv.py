@@ -18,6 +18,7 @@ from otad.agent.bootloader.grub import (
     EnvCopy,
     GrubBootloader,
     current_copy,
+    initial_values,
     read_copy,
     render,
     write_initial,
@@ -376,3 +377,20 @@ def test_grub_cfg_reads_the_copies_and_variables_the_backend_writes() -> None:
         assert f" {key}" in load
     assert 'save_env --file "${otad_env}" A_TRY B_TRY' in cfg
     assert "otad.slot=${otad_slot}" in cfg and cfg.rstrip().endswith("reboot")
+
+
+def test_grub_repair_rewrites_both_copies(tmp_path: Path) -> None:
+    write_initial(tmp_path, {**initial_values(), "otad_extra": "quiet"})
+    g = GrubBootloader(tmp_path)
+    for p in g.paths:
+        p.write_bytes(b"\0" * 1024)
+    with pytest.raises(BootloaderEnvCorrupt):
+        g.state()
+    g.repair("B")
+    st_ = g.state()
+    assert st_.order == ("B", "A") and st_.slot("B").good and st_.slot("A").bad
+    assert [read_copy(p).seq for p in g.paths] == [1, 2]
+    # a readable env keeps its otad_* settings through a repair
+    g.write({"otad_extra": "quiet"})
+    g.repair("A")
+    assert g.values()["otad_extra"] == "quiet" and g.values()["otad_trial"] == ""

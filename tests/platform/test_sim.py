@@ -105,3 +105,15 @@ def test_sim_state_file_is_plain_json(tmp_path: Path) -> None:
     SimBootloader(path, durable=False).mark_bad("B")
     raw = json.loads(path.read_text())
     assert raw["slots"]["B"] == {"bad": True, "good": False, "tries": 0}
+
+
+def test_sim_repair_rewrites_a_corrupt_state(tmp_path: Path) -> None:
+    path = tmp_path / "sim.json"
+    sim = SimBootloader(path)
+    sim.fail_boot("B", 2)
+    path.write_bytes(b"{garbage")
+    sim.repair("A")
+    st_ = sim.state()
+    assert st_.next_boot() == "A" and st_.slot("A").good and st_.slot("B").bad
+    sim.mark_good("B")
+    assert sim.power_on() == "B"  # the fail counter was lost with the file: B boots

@@ -364,3 +364,15 @@ def test_uboot_boot_cmd_uses_the_backend_variables() -> None:
     words = script.split()
     assert words.count("if") == words.count("fi")
     assert words.count("do") == words.count("done")
+
+
+def test_uboot_repair_rewrites_a_lost_env(redundant: tuple[UBootBootloader, Path]) -> None:
+    ub, cfg = redundant
+    for loc in ub.locations:
+        loc.device.write_bytes(b"\0" * SIZE)
+    with pytest.raises(BootloaderEnvCorrupt):
+        ub.state()
+    ub.repair("B")
+    env = printenv(cfg)
+    assert env["BOOT_ORDER"] == "B" and env["BOOT_B_LEFT"] == "3" and env["BOOT_A_LEFT"] == "0"
+    assert ub.state().slot("A").bad and ub.primary() == "B"

@@ -14,6 +14,8 @@ Semantics shared by all backends (the GRUB and U-Boot schemes are RAUC's):
 ``try_once(slot)``
     ``slot`` goes first in the boot order with exactly one boot attempt; the other slot keeps its
     state, so when that attempt is used up without a ``mark_good`` the bootloader falls back.
+``repair(booted)``
+    a corrupt or missing env is rewritten: ``booted`` good and first, the other slot bad.
 ``mark_good(slot)``
     ``slot`` is committed: first in the order, the full number of attempts. Both schemes consume
     an attempt on *every* boot, also of a committed slot, so the running system confirms its
@@ -140,4 +142,13 @@ class Bootloader(Protocol):
 
     def primary(self) -> str | None:
         """The slot the next power-on would boot (None: no bootable slot)."""
+        ...
+
+    def repair(self, booted: str) -> None:
+        """Rewrite a lost or corrupt environment from what is known for sure.
+
+        For the agent when :meth:`state` raised BootloaderEnvCorrupt (the bootloader then
+        rescue-booted slot A): ``booted`` becomes the good, first slot; the other slot is marked
+        bad, since nothing vouches for its content.
+        """
         ...

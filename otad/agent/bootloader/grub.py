@@ -131,11 +131,16 @@ def render(values: Mapping[str, str], seq: int) -> bytes:
     return grubenv.encode(body)
 
 
-def write_initial(env_dir: Path, values: Mapping[str, str] | None = None) -> None:
+def write_initial(
+    env_dir: Path,
+    values: Mapping[str, str] | None = None,
+    *,
+    names: tuple[str, str] = COPY_NAMES,
+) -> None:
     """Create both copies (image builders; also a device whose env was lost)."""
     env_dir.mkdir(parents=True, exist_ok=True)
     vals = dict(values) if values is not None else initial_values()
-    for seq, name in enumerate(COPY_NAMES, start=1):
+    for seq, name in enumerate(names, start=1):
         replace_file(env_dir / name, render(vals, seq))
 
 
@@ -204,6 +209,23 @@ class GrubBootloader:
                 replace_file(path, data)
         except OSError as exc:
             raise BootloaderError(f"grub: cannot write grubenv at {path}: {exc}") from exc
+
+    def repair(self, booted: str) -> None:
+        check_slot(booted)
+        other = other_slot(booted)
+        values = initial_values((booted, other))
+        values.update({f"{other}_OK": "0"})
+        try:
+            extra = {k: v for k, v in self.values().items() if k.startswith("otad_")}
+        except BootloaderEnvCorrupt:
+            extra = {}
+        extra.pop(TRIAL, None)
+        values.update(extra)
+        try:
+            write_initial(self.env_dir, values, names=(self.paths[0].name, self.paths[1].name))
+        except OSError as exc:
+            raise BootloaderError(f"grub: cannot write grubenv in {self.env_dir}: {exc}") from exc
+        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
 
     def mark_bad(self, slot: str) -> None:
         check_slot(slot)

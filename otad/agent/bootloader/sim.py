@@ -105,6 +105,29 @@ class SimBootloader:
     def primary(self) -> str | None:
         return self.state().next_boot()
 
+    def repair(self, booted: str) -> None:
+        check_slot(booted)
+        other = other_slot(booted)
+        try:
+            raw = self._load()
+            fails, boots = raw["fails"], raw["boots"]
+        except BootloaderError:
+            fails, boots = {s: 0 for s in SLOTS}, 0
+        self._save(
+            {
+                "format": FORMAT,
+                "order": [booted, other],
+                "slots": {
+                    booted: {"bad": False, "tries": self.attempts, "good": True},
+                    other: {"bad": True, "tries": 0, "good": False},
+                },
+                "fails": fails,
+                "booted": booted,
+                "boots": boots,
+            }
+        )
+        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
+
     # --- the simulated hardware -----------------------------------------------------------
 
     def fail_boot(self, slot: str, times: int = FOREVER) -> None:

@@ -225,6 +225,17 @@ class UBootBootloader:
 
     # --- Bootloader protocol --------------------------------------------------------------
 
+    def repair(self, booted: str) -> None:
+        check_slot(booted)
+        other = other_slot(booted)
+        values = initial_values((booted,), self.attempts)
+        values[f"BOOT_{other}_LEFT"] = "0"
+        try:
+            self.initialize(values)
+        except OSError as exc:
+            raise BootloaderError(f"u-boot: cannot write env: {exc}") from exc
+        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
+
     def state(self) -> BootState:
         return scheme_state(self.values(), self.attempts)
 
