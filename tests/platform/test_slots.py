@@ -9,6 +9,7 @@ import resource
 import signal
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,45 @@ def test_slots_writer_full_file_system_is_no_space(tmp_path: Path) -> None:
             assert getattr(info.value.__cause__, "errno", None) == errno.ENOSPC
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def loop_slots(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two real block devices: loop devices over 4 MiB files (detached afterwards)."""
+    devices: list[str] = []
+    try:
+        for name in ("a.img", "b.img"):
+            backing = tmp_path / name
+            with backing.open("wb") as f:
+                f.truncate(4 * MiB)
+            proc = subprocess.run(
+                ["losetup", "-f", "--show", str(backing)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if proc.returncode != 0:
+                pytest.fail(f"losetup is needed for the block-device tests: {proc.stderr.strip()}")
+            devices.append(proc.stdout.strip())
+        yield Path(devices[0]), Path(devices[1])
+    finally:
+        for dev in devices:
+            subprocess.run(["losetup", "-d", dev], timeout=30, check=False)
+
+
+def test_slots_writer_on_a_real_block_device(loop_slots: tuple[Path, Path]) -> None:
+    a, b = loop_slots
+    layout = SlotLayout.from_config({"A": str(a), "B": str(b)})
+    image = os.urandom(MiB + 4096)
+    with open_target(layout, "A", image_size=len(image)) as w:
+        assert w.capacity == 4 * MiB and w.slot == "B"
+        w.write(image)
+        result = w.finish(hashlib.sha256(image).hexdigest())
+    assert result.size == len(image)
+    with b.open("rb") as f:
+        assert f.read(len(image)) == image
+    with pytest.raises(BootedSlotWrite, match="booted"):
+        SlotWriter(b, booted=b, slot="B")
+    with pytest.raises(SlotTooSmall):
+        open_target(layout, "A", image_size=4 * MiB + 1)
