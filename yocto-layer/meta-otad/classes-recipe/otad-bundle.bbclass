@@ -58,9 +58,10 @@ OTAD_BUNDLE_DEVICE ??= ""
 OTAD_BUNDLE_NAME ??= "${PN}-${MACHINE}"
 OTAD_BUNDLE_EXAMPLE_KEY_SHA256 = "37fd89760e2ddc37f45974be80cc73acb6298632ed27e1b7b0461affcaba7bf4"
 
-inherit deploy nopackages
+inherit deploy nopackages python3native
 
-# otad-native provides the `otad` command in the recipe's native sysroot.
+# otad-native provides the `otad` command in the recipe's native sysroot; python3native the
+# Python it runs on (nativepython3).
 DEPENDS += "otad-native"
 
 # A bundle has no source of its own: everything before the bundle task is a no-op.

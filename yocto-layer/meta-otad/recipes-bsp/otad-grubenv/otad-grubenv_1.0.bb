@@ -19,7 +19,7 @@ S = "${UNPACKDIR}"
 OTAD_GRUB_KERNEL ?= "/boot/${KERNEL_IMAGETYPE}"
 OTAD_GRUB_CONSOLE ?= "ttyS0,115200"
 
-inherit deploy nopackages
+inherit deploy nopackages python3native
 
 do_configure[noexec] = "1"
 

@@ -25,7 +25,7 @@ SRC_URI = "\
 UNPACKDIR ??= "${WORKDIR}"
 S = "${UNPACKDIR}"
 
-inherit deploy nopackages kernel-arch
+inherit deploy nopackages kernel-arch python3native
 
 do_configure[noexec] = "1"
 
