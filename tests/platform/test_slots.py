@@ -358,3 +358,18 @@ def test_slots_writer_on_a_real_block_device(loop_slots: tuple[Path, Path]) -> N
         SlotWriter(b, booted=b, slot="B")
     with pytest.raises(SlotTooSmall):
         open_target(layout, "A", image_size=4 * MiB + 1)
+
+
+def test_slots_writer_without_running_hash_still_verifies_the_medium(
+    file_slots: SlotLayout,
+) -> None:
+    image = os.urandom(MiB)
+    with open_target(file_slots, "A", hash_writes=False) as w:
+        w.write(image)
+        with pytest.raises(ValueError, match="expected hash"):
+            w.finish()
+        assert w.finish(hashlib.sha256(image).hexdigest()).size == MiB
+    with open_target(file_slots, "A", hash_writes=False, offset=MiB // 2) as w:
+        w.write(b"x")  # changes the image: the medium no longer matches
+        with pytest.raises(SlotVerifyFailed, match="expected"):
+            w.finish(hashlib.sha256(image).hexdigest())
