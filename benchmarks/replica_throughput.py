@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -37,36 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from otad.cloud.broker import mosquitto_path, wait_port
-from otad.cloud.pki import CloudDir, Identity, init_cloud, write_broker_files
+from otad.cloud.broker import BrokerProcess
+from otad.cloud.pki import CloudDir, Identity, init_cloud
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The replica subscribes to every device's requests: mosquitto's default queue of 1000 messages
-# per client drops a burst (logged as "Outgoing messages are being dropped"), and its default
-# window of 20 QoS 1 messages in flight throttles the replica. Appended to the generated config
-# unless --no-broker-tuning (the default config then loses messages under this load).
-BROKER_TUNING = ["max_queued_messages 200000", "max_inflight_messages 100"]
-
-
-def start_broker(cloud: CloudDir, work: Path, tuning: list[str]) -> subprocess.Popen[bytes]:
-    config = cloud.config()
-    write_broker_files(cloud, config)
-    conf = work / "mosquitto-bench.conf"
-    conf.write_text(cloud.mosquitto_conf.read_text() + "\n".join(["", *tuning, ""]))
-    log = (work / "mosquitto.log").open("ab")
-    proc = subprocess.Popen(
-        [mosquitto_path(config), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-    )
-    if not wait_port(config.broker_host, config.broker_port, 10):
-        proc.kill()
-        raise SystemExit(f"mosquitto did not start; see {work / 'mosquitto.log'}")
-    return proc
-
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -165,7 +143,13 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_once(
-    mode: str, cloud: CloudDir, devices: list[str], per_device: int, work: Path, rep: int
+    mode: str,
+    cloud: CloudDir,
+    devices: list[str],
+    per_device: int,
+    work: Path,
+    rep: int,
+    broker_pid: int,
 ) -> dict[str, float]:
     """``mode`` is "echo" or "replicaxK" (K replica processes sharing one database)."""
     config = cloud.config()
@@ -199,6 +183,7 @@ def run_once(
         )
         time.sleep(1.0)  # the subscription is in place (no ready signal from mosquitto_sub)
         startup_cpu = sum(cpu_seconds(w.pid) for w in workers)
+        broker_cpu = cpu_seconds(broker_pid)
         if sub.poll() is not None:
             raise SystemExit(f"mosquitto_sub failed: {sub.stderr.read() if sub.stderr else ''}")
         t0 = time.monotonic()
@@ -230,13 +215,19 @@ def run_once(
             raise SystemExit(f"{mode}: not every accepted arrived within the time limit") from None
         t1 = time.monotonic()
         cpu = sum(cpu_seconds(w.pid) for w in workers) - startup_cpu
+        broker_cpu = cpu_seconds(broker_pid) - broker_cpu
         for pub in pubs:
             pub.wait(30)
     finally:
         for worker in workers:
             stop_worker(worker)
     # CPU per update of the process(es) under test: less sensitive to a busy machine than rates.
-    result = {"rate": total / (t1 - t0), "seconds": t1 - t0, "cpu_us": cpu / total * 1e6}
+    result = {
+        "rate": total / (t1 - t0),
+        "seconds": t1 - t0,
+        "cpu_us": cpu / total * 1e6,
+        "broker_cpu_us": broker_cpu / total * 1e6,
+    }
     if kind == "replica":
         with sqlite3.connect(db) as conn:
             stored = conn.execute("SELECT COALESCE(SUM(version), 0) FROM shadows").fetchone()[0]
@@ -257,11 +248,6 @@ def main() -> None:
         default="echo,replicax1,replicax2",
         help="echo and/or replicaxK: K replica processes splitting a shared subscription",
     )
-    parser.add_argument(
-        "--no-broker-tuning",
-        action="store_true",
-        help="run mosquitto with the generated config exactly",
-    )
     parser.add_argument("--echo-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_worker:
@@ -274,26 +260,26 @@ def main() -> None:
     cloud = init_cloud(work / "cloud", devices, broker_port=free_port(), store_port=free_port())
     for device in devices:
         (work / f"{device}.lines").write_text(update_lines(device, args.per_device))
-    tuning = [] if args.no_broker_tuning else BROKER_TUNING
-    broker = start_broker(cloud, work, tuning)
+    broker = BrokerProcess(cloud, log_path=work / "mosquitto.log")  # the generated config
+    broker.start()
     results: dict[str, list[dict[str, float]]] = {}
     try:
         for rep in range(args.reps):
             for mode in args.modes.split(","):
-                r = run_once(mode, cloud, devices, args.per_device, work, rep)
+                assert broker.pid is not None
+                r = run_once(mode, cloud, devices, args.per_device, work, rep, broker.pid)
                 results.setdefault(mode, []).append(r)
                 print(
                     f"rep {rep} {mode:10s} {r['rate']:9.0f} updates/s  ({r['seconds']:.2f} s, "
-                    f"{r['cpu_us']:.0f} us CPU/update)",
+                    f"{r['cpu_us']:.0f} us CPU/update, broker {r['broker_cpu_us']:.0f} us)",
                     flush=True,
                 )
     finally:
-        broker.terminate()
-        broker.wait(15)
+        broker.stop()
     total = args.devices * args.per_device
     print(
         f"\n{args.devices} devices x {args.per_device} updates = {total} per run, "
-        f"{args.reps} reps, cpus={os.cpu_count()}, broker tuning: {tuning or 'none'}"
+        f"{args.reps} reps, cpus={os.cpu_count()}"
     )
     summary = {}
     for mode, runs in results.items():
