@@ -90,6 +90,55 @@ def test_units_security_exposure_is_low(tmp_path: Path, name: str) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
 
 
+def enabled_unit_dir(dest: Path, edit: dict[str, tuple[str, str]] | None = None) -> Path:
+    """The units as `systemctl enable` leaves them: copies plus the .wants/.requires links."""
+    dest.mkdir()
+    for name in UNITS:
+        copy = rewritten_copy(SYSTEMD / name, dest)
+        if edit and name in edit:
+            old, new = edit[name]
+            assert old in copy.read_text()
+            copy.write_text(copy.read_text().replace(old, new))
+        for entry in entries(name):
+            if entry.section == "Install" and entry.key in ("WantedBy", "RequiredBy"):
+                suffix = ".wants" if entry.key == "WantedBy" else ".requires"
+                for target in entry.value.split():
+                    links = dest / f"{target}{suffix}"
+                    links.mkdir(exist_ok=True)
+                    (links / name).symlink_to(f"../{name}")
+    return dest
+
+
+def verify_boot_targets(unit_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Verify the targets the units hook into, as a boot would start them (vendor units + ours)."""
+    tool = shutil.which("systemd-analyze")
+    assert tool
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{unit_dir}:/lib/systemd/system")
+    targets = ["/lib/systemd/system/multi-user.target", "/lib/systemd/system/boot-complete.target"]
+    return subprocess.run(
+        [tool, "verify", "--man=no", *targets],
+        cwd=unit_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def test_units_enabled_make_no_ordering_cycle(tmp_path: Path) -> None:
+    result = verify_boot_targets(enabled_unit_dir(tmp_path / "units"))
+    assert result.returncode == 0, result.stderr
+    assert "cycle" not in result.stderr and "otad" not in result.stderr, result.stderr
+
+
+def test_units_cycle_check_is_not_vacuous(tmp_path: Path) -> None:
+    """Ordering the health check after multi-user.target (which wants it) is caught."""
+    edit = {"otad-health.service": ("After=network-online.target", "After=multi-user.target")}
+    result = verify_boot_targets(enabled_unit_dir(tmp_path / "units", edit))
+    assert "ordering cycle" in result.stderr
+
+
 def test_agent_unit_is_notify_with_watchdog() -> None:
     assert service("otad.service", "Type") == ["notify"]
     assert service("otad.service", "NotifyAccess") == ["main"]
