@@ -394,3 +394,26 @@ def test_grub_repair_rewrites_both_copies(tmp_path: Path) -> None:
     g.write({"otad_extra": "quiet"})
     g.repair("A")
     assert g.values()["otad_extra"] == "quiet" and g.values()["otad_trial"] == ""
+
+
+class Crash(Exception):
+    """Stands for os._exit in the crash matrix: the process ends in the middle of a write."""
+
+
+@pytest.mark.parametrize("crash_on_copy", [1, 2])
+def test_grub_fault_hook_tears_a_real_write(tmp_path: Path, crash_on_copy: int) -> None:
+    write_initial(tmp_path)
+    calls: list[str] = []
+
+    def fault(point: str) -> None:
+        calls.append(point)
+        if len(calls) == crash_on_copy:
+            raise Crash(point)
+
+    g = GrubBootloader(tmp_path, fault=fault)
+    before = g.state()
+    with pytest.raises(Crash, match="bootloader_env_half_written"):
+        g.mark_bad("B")
+    after = GrubBootloader(tmp_path).state()
+    # a torn first copy leaves the old state; once the first copy is whole, the new one
+    assert after == before if crash_on_copy == 1 else after.slot("B").bad

@@ -376,3 +376,23 @@ def test_uboot_repair_rewrites_a_lost_env(redundant: tuple[UBootBootloader, Path
     env = printenv(cfg)
     assert env["BOOT_ORDER"] == "B" and env["BOOT_B_LEFT"] == "3" and env["BOOT_A_LEFT"] == "0"
     assert ub.state().slot("A").bad and ub.primary() == "B"
+
+
+class Crash(Exception):
+    """Stands for os._exit in the crash matrix: the process ends in the middle of a write."""
+
+
+def test_uboot_fault_hook_tears_a_real_write(redundant: tuple[UBootBootloader, Path]) -> None:
+    ub, cfg = redundant
+
+    def fault(point: str) -> None:
+        raise Crash(point)
+
+    torn = UBootBootloader(cfg, fault=fault)
+    before = ub.state()
+    with pytest.raises(Crash, match="bootloader_env_half_written"):
+        torn.mark_bad("B")
+    assert ub.state() == before
+    assert printenv(cfg)["BOOT_ORDER"] == "A B"
+    ub.mark_bad("B")  # the next write goes over the torn copy and wins
+    assert printenv(cfg)["BOOT_ORDER"] == "A"

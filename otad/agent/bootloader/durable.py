@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 __layer__ = "adapter"
@@ -58,21 +60,56 @@ def replace_file(path: Path, data: bytes, *, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def overwrite_file(path: Path, data: bytes) -> None:
-    """Rewrite ``path`` in place (no truncation, same blocks) and fsync it.
+#: A test-only fault hook: called with a point name in the middle of an env write (after the
+#: first half reached the medium). The crash matrix passes one that ends the process there.
+FaultHook = Callable[[str], None]
+HALF_WRITTEN = "bootloader_env_half_written"
 
-    The file must already have exactly ``len(data)`` bytes; otherwise FileNotFoundError or
-    ValueError, and the caller falls back to :func:`replace_file`.
+
+def overwrite_file(
+    path: Path,
+    data: bytes,
+    *,
+    offset: int = 0,
+    size: int | None = None,
+    fault: FaultHook | None = None,
+) -> None:
+    """Rewrite ``path`` in place at ``offset`` (no truncation, same blocks) and fsync it.
+
+    A regular file must already have exactly ``offset + len(data)`` bytes (``size``: the
+    expected total, default that) - otherwise FileNotFoundError or ValueError, and the caller
+    falls back to :func:`replace_file`. With ``fault``, the bytes up to the middle of the
+    changed range are written and fsync'd, then ``fault(HALF_WRITTEN)`` runs: a torn write for
+    tests (the middle of the *change*, so the tear really splits old and new content).
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    # read access only for the test-only tear, which looks at the bytes it replaces
+    fd = os.open(path, (os.O_RDWR if fault is not None else os.O_WRONLY) | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        if size != len(data):
-            raise ValueError(f"{path}: has {size} bytes, expected {len(data)}")
+        st = os.fstat(fd)
+        expected = size if size is not None else offset + len(data)
+        if stat.S_ISREG(st.st_mode) and st.st_size != expected:
+            raise ValueError(f"{path}: has {st.st_size} bytes, expected {expected}")
         view = memoryview(data)
-        offset = 0
-        while offset < len(data):
-            offset += os.pwrite(fd, view[offset:], offset)
+        done = 0
+        if fault is not None:
+            half = _middle_of_change(os.pread(fd, len(data), offset), data)
+            while done < half:
+                done += os.pwrite(fd, view[done:half], offset + done)
+            os.fsync(fd)
+            fault(HALF_WRITTEN)
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], offset + done)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _middle_of_change(old: bytes, new: bytes) -> int:
+    """An offset in the middle of the bytes that differ between ``old`` and ``new``."""
+    length = len(new)
+    old = old.ljust(length, b"\0")
+    first = next((i for i in range(length) if old[i] != new[i]), None)
+    if first is None:
+        return length // 2
+    last = next(i for i in range(length - 1, -1, -1) if old[i] != new[i])
+    return max(first + 1, (first + last + 1) // 2)

@@ -39,7 +39,7 @@ from pathlib import Path
 import structlog
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, grubenv, other_slot
-from otad.agent.bootloader.durable import overwrite_file, replace_file
+from otad.agent.bootloader.durable import FaultHook, overwrite_file, replace_file
 from otad.errors import BootloaderEnvCorrupt, BootloaderError
 
 __layer__ = "adapter"
@@ -149,9 +149,16 @@ class GrubBootloader:
 
     name = "grub"
 
-    def __init__(self, env_dir: Path, *, names: tuple[str, str] = COPY_NAMES) -> None:
+    def __init__(
+        self,
+        env_dir: Path,
+        *,
+        names: tuple[str, str] = COPY_NAMES,
+        fault: FaultHook | None = None,
+    ) -> None:
         self.env_dir = Path(env_dir)
         self.paths = (self.env_dir / names[0], self.env_dir / names[1])
+        self._fault = fault  # test-only: see durable.overwrite_file
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -203,7 +210,7 @@ class GrubBootloader:
     def _store(self, path: Path, data: bytes) -> None:
         try:
             try:
-                overwrite_file(path, data)
+                overwrite_file(path, data, fault=self._fault)
             except (FileNotFoundError, ValueError):
                 # first write of this copy, or a copy of the wrong size: create it whole
                 replace_file(path, data)

@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, other_slot, ubootenv
+from otad.agent.bootloader.durable import FaultHook, overwrite_file
 from otad.errors import BootloaderEnvCorrupt, BootloaderError, ConfigError
 
 __layer__ = "adapter"
@@ -109,7 +110,9 @@ class UBootBootloader:
         *,
         locations: tuple[EnvLocation, ...] | None = None,
         attempts: int = DEFAULT_ATTEMPTS,
+        fault: FaultHook | None = None,
     ) -> None:
+        self._fault = fault  # test-only: see durable.overwrite_file
         if locations is None:
             try:
                 text = Path(config).read_text()
@@ -191,15 +194,9 @@ class UBootBootloader:
             loc = self.locations[0]
             blob = ubootenv.encode(values, loc.size)
         try:
-            fd = os.open(loc.device, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                view = memoryview(blob)
-                done = 0
-                while done < len(blob):
-                    done += os.pwrite(fd, view[done:], loc.offset + done)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # a file or device region is rewritten in place; whatever follows it stays
+            size = os.stat(loc.device).st_size
+            overwrite_file(loc.device, blob, offset=loc.offset, size=size, fault=self._fault)
         except OSError as exc:
             raise BootloaderError(f"u-boot: cannot write env at {loc.device}: {exc}") from exc
 
