@@ -23,12 +23,13 @@ ones are rejected with 429 instead of queueing without bound.
 
 Throughput: requests that arrive together are processed as one unit of work and the store
 commits everything queued in one transaction (group commit), so one fsync covers hundreds of
-updates. Publishing does not wait for each PUBACK. aiomqtt's ``publish()`` and message iterator
-cost a task, an event and a ``wait_for`` per message, which measured slower than the disk; so on
-the hot path this module hooks the underlying paho client's ``on_message``/``on_publish``
-callbacks (they run on the event loop thread) and calls paho's ``publish`` directly. That use
-of aiomqtt internals is confined to :class:`_Wire`; connecting, subscribing and detecting a
-lost connection use aiomqtt's public API.
+updates. Publishing does not wait for each PUBACK (a window of unacknowledged QoS 1 messages).
+The replica's connection is :class:`_Wire`, a small MQTT 3.1.1 client on an asyncio protocol,
+not aiomqtt: measured with the benchmark, paho (under aiomqtt) spent more CPU per update than
+parsing, merging and storing it (a task + event + ``wait_for`` per aiomqtt publish, one TLS read
+per header byte, one TLS record per packet, Python objects per PUBACK). _Wire parses everything
+one read brings in one go and writes everything of one loop iteration in one TLS record.
+:class:`ShadowClient`, with its few requests, uses aiomqtt.
 
 :class:`ShadowClient` is the operator side (rollouts, ``otad shadow``, tests): it publishes to a
 device's update/get topic with the fleet identity and awaits the accepted/rejected answer that
@@ -48,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 import structlog
 
 from otad import shadow
@@ -187,90 +187,248 @@ def _rejection(
 # --- the MQTT hot path -------------------------------------------------------------------------
 
 
-class _BufferedReads:
-    """paho's socket, with reads served from one large read of the TLS socket.
-
-    paho parses a packet by reading its header one byte at a time, each a separate TLS read
-    (three or four per packet), which profiled as about a third of the replica's event loop
-    time. Everything else is passed through. ``pending()`` counts the buffered bytes, so
-    aiomqtt's reader keeps calling paho until the buffer is empty.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._data = b""
-        self._pos = 0
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._data):
-            data = self._sock.recv(65536)  # SSLWantReadError / BlockingIOError go to paho
-            if not data:
-                return b""  # end of stream
-            self._data, self._pos = data, 0
-        chunk = self._data[self._pos : self._pos + size]
-        self._pos += len(chunk)
-        return chunk
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._data) - self._pos + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
 
 
-class _Wire:
-    """Fast receive/publish on an aiomqtt client's paho core (see the module docstring).
+def _mqtt_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return len(raw).to_bytes(2, "big") + raw
 
-    Publishing keeps at most ``window`` QoS 1 messages unacknowledged in paho and queues the
-    rest here: paho scans every queued outgoing message on each PUBACK (``_update_inflight``),
-    so handing it thousands at once makes publishing quadratic.
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + _remaining_length(len(body)) + body
+
+
+_HANDSHAKE_SECONDS = 30.0
+_PINGREQ = b"\xc0\x00"
+_DISCONNECT = b"\xe0\x00"
+_CONNACK_ERRORS = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+
+
+class _Wire(asyncio.Protocol):
+    """A minimal MQTT 3.1.1 client for the replica's hot path (see the module docstring).
+
+    It does exactly what the replica needs: CONNECT with a clean session, SUBSCRIBE at QoS 1,
+    receive PUBLISH at QoS 0/1 (PUBACK sent at once), publish at QoS 0/1 keeping at most
+    ``window`` QoS 1 messages unacknowledged, PINGREQ for keepalive. Everything received in one
+    read is parsed in one go and handed over as one batch; everything written in one loop
+    iteration goes out in one ``transport.write`` (one TLS record for many packets).
     """
 
     def __init__(
         self,
-        client: aiomqtt.Client,
         on_messages: Callable[[list[_Request]], None],
         on_acked: Callable[[list[int]], None],
         window: int,
         stats: ReplicaStats,
     ) -> None:
-        self._paho: paho.Client = client._client
-        if self._paho._sock is not None:
-            self._paho._sock = _BufferedReads(self._paho._sock)
         self._loop = asyncio.get_running_loop()
-        self._inbox: list[_Request] = []
-        self._acked: list[int] = []
-        self._unacked: dict[int, int] = {}  # mid -> outbox id (0: not in the outbox)
-        self._queue: collections.deque[_Outgoing] = collections.deque()
-        self._window = window
         self._on_messages = on_messages
         self._on_acked = on_acked
-        self._aiomqtt_on_publish: Any = self._paho.on_publish
-        self._paho.on_message = self._message
-        self._paho.on_publish = self._published
-        # paho logs every packet through the logging module when a logger is set; at thousands
-        # of packets per second that is measurable and says nothing the stats do not.
-        self._paho.disable_logger()
+        self._window = window
         self._stats = stats
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+        self._paused = False
+        self._next_id = 0
+        self._unacked: dict[int, int] = {}  # packet id -> outbox id (0: not in the outbox)
+        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._acked: list[int] = []
+        self._connack: asyncio.Future[int] = self._loop.create_future()
+        self._subacks: dict[int, asyncio.Future[bytes]] = {}
+        self.lost: asyncio.Future[None] = self._loop.create_future()
         self.idle = asyncio.Event()  # nothing queued or unacknowledged
         self.idle.set()
+        self.last_received = time.monotonic()
 
-    def _message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
-        if not self._inbox:
-            self._loop.call_soon(self._flush_inbox)
-        self._inbox.append(_Request(message.topic, bytes(message.payload)))
+    # --- asyncio.Protocol --------------------------------------------------------------------
 
-    def _flush_inbox(self) -> None:
-        batch, self._inbox = self._inbox, []
-        self._on_messages(batch)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
 
-    def _published(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        if self._aiomqtt_on_publish is not None:
-            self._aiomqtt_on_publish(client, userdata, mid, rc, props)
-        outbox_id = self._unacked.pop(mid, None)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        error = BrokerError(f"replica: connection to the broker lost: {exc or 'closed'}")
+        futures: list[asyncio.Future[Any]] = [self.lost, self._connack, *self._subacks.values()]
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+        self.lost.exception()  # retrieved here so asyncio never logs it as unhandled
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        buf = self._buffer
+        buf += data
+        pos, end = 0, len(buf)
+        requests: list[_Request] = []
+        while end - pos >= 2:
+            length, shift, i, complete = 0, 0, pos + 1, False
+            while i < end:  # the remaining length: 1-4 bytes, 7 bits each
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    complete = True
+                    break
+                shift += 7
+                if shift > 21:
+                    self._protocol_error("remaining length over 4 bytes")
+                    return
+            if not complete or i + length > end:
+                break  # the rest of this packet is in a later read
+            first = buf[pos]
+            body = bytes(buf[i : i + length])
+            pos = i + length
+            kind = first >> 4
+            if kind == 3:  # PUBLISH
+                topic_len = int.from_bytes(body[:2], "big")
+                topic = body[2 : 2 + topic_len].decode("utf-8", errors="replace")
+                at = 2 + topic_len
+                if first & 0x06:
+                    self._write(b"\x40\x02" + body[at : at + 2])  # PUBACK
+                    at += 2
+                requests.append(_Request(topic, body[at:]))
+            elif kind == 4:  # PUBACK
+                self._puback(int.from_bytes(body[:2], "big"))
+            elif kind == 2:  # CONNACK
+                if not self._connack.done():
+                    self._connack.set_result(body[1] if len(body) > 1 else 255)
+            elif kind == 9:  # SUBACK
+                future = self._subacks.pop(int.from_bytes(body[:2], "big"), None)
+                if future is not None and not future.done():
+                    future.set_result(body[2:])
+            elif kind != 13:  # anything but PINGRESP is not for a client like this one
+                self._protocol_error(f"unexpected packet type {kind}")
+                return
+        del buf[:pos]
+        if requests:
+            self._on_messages(requests)
+
+    def _protocol_error(self, what: str) -> None:
+        log.error("broker_protocol_error", error=what)
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _write(self, packet: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(packet)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+
+    def _packet_id(self) -> int:
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._unacked and self._next_id not in self._subacks:
+                return self._next_id
+        raise BrokerError("replica: no free MQTT packet id")  # pragma: no cover
+
+    async def connect(self, identifier: str, keepalive: int) -> None:
+        body = (
+            _mqtt_string("MQTT")
+            + bytes((4, 0x02))  # protocol level 3.1.1, clean session
+            + keepalive.to_bytes(2, "big")
+            + _mqtt_string(identifier)
+        )
+        self._write(_packet(0x10, body))
+        try:
+            code = await asyncio.wait_for(self._connack, _HANDSHAKE_SECONDS)
+        except TimeoutError as exc:
+            raise BrokerError("replica: no CONNACK from the broker") from exc
+        if code != 0:
+            reason = _CONNACK_ERRORS.get(code, f"code {code}")
+            raise BrokerError(f"replica: the broker refused the connection: {reason}")
+
+    async def subscribe(self, filters: Sequence[str]) -> None:
+        packet_id = self._packet_id()
+        body = packet_id.to_bytes(2, "big") + b"".join(_mqtt_string(f) + b"\x01" for f in filters)
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._subacks[packet_id] = future
+        self._write(_packet(0x82, body))
+        try:
+            codes = await asyncio.wait_for(future, _HANDSHAKE_SECONDS)
+        except TimeoutError as exc:
+            raise BrokerError("replica: no SUBACK from the broker") from exc
+        refused = [f for f, code in zip(filters, codes, strict=False) if code & 0x80]
+        if refused or len(codes) != len(filters):
+            raise BrokerError(f"replica: the broker refused the subscriptions {refused}")
+
+    async def keepalive(self, interval: int) -> None:
+        """PINGREQ every interval/2; abort when nothing came back for 1.5 intervals."""
+        while self._transport is not None:
+            await asyncio.sleep(interval / 2)
+            if time.monotonic() - self.last_received > interval * 1.5:
+                log.warning("broker_silent", seconds=interval * 1.5)
+                self.close()
+                return
+            self._write(_PINGREQ)
+
+    def disconnect(self) -> None:
+        self._write(_DISCONNECT)
+        self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def publish(self, messages: Sequence[_Outgoing]) -> None:
+        """Queue messages for publishing in order; never waits."""
+        self._queue.extend(messages)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and len(self._unacked) < self._window and not self._paused:
+            if self._transport is None:
+                # Not connected: the outbox keeps what matters; the next session publishes it.
+                self._queue.clear()
+                break
+            message = self._queue.popleft()
+            topic = _mqtt_string(message.topic)
+            if message.qos:
+                packet_id = self._packet_id()
+                self._unacked[packet_id] = message.outbox_id
+                body = topic + packet_id.to_bytes(2, "big") + message.payload
+                self._write(_packet(0x32, body))
+            else:
+                self._write(_packet(0x30, topic + message.payload))
+                self._stats.published += 1
+                if message.outbox_id:  # no PUBACK will come: done once written
+                    self._ack(message.outbox_id)
+        if self._queue or self._unacked:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    def _puback(self, packet_id: int) -> None:
+        outbox_id = self._unacked.pop(packet_id, None)
         if outbox_id is None:
-            return  # not ours (aiomqtt's own publish)
+            return
         self._stats.published += 1
         if outbox_id:
             self._ack(outbox_id)
@@ -284,32 +442,6 @@ class _Wire:
     def _flush_acked(self) -> None:
         batch, self._acked = self._acked, []
         self._on_acked(batch)
-
-    def publish(self, messages: Sequence[_Outgoing]) -> None:
-        """Queue messages for QoS 1 publishing in order; never waits."""
-        self._queue.extend(messages)
-        self._pump()
-
-    def _pump(self) -> None:
-        while self._queue and len(self._unacked) < self._window:
-            message = self._queue[0]
-            info = self._paho.publish(message.topic, message.payload, qos=message.qos)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                # Not connected: the outbox keeps what matters; the session ends and the next
-                # one publishes the outbox again.
-                log.warning("publish_failed", topic=message.topic, rc=int(info.rc))
-                self._queue.clear()
-                self._unacked.clear()
-                break
-            self._queue.popleft()
-            if message.qos:
-                self._unacked[info.mid] = message.outbox_id
-            elif message.outbox_id:  # no PUBACK will come: done once handed to the socket
-                self._ack(message.outbox_id)
-        if self._queue or self._unacked:
-            self.idle.clear()
-        else:
-            self.idle.set()
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -359,7 +491,7 @@ class Replica:
             try:
                 await self._session(stop)
                 return
-            except aiomqtt.MqttError as exc:
+            except BrokerError as exc:
                 self.ready.clear()
                 log.warning("broker_connection_lost", error=str(exc), retry_in=backoff)
             with contextlib.suppress(TimeoutError):
@@ -367,45 +499,50 @@ class Replica:
             backoff = min(backoff * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        client = aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            identifier=self.broker.identifier,
-            # MQTT 3.1.1: Mosquitto shares subscriptions for it too, and paho builds a
-            # Properties object for every v5 packet, which measured as a large part of the
-            # replica's per-message CPU.
-            protocol=aiomqtt.ProtocolVersion.V311,
-            tls_context=self.broker.tls_context,
-            keepalive=self.broker.keepalive,
-            # Our _Wire keeps the window; paho's own limit must not be the smaller one.
-            max_inflight_messages=self.window + 16,
-            timeout=30,
-        )
-        async with client:
-            self._wire = _Wire(client, self._received, self._acked, self.window, self.stats)
+        loop = asyncio.get_running_loop()
+        settings = self.broker
+        wire = _Wire(self._received, self._acked, self.window, self.stats)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: wire,
+                    settings.host,
+                    settings.port,
+                    ssl=settings.tls_context,
+                    server_hostname=settings.host if settings.tls_context else None,
+                ),
+                30,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerError(
+                f"replica: cannot connect to {settings.host}:{settings.port}: {exc}"
+            ) from exc
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            identifier = settings.identifier or f"otad-replica-{uuid.uuid4().hex[:12]}"
+            await wire.connect(identifier, settings.keepalive)
+            self._wire = wire
+            await self._republish_outbox()
+            await wire.subscribe(self.filters)
+            keepalive = asyncio.create_task(wire.keepalive(settings.keepalive))
+            self.ready.set()
+            log.info("replica_serving", filters=self.filters, template=self.template)
+            stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            lost: asyncio.Future[Any] = wire.lost
             try:
-                await self._republish_outbox()
-                for flt in self.filters:
-                    await client.subscribe(flt, qos=1)
-                self.ready.set()
-                log.info("replica_serving", filters=self.filters, template=self.template)
-                # The iterator yields nothing (the wire takes the messages) but raises when the
-                # connection is lost; stop ends the session cleanly.
-                lost = asyncio.ensure_future(_wait_lost(client))
-                stopped = asyncio.ensure_future(stop.wait())
-                try:
-                    done, _ = await asyncio.wait(
-                        {lost, stopped}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    lost.cancel()
-                    stopped.cancel()
-                if lost in done:
-                    lost.result()  # raises the MqttError that ended the connection
-                await self._quiesce()
+                await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                self._wire = None
-                self.ready.clear()
+                stopped.cancel()
+            if wire.lost.done():
+                wire.lost.result()  # raises the BrokerError that ended the connection
+            await self._quiesce()
+            wire.disconnect()
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+            self._wire = None
+            self.ready.clear()
+            wire.close()
 
     async def _quiesce(self) -> None:
         """On stop: let committed batches publish before the connection closes (5 s at most)."""
@@ -508,11 +645,6 @@ class Replica:
 
     def _acked(self, outbox_ids: list[int]) -> None:
         self.store.outbox_done(outbox_ids)
-
-
-async def _wait_lost(client: aiomqtt.Client) -> None:
-    async for _ in client.messages:  # pragma: no cover - the wire takes every message
-        pass
 
 
 # --- the operator side -------------------------------------------------------------------------
