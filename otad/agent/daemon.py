@@ -286,7 +286,7 @@ class Agent:
         if desired.version == runner.running_version and desired.job_id != self._last_noop:
             self._last_noop = desired.job_id
             log.info("desired_already_installed", job_id=desired.job_id, version=desired.version)
-            runner._report("succeeded", job_id=desired.job_id, progress=100)
+            runner.report_state("succeeded", job_id=desired.job_id, progress=100)
             return
         if desired.version == runner.running_version:
             return

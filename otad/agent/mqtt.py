@@ -260,7 +260,9 @@ class ShadowSession:
                         for task in [*helpers, reader]:
                             task.cancel()
                         await asyncio.gather(*helpers, reader, return_exceptions=True)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
+                # aiomqtt wraps most connection errors, but not every path (a TLS or socket
+                # error while the broker restarts): all of them mean "disconnected, retry".
                 attempt += 1
                 delay = backoff_delay(attempt, broker.reconnect_initial, broker.reconnect_max)
                 log.warning(

@@ -449,7 +449,8 @@ class UpdateRunner:
             }
         }
 
-    def _report(self, state: str, **fields: Any) -> int:
+    def report_state(self, state: str, **fields: Any) -> int:
+        """Update the reported software entry (and the systemd STATUS= line)."""
         self.progress = Progress(
             state, fields.get("progress") or 0, fields.get("job_id"), time.monotonic()
         )
@@ -478,7 +479,7 @@ class UpdateRunner:
         extra: dict[str, Any] = {"job_id": record.job_id, "error": record.error}
         if record.state == State.SUCCEEDED:
             extra["progress"] = 100
-        self._report(state, **extra)
+        self.report_state(state, **extra)
         if await self.reporter.flush(_FINAL_REPORT_WAIT):
             self.crash.hit(f"reported:{state}")
             record = await asyncio.to_thread(self.journal.update, record, reported=True)
@@ -523,7 +524,17 @@ class UpdateRunner:
         record = self.record
         step = action.step
         if record is None or step == Step.NONE:
-            self._report("idle", job_id=record.job_id if record else None)
+            if record is not None and record.final:
+                # nothing to do, but say the truth about the last job again (idempotent)
+                progress = 100 if record.state == State.SUCCEEDED else None
+                self.report_state(
+                    reported_state(record.state),
+                    job_id=record.job_id,
+                    progress=progress,
+                    error=record.error,
+                )
+            else:
+                self.report_state("idle")
             return
         if step in (Step.REPORT, Step.FINISH):
             await self._final_report(record)
@@ -578,7 +589,7 @@ class UpdateRunner:
     async def fail_invalid(self, job_id: str | None, error: OtadError) -> None:
         """A desired entry we cannot act on: report ``failed``; the device is not touched."""
         log.warning("desired_rejected", job_id=job_id, error=error.code, reason=error.message)
-        self._report("failed", job_id=job_id, error=error.to_wire())
+        self.report_state("failed", job_id=job_id, error=error.to_wire())
         await self.reporter.flush(_FINAL_REPORT_WAIT)
 
     async def _download_and_install(self, record: JobRecord, desired: DesiredSoftware) -> None:
@@ -586,7 +597,7 @@ class UpdateRunner:
         writer: SlotWriter | None = None
         try:
             await self._bl("mark_bad", self.target)
-            self._report("downloading", job_id=record.job_id, progress=0)
+            self.report_state("downloading", job_id=record.job_id, progress=0)
             manifest, writer = await self._stream(record, desired)
             self.cancellable = False
             record = self.record or record
@@ -623,7 +634,7 @@ class UpdateRunner:
         record = await asyncio.shield(self._advance(record, event, error=error.to_wire()))
         if isinstance(error, JobCancelled):
             # The next job reports right after; do not hold the cancellation up on the broker.
-            self._report("failed", job_id=record.job_id, error=record.error)
+            self.report_state("failed", job_id=record.job_id, error=record.error)
             return
         await self._final_report(record)
 
@@ -722,7 +733,7 @@ class UpdateRunner:
     ) -> DesiredSoftware:
         """Report the expired URL and wait until the desired state carries a different one."""
         log.warning("download_url_expired", job_id=record.job_id, url=redact_url(desired.url))
-        self._report(
+        self.report_state(
             "downloading",
             job_id=record.job_id,
             progress=self.progress.percent,
@@ -740,7 +751,9 @@ class UpdateRunner:
                 self.record = record = await asyncio.to_thread(
                     self.journal.update, self.record or record, bundle_url=fresh.url
                 )
-                self._report("downloading", job_id=record.job_id, progress=self.progress.percent)
+                self.report_state(
+                    "downloading", job_id=record.job_id, progress=self.progress.percent
+                )
                 return fresh
 
     def _maybe_progress(self, record: JobRecord, transfer: Transfer | FileTransfer) -> None:
@@ -751,11 +764,11 @@ class UpdateRunner:
         now = time.monotonic()
         if now - self._last_progress_report >= self.config.progress_interval:
             self._last_progress_report = now
-            self._report("downloading", job_id=record.job_id, progress=percent)
+            self.report_state("downloading", job_id=record.job_id, progress=percent)
 
     async def _verify_slot(self, record: JobRecord, writer: SlotWriter | None = None) -> None:
         """fsync, re-read and hash the written slot; journal ``rebooting`` when it matches."""
-        self._report("installing", job_id=record.job_id, progress=100)
+        self.report_state("installing", job_id=record.job_id, progress=100)
         sha = record.runtime.get("image_sha256")
         size = record.runtime.get("image_size")
         if not isinstance(sha, str) or not isinstance(size, int):
@@ -793,7 +806,7 @@ class UpdateRunner:
         await self._bl("try_once", record.target_slot)
         self.crash.hit("switched")
         record = await self._advance(record, Event.REBOOT_REQUESTED)
-        self._report("rebooting", job_id=record.job_id, progress=100)
+        self.report_state("rebooting", job_id=record.job_id, progress=100)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
 
@@ -809,7 +822,7 @@ class UpdateRunner:
     # --- after the reboot ----------------------------------------------------------------------
 
     async def _verify(self, record: JobRecord) -> None:
-        self._report("verifying", job_id=record.job_id, progress=100)
+        self.report_state("verifying", job_id=record.job_id, progress=100)
         try:
             result = await self.health()
         except Exception as exc:  # a crashing check is a failed check, never a pass
@@ -842,7 +855,7 @@ class UpdateRunner:
         await self._bl("mark_bad", record.target_slot)
         self.crash.hit("rollback_marked")
         record = await self._advance(record, Event.REBOOT_REQUESTED)
-        self._report("verifying", job_id=record.job_id, error=record.error)
+        self.report_state("verifying", job_id=record.job_id, error=record.error)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
 

@@ -94,6 +94,7 @@ async def session_docs(
     task = asyncio.create_task(session.run())
     await asyncio.wait_for(session.connected.wait(), 10)
     yield session, docs
+    assert not task.done(), "the session must never end on its own"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
