@@ -85,7 +85,8 @@ async def role_devices(cloud_path: Path, state: Path, ids: list[str]) -> None:
     from otad.cli.fleet import make_fleet
     from otad.cloud.pki import CloudDir
 
-    logs.configure(level="error")
+    log_file = (state.parent / f"{state.name}.log").open("w")
+    logs.configure(level="warning", stream=log_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -103,6 +104,7 @@ async def role_devices(cloud_path: Path, state: Path, ids: list[str]) -> None:
     print(f"ready {len(ids)} {broken}", flush=True)
     await stop.wait()
     await fleet.stop()
+    log_file.close()
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -253,6 +255,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, nargs="+", default=[1000])
     parser.add_argument("--per-process", type=int, default=2500)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--workdir", type=Path, help="keep the files here (default: temp dir)")
     parser.add_argument("--role", choices=["cloud", "devices"])
     parser.add_argument("--cloud", type=Path)
     parser.add_argument("--state", type=Path)
@@ -271,8 +274,13 @@ def main() -> int:
     results = []
     for n in args.devices:
         per_process = min(args.per_process, max(250, math.ceil(n / 2)))
-        with tempfile.TemporaryDirectory(prefix="otad-fleet-bench-") as tmp:
-            result = run_one(n, per_process, Path(tmp))
+        if args.workdir is not None:
+            work = args.workdir / f"n{n}"
+            work.mkdir(parents=True, exist_ok=False)
+            result = run_one(n, per_process, work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="otad-fleet-bench-") as tmp:
+                result = run_one(n, per_process, Path(tmp))
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
     if args.json:

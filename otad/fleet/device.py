@@ -183,11 +183,22 @@ class SimulatedDevice:
         if task is None or stop is None:
             return
         stop.set()
-        try:
-            await asyncio.wait_for(task, STOP_TIMEOUT)
-        except TimeoutError:
+        # asyncio.wait does not cancel on timeout (wait_for would, then wait without bound for
+        # the cancellation to finish): a stuck agent must never hang the whole fleet.
+        done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
+        if not done:
             log.error("sim_device_stop_timeout", device=self.device_id)
-        except Exception as exc:  # the agent's own failure: keep it for the report
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
+            if not done:
+                # Like a power cut that the process never saw: keep going without it.
+                log.error("sim_device_abandoned", device=self.device_id)
+                self.error = TimeoutError(f"sim: agent of {self.device_id} did not stop")
+                return
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # the agent's own failure: keep it for the report
             self.error = exc
             log.error("sim_device_failed", device=self.device_id, error=str(exc))
 
