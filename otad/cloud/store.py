@@ -850,8 +850,9 @@ class ArtifactStore:
             return offset - start
         finally:
             if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
+                # A worker thread cannot be cancelled: let its pread finish before the caller
+                # closes the descriptor (a closed, reused fd must never be read).
+                with contextlib.suppress(Exception):
                     await pending
 
 
