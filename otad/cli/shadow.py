@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -71,6 +72,12 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--share-group",
         default=SHARE_GROUP,
         help="MQTT shared subscription group; replicas in one group split the load",
+    )
+    serve.add_argument(
+        "--session",
+        metavar="ID",
+        help="keep a persistent MQTT session under this client id: the broker queues requests "
+        "while this replica is down (default: a clean session; requests sent meanwhile are lost)",
     )
     serve.set_defaults(handler=_serve)
 
@@ -136,6 +143,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     cloud = CloudDir(args.dir)
     settings, template = _broker(cloud, "replica")
+    if args.session:
+        settings = dataclasses.replace(settings, identifier=args.session, persistent=True)
     db = args.db or cloud.config().db_path
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

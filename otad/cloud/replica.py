@@ -77,6 +77,10 @@ class BrokerSettings:
     tls_context: ssl.SSLContext | None
     identifier: str | None = None
     keepalive: int = 30
+    # Replica only: keep the MQTT session (clean session off) under ``identifier``, so the broker
+    # queues requests while this replica is down. With a shared subscription a persistent member
+    # that is down still gets its share queued, so use it for a replica that comes back.
+    persistent: bool = False
 
 
 @dataclass
@@ -348,10 +352,10 @@ class _Wire(asyncio.Protocol):
                 return self._next_id
         raise BrokerError("replica: no free MQTT packet id")  # pragma: no cover
 
-    async def connect(self, identifier: str, keepalive: int) -> None:
+    async def connect(self, identifier: str, keepalive: int, *, persistent: bool) -> None:
         body = (
             _mqtt_string("MQTT")
-            + bytes((4, 0x02))  # protocol level 3.1.1, clean session
+            + bytes((4, 0x00 if persistent else 0x02))  # protocol level 3.1.1, clean session?
             + keepalive.to_bytes(2, "big")
             + _mqtt_string(identifier)
         )
@@ -519,8 +523,10 @@ class Replica:
             ) from exc
         keepalive: asyncio.Task[None] | None = None
         try:
+            if settings.persistent and not settings.identifier:
+                raise BrokerError("replica: a persistent session needs an identifier")
             identifier = settings.identifier or f"otad-replica-{uuid.uuid4().hex[:12]}"
-            await wire.connect(identifier, settings.keepalive)
+            await wire.connect(identifier, settings.keepalive, persistent=settings.persistent)
             self._wire = wire
             await self._republish_outbox()
             await wire.subscribe(self.filters)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,11 +27,14 @@ def settings(cloud_dir: CloudDir, broker: Any, who: str) -> BrokerSettings:
 
 @asynccontextmanager
 async def running_replica(
-    cloud_dir: CloudDir, broker: Any, db: Path, **kwargs: Any
+    cloud_dir: CloudDir, broker: Any, db: Path, *, session: str | None = None, **kwargs: Any
 ) -> AsyncIterator[Replica]:
     store = SqliteStore(db)
     await store.start()
-    replica = Replica(store, settings(cloud_dir, broker, "replica"), **kwargs)
+    broker_settings = settings(cloud_dir, broker, "replica")
+    if session is not None:
+        broker_settings = dataclasses.replace(broker_settings, identifier=session, persistent=True)
+    replica = Replica(store, broker_settings, **kwargs)
     stop = asyncio.Event()
     task = asyncio.create_task(replica.run(stop))
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.cloud_env import free_port
+from plugins.cloud_env import free_port, mqtt_client
 from replica_helpers import device, running_replica, settings
 
 from otad.cloud.broker import BrokerProcess
@@ -229,3 +229,32 @@ async def test_replica_throttles_with_429_beyond_max_pending(
     async with store:
         doc = await store.read("dev2")
     assert doc is not None and doc.version == len(dev.of("update/accepted"))
+
+
+async def test_replica_persistent_session_gets_requests_sent_while_down(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path
+) -> None:
+    db = tmp_path / "p.db"
+    session = f"otad-replica-test-{tmp_path.name}"
+    try:
+        async with device(cloud_dir, broker, "dev1") as dev:
+            async with running_replica(cloud_dir, broker, db, session=session):
+                await dev.request(
+                    "update",
+                    {"state": {"reported": {"n": 1}}, "clientToken": "up"},
+                    "update/accepted",
+                )
+            # No replica connected: the broker keeps the request for the persistent session.
+            await dev.publish("update", {"state": {"reported": {"n": 2}}, "clientToken": "queued"})
+            await asyncio.sleep(0.3)
+            assert [a["clientToken"] for a in dev.of("update/accepted")] == ["up"]
+            async with running_replica(cloud_dir, broker, db, session=session):
+                accepted = await dev.wait_for("update/accepted", count=2)
+                assert accepted[1]["clientToken"] == "queued" and accepted[1]["version"] == 2
+    finally:
+        # Leave no session behind (it would take a share of later tests' requests): connect
+        # with the same client id and a clean session, which makes the broker drop it.
+        async with mqtt_client(
+            cloud_dir, "replica", broker, identifier=session, clean_session=True
+        ):
+            pass
