@@ -154,3 +154,35 @@ async def test_agent_killed_mid_download_finishes_the_job_after_restart(
     assert boot.slot("B").tries_left == 1 and boot.next_boot() == "B"
     state = json.loads((dev.state_dir / "journal.json").read_text())
     assert state["state"] == "rebooting" and state["job_id"] == "j1"
+
+
+async def test_agent_crash_point_mid_write_then_restart_converges(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    from plugins.agent_env import to_toml
+
+    marker = tmp_path / "rebooted"
+    dev = make_device(
+        "dev1",
+        config={
+            "slots": {"booted": "A"},
+            "reboot_command": ["touch", str(marker)],
+            "testing": {"crash_points": ["write:50"], "exit_code": 99},
+        },
+    )
+    process = await run_agent_process(dev.config_path)
+    try:
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle")
+        image, _ = await offer_bundle(cloud, cloud_dir, tmp_path)
+        assert await asyncio.wait_for(process.wait(), 60) == 99  # died at the crash point
+        assert not dev.sim.state().slot("B").bootable  # half-written: never bootable
+        healthy = tmp_path / "otad-no-crash.toml"
+        healthy.write_text(to_toml({k: v for k, v in dev.document.items() if k != "testing"}))
+        process = await run_agent_process(healthy)
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 20)
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.slot_bytes("A") == dev.factory["A"]
