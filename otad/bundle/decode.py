@@ -24,7 +24,8 @@ from otad.errors import DecompressFailed
 
 __layer__ = "pure"
 
-OUTPUT_CHUNK: Final = 1 << 20
+# 256 KiB: decoding into a buffer that stays in the L2 cache is ~1.5x faster than into 1 MiB.
+OUTPUT_CHUNK: Final = 256 << 10
 WINDOW_LOG_MAX: Final = 23
 _FALLBACK_SLICE: Final = 128
 
