@@ -9,7 +9,7 @@ raised the verifier is dead: every later call raises the same kind of error agai
 
 Memory is constant: the preamble is bounded by the header limits, payload input is held only
 until the caller drains the output of the same ``feed``, and output comes in chunks of at most
-1 MiB (see :mod:`otad.bundle.decode`).
+256 KiB (see :mod:`otad.bundle.decode`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class StreamVerifier:
         """Take the next bundle bytes; returns an iterator over the image bytes they release.
 
         Preamble and payload checks run before this returns (errors raise here); decompression
-        runs as the returned iterator is consumed, one chunk of at most 1 MiB at a time, so a
+        runs as the returned iterator is consumed, one chunk of at most 256 KiB at a time, so a
         highly compressed payload never needs more memory (``compression: none`` hands back
         the fed bytes as they are). Consume the iterator before the next
         ``feed`` or ``finish``: leaving output behind is a programming error (RuntimeError).
