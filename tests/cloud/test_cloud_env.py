@@ -10,6 +10,8 @@ import pytest
 import structlog
 from plugins.cloud_env import CloudEnv
 
+from otad.cloud.pki import CloudDir
+from otad.cloud.server import CloudServer
 from otad.errors import ShadowNotFound
 
 
@@ -53,3 +55,16 @@ async def test_cloud_env_survives_a_broker_restart(cloud: CloudEnv) -> None:
     assert accepted["state"]["desired"]["software"]["version"] == "2.0"
     document = await cloud.get_document("dev2")
     assert document["version"] == 2
+
+
+def test_cloud_server_public_url_is_the_base_of_presigned_urls(
+    cloud_dir: CloudDir, tmp_path: Path
+) -> None:
+    config = cloud_dir.config().with_overrides(db_path=tmp_path / "db", artifacts_dir=tmp_path)
+    server = CloudServer(
+        cloud_dir, config, store_port=0, public_url="https://10.0.2.100:8443", rollouts=False
+    )
+    url = server.store.signer.presign("a" * 64, "dev1", 60)
+    assert url.startswith(f"https://10.0.2.100:8443/v1/artifacts/{'a' * 64}?device=dev1&")
+    default = CloudServer(cloud_dir, config, rollouts=False)
+    assert default.store.signer.presign("a" * 64, "dev1", 60).startswith(config.store_public_url)
