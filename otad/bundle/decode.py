@@ -143,6 +143,7 @@ class ZstdObjectDecoder:
         self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
         self._queue: deque[memoryview] = deque()
         self._ready = b""  # decoded but not yet handed out (at most one slice's output)
+        self._ready_at = 0
         self._started = False
         self._in_frame = False
 
@@ -151,9 +152,8 @@ class ZstdObjectDecoder:
             self._queue.append(memoryview(data))
 
     def pull(self) -> bytes | None:
-        if self._ready:
-            out, self._ready = self._ready[:OUTPUT_CHUNK], self._ready[OUTPUT_CHUNK:]
-            return out
+        if self._ready_at < len(self._ready):
+            return self._take_ready()
         while self._queue:
             head = self._queue[0]
             piece, rest = head[:_FALLBACK_SLICE], head[_FALLBACK_SLICE:]
@@ -175,13 +175,20 @@ class ZstdObjectDecoder:
                 if leftover:
                     self._queue.appendleft(memoryview(leftover))
             if out:
-                self._ready = out[OUTPUT_CHUNK:]
-                return out[:OUTPUT_CHUNK]
+                self._ready, self._ready_at = out, 0
+                return self._take_ready()
         return None
+
+    def _take_ready(self) -> bytes:
+        start = self._ready_at
+        self._ready_at = min(start + OUTPUT_CHUNK, len(self._ready))
+        if start == 0 and self._ready_at == len(self._ready):
+            return self._ready
+        return self._ready[start : self._ready_at]
 
     @property
     def pending(self) -> bool:
-        return bool(self._queue) or bool(self._ready)
+        return bool(self._queue) or self._ready_at < len(self._ready)
 
     @property
     def complete(self) -> bool:
