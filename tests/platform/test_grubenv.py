@@ -56,7 +56,7 @@ def test_grubenv_block_layout() -> None:
     assert data.endswith(b"#" * 900)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(env_dicts)
 def test_grubenv_round_trips(env: dict[str, str]) -> None:
     try:
@@ -76,11 +76,15 @@ def test_grubenv_garbage_never_crashes_the_parser(data: bytes) -> None:
     grubenv.decode(grubenv.SIGNATURE + data)  # with the signature it always parses
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=1100))
-def test_grubenv_garbage_copy_is_never_valid_by_accident(data: bytes) -> None:
+def test_grubenv_reading_a_garbage_copy_never_raises(data: bytes) -> None:
+    # a copy is either invalid (with a reason) or has SEQ == SEQ_END: never an exception
     env_copy = read_copy_bytes(data)
-    assert env_copy.seq is None or env_copy.values["SEQ"] == env_copy.values["SEQ_END"]
+    if env_copy.seq is None:
+        assert env_copy.problem
+    else:
+        assert env_copy.values["SEQ"] == env_copy.values["SEQ_END"] == str(env_copy.seq)
 
 
 def read_copy_bytes(data: bytes) -> EnvCopy:

@@ -194,7 +194,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     job_id=st.text(min_size=1, max_size=30),
     state=st.sampled_from(list(State)),
