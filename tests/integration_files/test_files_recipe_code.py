@@ -25,8 +25,10 @@ from integration_files.layerfiles import (
     FakeDatastore,
     bitbake_assignments,
     expand_python,
+    parse_unit,
     python_task,
     shell_function,
+    unit_values,
 )
 from otad.agent.bootloader.grub import GrubBootloader
 from otad.agent.bootloader.uboot import UBootBootloader
@@ -191,6 +193,50 @@ def test_conf_grub_env_dir_is_where_the_image_puts_the_env(tmp_path: Path) -> No
     assert GrubBootloader(env_dir).state().order == ("A", "B")
     assert (env_dir / "otad-local.cfg").is_file()  # grub.cfg sources it from ${prefix}
     assert (REPO / "boot" / "grub" / "grub.cfg").read_text().count('"${prefix}/otad-local.cfg"')
+
+
+def unit_service_values(key: str) -> list[str]:
+    return unit_values(parse_unit((SYSTEMD / "otad.service").read_text()), "Service", key)
+
+
+def writable(path: Path) -> bool:
+    """Whether otad.service's sandbox lets the agent write ``path``."""
+    roots = [Path(p.lstrip("-")) for v in unit_service_values("ReadWritePaths") for p in v.split()]
+    return any(path == root or root in path.parents for root in roots)
+
+
+DEVICE_GROUPS = {
+    "mmcblk": "block-mmc",
+    "sd": "block-sd",
+    "nvme": "block-blkext",
+    "vd": "block-virtblk",
+}
+
+
+def test_agent_sandbox_allows_what_the_default_config_writes(tmp_path: Path) -> None:
+    """state dir, GRUB env dir and U-Boot env copies of the shipped configs are writable."""
+    variables = conf_variables(tmp_path, OTAD_DATA_DIR="/data/otad")
+    run_shell(CONF, "do_install", variables, tmp_path)
+    raw = tomllib.loads((tmp_path / "image" / "etc" / "otad" / "otad.toml").read_text())
+    assert writable(Path(raw["state_dir"]))
+    assert writable(Path(raw["bootloader"]["grub_env_dir"]))
+    allowed = {a.split()[0] for a in unit_service_values("DeviceAllow")}
+    fw_env = (REPO / "boot" / "u-boot" / "fw_env.config").read_text()
+    for line in fw_env.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        device = Path(fields[0])
+        if device.parent == Path("/dev"):
+            group = next(g for prefix, g in DEVICE_GROUPS.items() if device.name.startswith(prefix))
+            assert group in allowed, f"{device}: add DeviceAllow={group} rw"
+        else:
+            assert writable(device), f"{device} is not in ReadWritePaths"
+    # the FAT-file variant the file documents in its comments, too
+    for line in fw_env.splitlines():
+        words = line.lstrip("# ").split()
+        if words and words[0].startswith("/boot/"):
+            assert writable(Path(words[0])), words[0]
 
 
 # --- otad: units and tmpfiles -------------------------------------------------------------------
