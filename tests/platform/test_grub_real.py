@@ -50,7 +50,9 @@ def core_img(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Disk:
     """ESP (8 MiB FAT) at 1 MiB, bios_grub (1 MiB) at 9 MiB: a 10 MiB GPT disk image."""
 
-    def __init__(self, path: Path, core: Path, envs: dict[str, bytes]) -> None:
+    def __init__(
+        self, path: Path, core: Path, envs: dict[str, bytes], local_cfg: str | None = None
+    ) -> None:
         self.path = path
         work = path.parent
         esp = work / "esp.img"
@@ -59,6 +61,9 @@ class Disk:
         self.mt = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
         run(["mmd", "-i", esp, "::/EFI", "::/EFI/otad"], env=self.mt)
         run(["mcopy", "-i", esp, REPO / "boot/grub/grub.cfg", "::/EFI/otad/grub.cfg"], env=self.mt)
+        if local_cfg is not None:
+            (work / "otad-local.cfg").write_text(local_cfg)
+            envs = {**envs, "otad-local.cfg": local_cfg.encode()}
         for name, data in envs.items():
             (work / name).write_bytes(data)
             run(["mcopy", "-i", esp, work / name, f"::/EFI/otad/{name}"], env=self.mt)
@@ -145,9 +150,11 @@ def test_grub_real_ignores_a_torn_copy(tmp_path: Path, core_img: Path) -> None:
 
 def test_grub_real_falls_back_when_the_try_is_used_up(tmp_path: Path, core_img: Path) -> None:
     values = {**initial_values(("B", "A")), "B_TRY": "1", "otad_trial": "B"}
-    disk = Disk(tmp_path / "disk.img", core_img, {"grubenv.0": render(values, 3)})
+    local = "set otad_dev_a=hd0,gpt1\nset otad_label_a=no_such_label\n"
+    disk = Disk(tmp_path / "disk.img", core_img, {"grubenv.0": render(values, 3)}, local)
     log = disk.boot()  # grubenv.1 missing: copy 0 alone is used
     assert chosen(log) == "A"
+    assert "otad: -> slot A (hd0,gpt1)" in log  # otad-local.cfg was sourced
     assert read_copy(disk.env("grubenv.0")).values["A_TRY"] == "1"
 
 
