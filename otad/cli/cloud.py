@@ -56,6 +56,14 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add.add_argument("device_id", metavar="ID")
     add.set_defaults(handler=_add_device)
 
+    revoke = commands.add_parser(
+        "revoke-device",
+        help="revoke a device certificate (CRL); restart broker and serve to apply",
+    )
+    revoke.add_argument("dir", type=Path, metavar="DIR")
+    revoke.add_argument("device_id", metavar="ID")
+    revoke.set_defaults(handler=_revoke_device)
+
     broker_cmd = commands.add_parser(
         "broker", help="run mosquitto with DIR's TLS + ACL config (foreground)"
     )
@@ -157,6 +165,15 @@ def _add_device(args: argparse.Namespace) -> int:
     identity = pki.add_device(args.dir, args.device_id)
     print(identity.cert)
     print(identity.key)
+    return 0
+
+
+def _revoke_device(args: argparse.Namespace) -> int:
+    from otad.cloud import pki
+
+    archived = pki.revoke_device(args.dir, args.device_id)
+    print(f"revoked {args.device_id}; certificate kept as {archived}")
+    print("restart `otad cloud broker` and `otad cloud serve` to refuse it everywhere")
     return 0
 
 

@@ -8,6 +8,8 @@
       pki/server.pem, server.key   broker + store TLS identity (SAN 127.0.0.1, ::1, localhost)
       pki/devices/<id>.pem, .key   one client identity per device, CN = device id
       pki/services/<name>.pem,.key service identities: replica, fleet (CN otad-svc-<name>)
+      pki/crl.pem                  the CA's revocation list (empty at first)
+      pki/revoked/                 certificates of revoked devices, for the record
       keys/signing.key             the bundle signing key (ECDSA P-256, PKCS#8)
       keys/keyring/<key id>.pem    its public key, as the keyring devices and the store trust
       broker/mosquitto.conf, acl   generated from otad-cloud.toml (see render_mosquitto_conf)
@@ -176,11 +178,26 @@ class CloudDir:
             ctx.load_cert_chain(str(identity.cert), str(identity.key))
         return ctx
 
+    @property
+    def crl(self) -> Path:
+        return self.pki_dir / "crl.pem"
+
+    @property
+    def revoked_dir(self) -> Path:
+        return self.pki_dir / "revoked"
+
     def server_context(self, *, client_certs: ssl.VerifyMode = ssl.CERT_OPTIONAL) -> ssl.SSLContext:
-        """A TLS server context with the server identity; client certificates from this CA."""
+        """A TLS server context with the server identity; client certificates from this CA.
+
+        Client certificates listed in the CA's revocation list (``pki/crl.pem``) are refused
+        during the handshake.
+        """
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_cert))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(self.server.cert), str(self.server.key))
+        if self.crl.exists():
+            ctx.load_verify_locations(cafile=str(self.crl))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         ctx.verify_mode = client_certs
         return ctx
 
@@ -234,6 +251,7 @@ def init_cloud(
     ca_cert = _ca_certificate(ca_key)
     _write_key(cloud.ca_key, ca_key)
     _write(cloud.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_crl(cloud, ca_key, ca_cert, [])  # empty: the broker and the store always load one
 
     _issue(cloud.server, ca_key, ca_cert, server=True, extra_sans=extra_sans)
     for name in SERVICES:
@@ -247,6 +265,71 @@ def init_cloud(
     # The config goes last: its presence marks the dir complete (init refuses to redo it).
     _write(cloud.config_file, text.encode(), 0o644)
     return cloud
+
+
+def revoke_device(path: Path | str, device_id: str) -> Path:
+    """Revoke a device's certificate: CRL entry, key deleted, certificate kept for the record.
+
+    The store refuses the certificate at once (each ``otad cloud serve`` start reads the CRL;
+    restart a running one); the broker after ``otad cloud broker`` restarts. The id may be
+    enrolled again with :func:`add_device` (a new key and serial). Returns the archived cert.
+    """
+    cloud = CloudDir(path)
+    identity = cloud.device(device_id)
+    if not cloud.config_file.exists():
+        raise ConfigError(f"pki: {cloud.root} is not a cloud dir (run `otad cloud init` first)")
+    if not identity.cert.exists():
+        raise ConfigError(f"pki: device {device_id!r} has no certificate in {cloud.root}")
+    cert = x509.load_pem_x509_certificate(identity.cert.read_bytes())
+    ca_key = _load_private_key(cloud.ca_key)
+    ca_cert = x509.load_pem_x509_certificate(cloud.ca_cert.read_bytes())
+    revoked = [*_revoked_entries(cloud), (cert.serial_number, dt.datetime.now(dt.UTC))]
+    _write_crl(cloud, ca_key, ca_cert, revoked)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    archived = cloud.revoked_dir / f"{device_id}.{cert.serial_number:x}.{stamp}.pem"
+    _write(archived, identity.cert.read_bytes(), 0o644)
+    identity.key.unlink(missing_ok=True)
+    identity.cert.unlink()
+    return archived
+
+
+def _revoked_entries(cloud: CloudDir) -> list[tuple[int, dt.datetime]]:
+    if not cloud.crl.exists():
+        return []
+    crl = x509.load_pem_x509_crl(cloud.crl.read_bytes())
+    return [(entry.serial_number, entry.revocation_date_utc) for entry in crl]
+
+
+def _write_crl(
+    cloud: CloudDir,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: list[tuple[int, dt.datetime]],
+) -> None:
+    """(Re)write the CA's CRL. Its nextUpdate is the CA's own expiry: an expired CRL makes
+    OpenSSL refuse every client, and nothing here republishes it on a schedule."""
+    now = dt.datetime.now(dt.UTC)
+    number = 1
+    if cloud.crl.exists():
+        previous = x509.load_pem_x509_crl(cloud.crl.read_bytes())
+        number = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(cloud.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def add_device(path: Path | str, device_id: str) -> Identity:
@@ -495,6 +578,7 @@ def render_mosquitto_conf(cloud: CloudDir, config: CloudConfig) -> str:
             "tls_version tlsv1.2",
             "require_certificate true",
             "use_identity_as_username true",
+            *([f"crlfile {cloud.crl}"] if cloud.crl.exists() else []),
             "",
         ]
     )
