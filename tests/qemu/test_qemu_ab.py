@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from otad.errors import ShadowNotFound
+
 from .conftest import QemuImage
 from .guest import PANIC, Guest
 from .proxy import Relay
@@ -22,6 +24,7 @@ from .proxy import Relay
 pytestmark = pytest.mark.qemu
 
 DEVICE = "dev1"
+GUEST_STORE_URL = "https://10.0.2.100:8443"
 BOOT_TIMEOUT = 150.0  # power on -> boot marker, with slack for a loaded host
 UPDATE_TIMEOUT = 420.0  # desired -> committed (download + write + reboot + health check)
 
@@ -38,7 +41,10 @@ async def wait_reported(
     deadline = time.monotonic() + within
     last: dict[str, Any] = {}
     while True:
-        last = software(await cloud.get_document(DEVICE))
+        try:
+            last = software(await cloud.get_document(DEVICE))
+        except ShadowNotFound:
+            last = {}  # the device has not reported yet
         if predicate(last):
             return last
         if time.monotonic() > deadline:
@@ -66,8 +72,8 @@ async def boot_on_1_0(cloud: Any, guest: Guest) -> None:
 async def offer(cloud: Any, bundle: Any, job: str) -> float:
     """Upload a bundle, pre-sign it for the device, set it as desired; return when (monotonic)."""
     artifact = await cloud.upload(bundle)
-    url = cloud.presign(artifact, DEVICE, expires_in=3600)
-    assert url.startswith("https://10.0.2.100:8443/"), url
+    # The guest reaches the store at its guestfwd address, not at the host's loopback port.
+    url = cloud.store.signer.presign(artifact, DEVICE, 3600, base_url=GUEST_STORE_URL)
     at = time.monotonic()
     await cloud.set_desired(DEVICE, {"software": {"version": "2.0", "url": url, "jobId": job}})
     return at
