@@ -321,9 +321,19 @@ class SlotWriter:
             raise SlotWriteFailed(
                 f"slots: slot {slot} at {self.target} is neither a block device nor a file"
             )
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if stat.S_ISBLK(st.st_mode):
+            # O_EXCL on a block device: the kernel refuses it while the device is mounted or
+            # held exclusively by anyone else - a last guard below the identity checks
+            flags |= os.O_EXCL
         try:
-            fd = os.open(self.target, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(self.target, flags)
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise BootedSlotWrite(
+                    f"slots: refusing to write slot {slot}: {self.target} is in use "
+                    "(mounted or opened exclusively)"
+                ) from exc
             raise SlotWriteFailed(
                 f"slots: cannot open slot {slot} at {self.target}: {exc}"
             ) from exc

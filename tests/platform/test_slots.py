@@ -373,3 +373,15 @@ def test_slots_writer_without_running_hash_still_verifies_the_medium(
         w.write(b"x")  # changes the image: the medium no longer matches
         with pytest.raises(SlotVerifyFailed, match="expected"):
             w.finish(hashlib.sha256(image).hexdigest())
+
+
+def test_slots_writer_refuses_a_block_device_in_use(loop_slots: tuple[Path, Path]) -> None:
+    a, b = loop_slots
+    holder = os.open(b, os.O_RDONLY | os.O_EXCL)  # what a mount does to the device
+    try:
+        with pytest.raises(BootedSlotWrite, match="in use"):
+            SlotWriter(b, booted=a, slot="B")
+    finally:
+        os.close(holder)
+    with SlotWriter(b, booted=a, slot="B") as w:  # free again
+        w.write(b"ok")
