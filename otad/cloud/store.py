@@ -536,8 +536,15 @@ class ArtifactStore:
         self.ssl_context = ssl_context
         self.host = host or config.store_host
         self.port = config.store_port if port is None else port
-        self._public_url = public_url
-        self._listener_overridden = host is not None or port is not None
+        # URLs follow the listener when it was moved (tests, a second instance) and the config
+        # names no public address of its own; an explicit public URL always wins.
+        config_host = f"[{config.store_host}]" if ":" in config.store_host else config.store_host
+        derived = f"https://{config_host}:{config.store_port}"
+        self._follow_listener = (
+            public_url is None
+            and (host is not None or port is not None)
+            and config.store_public_url == derived
+        )
         self.signer = Signer(config.read_presign_secret(), public_url or config.store_public_url)
         self.chunk_size = chunk_size
         self._runner: web.AppRunner | None = None
@@ -563,8 +570,7 @@ class ArtifactStore:
         addresses = self._runner.addresses
         if addresses:
             self.port = int(addresses[0][1])  # the real port when 0 was asked for
-        if self._public_url is None and self._listener_overridden:
-            # A test or a second instance on another port: URLs must point at this listener.
+        if self._follow_listener:
             self.signer.base_url = self.url
         log.info("store_started", host=self.host, port=self.port)
 

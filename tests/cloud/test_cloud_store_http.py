@@ -621,3 +621,20 @@ async def test_store_catalogue_is_for_services_only(cloud: CloudEnv, bundle_byte
         assert await error_code(cloud, f"{cloud.store_url}/v1/artifacts", who=who) == expected
         manifest_url = f"{cloud.store_url}/v1/artifacts/{artifact}/manifest"
         assert await error_code(cloud, manifest_url, who=who) == expected
+
+
+async def test_store_urls_follow_a_moved_listener_unless_a_public_url_is_set(
+    cloud_dir: CloudDir, tmp_path: Path
+) -> None:
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    config = cloud_dir.config().with_overrides(artifacts_dir=tmp_path)
+    moved = ArtifactStore(config, keyring=keyring, ssl_context=cloud_dir.server_context(), port=0)
+    async with moved:
+        assert moved.signer.presign("a" * 64, "dev1", 60).startswith(f"{moved.url}/v1/")
+    public = config.with_overrides(store_public_url="https://ota.example.org")
+    behind_proxy = ArtifactStore(
+        public, keyring=keyring, ssl_context=cloud_dir.server_context(), port=0
+    )
+    async with behind_proxy:
+        url = behind_proxy.signer.presign("a" * 64, "dev1", 60)
+        assert url.startswith("https://ota.example.org/v1/")
