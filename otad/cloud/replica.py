@@ -388,7 +388,9 @@ class _Wire(asyncio.Protocol):
             await asyncio.sleep(interval / 2)
             if time.monotonic() - self.last_received > interval * 1.5:
                 log.warning("broker_silent", seconds=interval * 1.5)
-                self.close()
+                # abort, not close: a graceful TLS close waits for a peer that does not answer.
+                if self._transport is not None:
+                    self._transport.abort()
                 return
             self._write(_PINGREQ)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +261,44 @@ async def test_replica_persistent_session_gets_requests_sent_while_down(
             cloud_dir, "replica", broker, identifier=session, clean_session=True
         ):
             pass
+
+
+async def test_replica_reconnects_after_a_broker_restart(
+    cloud_dir: CloudDir, broker: Any, replica: Replica
+) -> None:
+    broker.restart()
+    deadline = asyncio.get_running_loop().time() + 20
+    # ready is cleared when the loss is noticed and set again after resubscribing.
+    while replica.ready.is_set():
+        assert asyncio.get_running_loop().time() < deadline, "loss never noticed"
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(replica.ready.wait(), 20)
+    async with ShadowClient(settings(cloud_dir, broker, "fleet")) as fleet:
+        accepted = await fleet.update("dev1", reported={"after": "restart"})
+    assert accepted["version"] == 1
+
+
+async def test_replica_keepalive_notices_a_silent_broker(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path
+) -> None:
+    """A broker that stops answering (SIGSTOP) is dropped after 1.5 keepalive intervals."""
+    store = SqliteStore(tmp_path / "k.db")
+    async with store:
+        quick = dataclasses.replace(settings(cloud_dir, broker, "replica"), keepalive=2)
+        replica = Replica(store, quick)
+        stop = asyncio.Event()
+        task = asyncio.create_task(replica.run(stop))
+        try:
+            await asyncio.wait_for(replica.ready.wait(), 15)
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                started = asyncio.get_running_loop().time()
+                while replica.ready.is_set():
+                    assert asyncio.get_running_loop().time() - started < 10, "not noticed"
+                    await asyncio.sleep(0.1)
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            await asyncio.wait_for(replica.ready.wait(), 20)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
