@@ -150,3 +150,30 @@ async def test_db_corrupt_rows_are_reported_not_crashing(tmp_path: Path) -> None
         # The store keeps working for everything else.
         await store.transact(lambda txn: txn.save("dev2", doc(1)))
         assert await store.read("dev2") == doc(1)
+
+
+async def test_db_replica_processing_rejects_a_corrupt_document_with_500(tmp_path: Path) -> None:
+    from otad.cloud.replica import process_request
+
+    path = tmp_path / "s.db"
+    async with SqliteStore(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO shadows VALUES ('dev1', 1, '{broken')")
+    payload = b'{"state": {"reported": {"a": 1}}, "clientToken": "t"}'
+    async with SqliteStore(path) as store:
+        bad = await store.transact(
+            lambda txn: process_request(txn, "state/{device_id}", "state/dev1/update", payload, 5)
+        )
+        good = await store.transact(
+            lambda txn: process_request(txn, "state/{device_id}", "state/dev2/update", payload, 5)
+        )
+    (messages, outcome) = bad
+    assert outcome == "rejected" and messages[0].topic == "state/dev1/update/rejected"
+    body = shadow.parse_json_object(messages[0].payload)
+    assert body["code"] == 500 and body["clientToken"] == "t"
+    assert good[1] == "accepted"
+    assert [m.topic for m in good[0]] == [
+        "state/dev2/update/documents",
+        "state/dev2/update/accepted",
+    ]
