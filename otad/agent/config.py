@@ -95,7 +95,8 @@ class DownloadConfig:
     min_rate: int = 0  # bytes/s averaged over rate_window; 0 disables the check
     rate_window: float = 60.0
     max_bundle_size: int = 16 * 1024**3
-    queue_chunks: int = 4  # chunks between the network and the disk thread (memory bound)
+    block_size: int = 1024 * 1024  # bytes handed to the disk thread at once
+    queue_chunks: int = 4  # blocks between the network and the disk thread (memory bound)
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,7 @@ def _download(t: _Table) -> DownloadConfig:
         min_rate=t.integer("min_rate", d.min_rate, minimum=0),
         rate_window=t.number("rate_window", d.rate_window, minimum=1.0),
         max_bundle_size=t.integer("max_bundle_size", d.max_bundle_size, minimum=1),
+        block_size=t.integer("block_size", d.block_size, minimum=4096, maximum=64 * 1024**2),
         queue_chunks=t.integer("queue_chunks", d.queue_chunks, minimum=1, maximum=64),
     )
     t.done()

@@ -688,22 +688,42 @@ class UpdateRunner:
     ) -> Manifest:
         expected = 0
         limited = False
+        # Network reads come in pieces of up to ~256 KiB; the disk thread gets blocks of
+        # `block` bytes, so there are few hand-offs (each one is a GIL and scheduler round trip
+        # between threads, which a loaded 2-core device pays dearly for).
+        block = self.config.download.block_size
+        pending: list[bytes] = []
+        pending_len = 0
+
+        async def flush() -> None:
+            nonlocal pending, pending_len
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, pending_len = [], 0
+                await pipe.put(data)
+
         while True:
             try:
                 async for offset, data in transfer.chunks():
                     if offset != expected:
                         # the server sent the entity again from byte 0: start verifier and slot over
+                        pending, pending_len = [], 0
                         pipe.reset()
                         limited = False
-                    await pipe.put(data)
+                    pending.append(data)
+                    pending_len += len(data)
                     expected = offset + len(data)
+                    if pending_len >= block:
+                        await flush()
                     self.beat()
                     if not limited and pipe.verifier.total_size is not None:
                         transfer.limit(pipe.verifier.total_size)
                         limited = True
                     self._maybe_progress(record, transfer)
+                await flush()
                 break
             except UrlExpired as exc:
+                await flush()
                 desired = await self._wait_for_fresh_url(record, desired, exc)
                 transfer.replace_source(desired.source)
         manifest = await pipe.finish()
