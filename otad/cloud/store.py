@@ -491,10 +491,11 @@ def _http_error_response(exc: web.HTTPException) -> web.Response:
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
         exc.status, "http_error"
     )
+    headers = {"Cache-Control": "no-store"}
+    if "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
     return web.json_response(
-        {"error": {"code": code, "message": exc.reason}},
-        status=exc.status,
-        headers={"Cache-Control": "no-store"},
+        {"error": {"code": code, "message": exc.reason}}, status=exc.status, headers=headers
     )
 
 

@@ -638,3 +638,19 @@ async def test_store_urls_follow_a_moved_listener_unless_a_public_url_is_set(
     async with behind_proxy:
         url = behind_proxy.signer.presign("a" * 64, "dev1", 60)
         assert url.startswith("https://ota.example.org/v1/")
+
+
+async def test_store_head_with_range_and_unknown_methods(
+    cloud: CloudEnv, bundle_bytes: bytes
+) -> None:
+    artifact = await cloud.upload_bytes(bundle_bytes)
+    url = cloud.presign(artifact, "dev1", 60)
+    async with cloud.http("dev1") as session:
+        async with session.head(url, headers={"Range": "bytes=100-199"}) as resp:
+            assert resp.status == 206
+            assert resp.headers["Content-Range"] == f"bytes 100-199/{len(bundle_bytes)}"
+            assert resp.headers["Content-Length"] == "100"
+        async with session.delete(url) as resp:
+            body = await resp.json()
+            assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
+            assert "GET" in resp.headers["Allow"]
