@@ -161,17 +161,31 @@ class RolloutService:
     # --- the cycle ------------------------------------------------------------------------------
 
     async def _serve(self, shadows: Shadows, stop: asyncio.Event) -> None:
-        next_poll = 0.0
-        while not stop.is_set():
-            first = await shadows.next_report(TICK)
-            reports = ([first] if first else []) + shadows.pending_reports()
-            self._apply_reports(reports)
-            if self._clock() >= next_poll:
-                await self._poll_database()
-                next_poll = self._clock() + TICK
-            self._step_all()
-            await self._flush()
-            await self._execute(shadows, self._due_commands())
+        # Commands run in the background: a 10,000-device wave takes a while to set, and the
+        # reports of devices that already started must be folded in meanwhile.
+        running: set[asyncio.Task[None]] = set()
+        try:
+            next_poll = 0.0
+            while not stop.is_set():
+                first = await shadows.next_report(TICK)
+                reports = ([first] if first else []) + shadows.pending_reports()
+                self._apply_reports(reports)
+                if self._clock() >= next_poll:
+                    await self._poll_database()
+                    next_poll = self._clock() + TICK
+                self._step_all()
+                await self._flush()
+                for command in self._due_commands():
+                    task = asyncio.create_task(self._one_kept(shadows, command))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                lost = next((t for t in list(running) if t.done() and t.exception()), None)
+                if lost is not None:
+                    raise lost.exception()  # type: ignore[misc]
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     def _apply_reports(self, reports: Iterable[Report]) -> None:
         now = self._clock()
@@ -314,23 +328,18 @@ class RolloutService:
 
     # --- acting ----------------------------------------------------------------------------------
 
-    async def _execute(self, shadows: Shadows, commands: list[Command]) -> None:
-        if not commands:
-            return
-        results = await asyncio.gather(
-            *(self._one(shadows, c) for c in commands), return_exceptions=True
-        )
-        lost = None
-        for command, result in zip(commands, results, strict=True):
-            if isinstance(result, BaseException):
-                # Kept for the next cycle; after a restart resend_commands() covers it.
-                self._unsent.setdefault(command.device_id, command)
-                if isinstance(result, BrokerError):
-                    lost = result
-                elif not isinstance(result, OtadError):
-                    raise result
-        if lost is not None:
-            raise lost
+    async def _one_kept(self, shadows: Shadows, command: Command) -> None:
+        """Run one command; on failure keep it for the next cycle (a restart covers a crash)."""
+        try:
+            await self._one(shadows, command)
+        except OtadError as exc:
+            if not isinstance(exc, BrokerError):
+                log.warning("rollout_command_failed", device=command.device_id, error=str(exc))
+                # Not at once: a replica that refuses now will not accept a retry in 1 ms.
+                await asyncio.sleep(TICK)
+            self._unsent.setdefault(command.device_id, command)
+            if isinstance(exc, BrokerError):
+                raise
 
     async def _one(self, shadows: Shadows, command: Command) -> None:
         async with self._sets:

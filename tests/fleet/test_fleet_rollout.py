@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -371,3 +372,50 @@ def test_demo_runs_and_summarizes(tmp_path: Path) -> None:
         ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True, check=False
     )
     assert leftover.stdout == "", "the demo left a process behind"
+
+
+def test_fleet_simulate_connects_its_agents_and_stops_on_sigint(
+    fleet_cloud: tuple[CloudDir, BrokerProcess], tmp_path: Path
+) -> None:
+    cloud, _ = fleet_cloud
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "otad",
+            "fleet",
+            "simulate",
+            str(cloud.root),
+            "--devices",
+            "3",
+            "--fail-health",
+            "0.34",
+            "--state",
+            str(tmp_path / "sim"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = tmp_path / "mosquitto.log"
+        deadline = time.monotonic() + 60
+        ids = ["sim-0001", "sim-0002", "sim-0003"]
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if all(f"u'{d}'" in text for d in ids):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the simulated devices never connected")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "issued 3 device certificates" in out
+    assert "simulating 3 devices (sim-0001 .. sim-0003); 1 fail health, 0 fail boot" in out
+    assert set(CloudDir(cloud.root).device_ids()) >= set(ids)
