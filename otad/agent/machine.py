@@ -18,7 +18,10 @@ States (stable strings, on disk and - through :func:`reported_state` - on the wi
     downloading / installing / rebooting --cancelled / failed--> failed
     any unfinished state --loop_detected--> failed             (the loop breaker)
 
-``succeeded``, ``failed`` and ``rolled_back`` are final. ``rolling_back`` is reported as
+``succeeded``, ``failed`` and ``rolled_back`` are final, with one exception: a ``succeeded``
+job whose committed target no longer boots (``booted_other`` after a reboot) becomes
+``rolled_back`` - the device must not keep reporting success while it runs the old slot.
+``rolling_back`` is reported as
 ``verifying``: the final report (``rolled_back``) is sent once the old slot actually runs.
 
 :func:`decide_recovery` is the pure decision the agent takes on start from (journal record,
@@ -81,6 +84,8 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (_S.IDLE, _E.DOWNLOAD_STARTED): _S.DOWNLOADING,
     # a final record is replaced by the next job: starting a job is allowed from every end state
     (_S.SUCCEEDED, _E.DOWNLOAD_STARTED): _S.DOWNLOADING,
+    # a committed target that later stops booting: the bootloader fell back, say so
+    (_S.SUCCEEDED, _E.BOOTED_OTHER): _S.ROLLED_BACK,
     (_S.FAILED, _E.DOWNLOAD_STARTED): _S.DOWNLOADING,
     (_S.ROLLED_BACK, _E.DOWNLOAD_STARTED): _S.DOWNLOADING,
     (_S.DOWNLOADING, _E.DOWNLOAD_RESUMED): _S.DOWNLOADING,
@@ -340,7 +345,7 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
     target_state = boot.slot(target)
 
     if record.final:
-        return _decide_final(record, booted, boot)
+        return _decide_final(record, booted, boot, rebooted)
 
     if on_target and record.state in (State.DOWNLOADING, State.INSTALLING):
         # the writer refuses the booted slot, so the target cannot be running: state is broken
@@ -418,12 +423,24 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
     )
 
 
-def _decide_final(record: JobRecord, booted: str, boot: BootState) -> RecoveryAction:
+def _decide_final(
+    record: JobRecord, booted: str, boot: BootState, rebooted: bool
+) -> RecoveryAction:
     target = record.target_slot
     on_target = booted == target
     step = Step.NONE if record.reported else Step.REPORT
     if record.state == State.SUCCEEDED:
-        # the committed target (or, after a later fallback, the other slot) runs: confirm it
+        if not on_target and rebooted:
+            # the committed target stopped booting and the bootloader fell back
+            message = f"slot {target} was committed but the bootloader fell back to slot {booted}"
+            return RecoveryAction(
+                Step.FINISH,
+                event=Event.BOOTED_OTHER,
+                mark_bad=_ensure_bad(boot, target, booted),
+                confirm=_confirm(boot, booted),
+                error=error_wire(BootFailed.code, message),
+                reason=message,
+            )
         return RecoveryAction(step, confirm=_confirm(boot, booted), reason="job succeeded")
     mark_bad = _ensure_bad(boot, target, booted)
     if on_target:

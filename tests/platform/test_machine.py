@@ -74,7 +74,8 @@ def test_machine_health_failure_path_reaches_rolled_back() -> None:
 def test_machine_final_states_only_start_a_new_job() -> None:
     for state in FINAL_STATES:
         allowed = {e for (s, e) in TRANSITIONS if s == state}
-        assert allowed == {Event.DOWNLOAD_STARTED}
+        extra = {Event.BOOTED_OTHER} if state == State.SUCCEEDED else set()
+        assert allowed == {Event.DOWNLOAD_STARTED} | extra
 
 
 def test_machine_every_unfinished_state_has_a_loop_breaker_and_reaches_an_end() -> None:
@@ -257,10 +258,15 @@ def check_safety(
     # the loop breaker holds: past the bound nothing is retried
     if rec.transitions >= MAX_TRANSITIONS:
         assert not act.step.retries
-    # a final, reported job causes no event and no report
+    # a final job causes no event and at most its report - except a committed target that
+    # the bootloader no longer boots: that success is over, it becomes rolled_back
     if rec.final:
-        assert act.event is None
-        assert act.step == (Step.NONE if rec.reported else Step.REPORT)
+        if rec.state == State.SUCCEEDED and booted != target and rebooted:
+            assert act.event == Event.BOOTED_OTHER and act.step == Step.FINISH
+            assert act.error is not None and act.error["code"] == "boot_failed"
+        else:
+            assert act.event is None
+            assert act.step == (Step.NONE if rec.reported else Step.REPORT)
     else:
         # an unfinished job always moves: an event is stored, or the step journals one itself
         # (switch and rollback store reboot_requested after their bootloader write)
@@ -269,6 +275,9 @@ def check_safety(
             Step.SWITCH_AND_REBOOT,
             Step.ROLLBACK,
         )
+    # never "succeeded" while the other slot runs after a reboot
+    if rec.state == State.SUCCEEDED and booted != target and rebooted:
+        assert after != State.SUCCEEDED
     if act.event is not None and after in FINAL_STATES:
         assert act.step in (Step.FINISH, Step.COMMIT)
         if after != State.SUCCEEDED:
@@ -402,6 +411,22 @@ def test_machine_recovery_keeps_an_idle_device_on_its_slot(tmp_path: Path, attem
         act = decide_recovery(None, booted, sim.state(), True)
         if act.confirm is not None:
             sim.mark_good(act.confirm)
+
+
+def test_machine_recovery_committed_target_that_falls_back_is_rolled_back() -> None:
+    rec = rec_in(State.SUCCEEDED, reported=True)
+    act = decide_recovery(
+        rec, "A", boot(SlotBoot(tries_left=0, good=True), TRIED, ("B", "A")), True
+    )
+    assert act.step == Step.FINISH and act.event == Event.BOOTED_OTHER
+    assert act.error == {
+        "code": "boot_failed",
+        "message": "slot B was committed but the bootloader fell back to slot A",
+    }
+    assert act.mark_bad == "B" and act.confirm == "A"
+    # the same record without a reboot (the agent restarted) stays succeeded
+    same_boot = decide_recovery(rec, "A", boot(GOOD, TRIED), False)
+    assert same_boot.step == Step.NONE
 
 
 def test_machine_recovery_unreported_final_state_is_reported() -> None:

@@ -73,6 +73,28 @@ def test_sim_no_bootable_slot_raises(tmp_path: Path) -> None:
     assert sim.booted() is None
 
 
+def test_sim_last_resort_boots_the_committed_slot_whose_confirmation_was_lost(
+    tmp_path: Path,
+) -> None:
+    # B committed earlier; an update to A failed and A was marked bad; B's attempts ran out
+    # because its confirmations were lost (power cuts): B, not A, must boot
+    sim = SimBootloader(tmp_path / "sim.json", attempts=1, initial="B")
+    sim.mark_bad("A")
+    assert sim.power_on() == "B" and not sim.rescued()
+    assert sim.state().next_boot() is None  # B's one attempt is used, not confirmed
+    assert sim.power_on() == "B" and sim.rescued()
+    sim.mark_good("B")
+    assert sim.power_on() == "B" and not sim.rescued()
+
+
+def test_sim_last_resort_never_boots_a_slot_on_trial(tmp_path: Path) -> None:
+    sim = SimBootloader(tmp_path / "sim.json", attempts=1)
+    sim.try_once("B")
+    sim.fail_boot("B")
+    assert sim.power_on() == "A"  # B's try fails, A's attempt is used now
+    assert sim.power_on() == "A" and sim.rescued()  # last resort: A (committed), never B
+
+
 def test_sim_state_survives_a_new_instance(tmp_path: Path) -> None:
     path = tmp_path / "sim.json"
     SimBootloader(path).try_once("B")

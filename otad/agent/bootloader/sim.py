@@ -8,7 +8,8 @@ The model is the U-Boot counter scheme, which includes GRUB's (``attempts=1``): 
 first slot in the order that is not bad and has attempts left is chosen and one attempt is
 consumed; a slot told to fail (:meth:`fail_boot`, a kernel panic or a hang followed by a watchdog
 reset) consumes its attempt and the bootloader runs again, so the order falls through to the
-other slot once the attempts are used up. With no bootable slot left, power-on raises
+other slot once the attempts are used up. With no attempts left anywhere, the last resort boots a
+committed slot (see :meth:`SimBootloader.power_on`). Only when that fails too does power-on raise
 BootloaderError: in a test that is the one outcome that must never happen.
 """
 
@@ -146,7 +147,14 @@ class SimBootloader:
         return str(value) if value is not None else None
 
     def power_on(self) -> str:
-        """Run the bootloader until a slot comes up; returns it. Consumes attempts."""
+        """Run the bootloader until a slot comes up; returns it. Consumes attempts.
+
+        When no slot has an attempt left, the last resort (as in grub.cfg and boot.cmd) boots
+        the first *committed* slot of the order that is not marked bad, without consuming
+        anything (``rescued()`` is then true; real bootloaders add ``otad.rescue=1``): a lost
+        confirmation of a good slot is an ordinary power cut and must not brick the device,
+        while a slot on trial never gets a try it was not given.
+        """
         raw = self._load()
         attempts_made: list[str] = []
         # each iteration consumes an attempt, so the loop is bounded by the attempts in the env
@@ -156,22 +164,44 @@ class SimBootloader:
                 break
             raw["slots"][slot]["tries"] -= 1
             attempts_made.append(slot)
-            fails = raw["fails"][slot]
-            if fails != 0:
-                if fails > 0:
-                    raw["fails"][slot] = fails - 1
+            if self._fails(raw, slot):
                 continue
-            raw["booted"] = slot
-            raw["boots"] += 1
-            self._save(raw)
-            log.info("sim_powered_on", booted=slot, attempts=attempts_made)
-            return slot
+            return self._booted(raw, slot, attempts_made, rescue=False)
+        state = self._state(raw)
+        for slot in state.order:
+            if slot in SLOTS and state.slot(slot).good:
+                attempts_made.append(f"{slot} (last resort)")
+                if self._fails(raw, slot):
+                    continue
+                return self._booted(raw, slot, attempts_made, rescue=True)
         raw["booted"] = None
         self._save(raw)
         raise BootloaderError(
             f"sim: no bootable slot at power-on (attempts made: {attempts_made or 'none'})",
             attempts=attempts_made,
         )
+
+    @staticmethod
+    def _fails(raw: dict[str, Any], slot: str) -> bool:
+        """Does this boot attempt of ``slot`` fail (and count it)?"""
+        fails = raw["fails"][slot]
+        if fails == 0:
+            return False
+        if fails > 0:
+            raw["fails"][slot] = fails - 1
+        return True
+
+    def _booted(self, raw: dict[str, Any], slot: str, attempts: list[str], *, rescue: bool) -> str:
+        raw["booted"] = slot
+        raw["boots"] += 1
+        raw["rescue"] = rescue
+        self._save(raw)
+        log.info("sim_powered_on", booted=slot, attempts=attempts, rescue=rescue)
+        return slot
+
+    def rescued(self) -> bool:
+        """Did the last power-on boot by the last resort (no slot had an attempt left)?"""
+        return bool(self._load().get("rescue", False))
 
     # --- storage --------------------------------------------------------------------------
 
@@ -211,4 +241,6 @@ def _valid(raw: object) -> bool:
         if type(v.get("tries")) is not int or type(fails[s]) is not int:
             return False
     booted = raw.get("booted")
+    if not isinstance(raw.get("rescue", False), bool):
+        return False
     return (booted is None or booted in SLOTS) and type(raw.get("boots")) is int
