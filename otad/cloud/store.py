@@ -74,6 +74,7 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 1024 * 1024
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+SHUTDOWN_GRACE = 5.0
 ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
 _DECIMAL = re.compile(r"^[0-9]{1,12}$")
@@ -555,7 +556,12 @@ class ArtifactStore:
 
     async def start(self) -> None:
         self.config.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # On stop, downloads in flight get a few seconds; a device resumes with Range after.
+        # aiohttp waits up to the timeout twice (for handlers to finish, then after cancelling
+        # them), hence half.
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE / 2
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True

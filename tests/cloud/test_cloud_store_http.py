@@ -30,7 +30,7 @@ from plugins.cloud_env import CloudEnv, identity, make_bundle
 
 from otad.bundle import Keyring
 from otad.cloud.pki import CloudDir, init_cloud
-from otad.cloud.store import ArtifactStore
+from otad.cloud.store import SHUTDOWN_GRACE, ArtifactStore
 from otad.errors import StoreError
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -654,3 +654,31 @@ async def test_store_head_with_range_and_unknown_methods(
             body = await resp.json()
             assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
             assert "GET" in resp.headers["Allow"]
+
+
+async def test_store_stop_does_not_wait_long_for_a_stalled_download(
+    cloud_dir: CloudDir, tmp_path: Path
+) -> None:
+    config = cloud_dir.config().with_overrides(artifacts_dir=tmp_path / "a")
+    store = ArtifactStore(
+        config,
+        keyring=Keyring.load(cloud_dir.keyring_dir),
+        ssl_context=cloud_dir.server_context(),
+        port=0,
+    )
+    big = make_bundle(cloud_dir, tmp_path / "big.otab", image_size=16 * 1024 * 1024, seed=5)
+    info = await asyncio.to_thread(store.repository.import_file, big, store.keyring)
+    await store.start()
+    url = urlsplit(store.signer.presign(info.artifact_id, "dev1", 60))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1",
+        store.port,
+        ssl=cloud_dir.client_context(cloud_dir.device("dev1")),
+        server_hostname="127.0.0.1",
+    )
+    writer.write(f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await reader.read(1024)  # the download started; the client now stalls
+    started = time.monotonic()
+    await store.stop()
+    assert time.monotonic() - started < SHUTDOWN_GRACE + 3
+    writer.transport.abort()
