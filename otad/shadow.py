@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -429,30 +428,24 @@ def _client_token(doc: Mapping[str, Any]) -> str | None:
     return token
 
 
-def _check_value(value: Any, depth: int, where: str, token: str | None) -> None:
-    """Reject what JSON text cannot round-trip: lone surrogates, huge floats, deep nesting."""
-    if isinstance(value, dict):
-        if depth > MAX_DEPTH:
-            raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
-        for key, item in value.items():
-            _check_text(key, where, token)
-            _check_value(item, depth + 1, where, token)
-    elif isinstance(value, list):
-        if depth > MAX_DEPTH:
-            raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
-        for item in value:
-            _check_value(item, depth + 1, where, token)
-    elif isinstance(value, str):
-        _check_text(value, where, token)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise _bad(f"{where} holds a number out of range", token)
+def _check_value(value: JsonObject, where: str, token: str | None) -> None:
+    """Reject what JSON text cannot round-trip (lone surrogates, huge floats) and deep nesting.
 
-
-def _check_text(text: str, where: str, token: str | None) -> None:
+    One compact encode checks every string and number in C; the walk visits containers only.
+    """
     try:
-        text.encode("utf-8")
+        compact_json(value).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise _bad(f"{where} holds a string that is not valid Unicode", token) from exc
+    except ValueError as exc:
+        raise _bad(f"{where} holds a number out of range", token) from exc
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
+        items = container.values() if type(container) is dict else container
+        stack.extend((item, depth + 1) for item in items if type(item) in (dict, list))
 
 
 def parse_update(payload: bytes) -> UpdateRequest:
@@ -486,7 +479,7 @@ def parse_update(payload: bytes) -> UpdateRequest:
         if section is not None and not isinstance(section, dict):
             raise _bad(f"state.{name} must be a JSON object or null", token)
         if section is not None:
-            _check_value(section, 1, f"state.{name}", token)
+            _check_value(section, f"state.{name}", token)
         sections[name] = section
     return UpdateRequest(
         desired=sections["desired"],
