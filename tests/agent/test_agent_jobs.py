@@ -66,3 +66,21 @@ async def test_agent_new_desired_mid_download_cancels_and_runs_the_new_job(
     assert await dev.reboot() == "B"
     assert dev.agent.runner is not None and dev.agent.runner.record is not None
     assert dev.agent.runner.record.job_id == "j2"
+
+
+async def test_agent_job_with_a_temporary_credential(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    dev = make_device("dev1", config={"store": {"url": cloud.store_url}})
+    await dev.start()
+    image, entry = await offer_bundle(cloud, cloud_dir, tmp_path, publish=False)
+    artifact = entry["url"].split("/v1/artifacts/")[1].split("?")[0]
+    software = {
+        "version": "2.0",
+        "jobId": "jt",
+        "url": f"/v1/artifacts/{artifact}",  # relative to store.url, no pre-signed query
+        "auth": "token",
+    }
+    await cloud.set_desired("dev1", {"software": software})
+    await dev.wait_reboot_requested()
+    assert dev.slot_sha("B", len(image)) == sha256(image)
