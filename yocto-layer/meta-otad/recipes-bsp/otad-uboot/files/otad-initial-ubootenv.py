@@ -21,9 +21,7 @@ def main(argv: list[str]) -> int:
     config, out = Path(argv[0]), Path(argv[1])
     locations = parse_fw_env_config(config.read_text(), str(config))
     out.mkdir(parents=True, exist_ok=True)
-    files = tuple(
-        EnvLocation(out / f"copy{i}.bin", 0, loc.size) for i, loc in enumerate(locations)
-    )
+    files = tuple(EnvLocation(out / f"copy{i}.bin", 0, loc.size) for i, loc in enumerate(locations))
     for loc in files:
         loc.device.unlink(missing_ok=True)
     UBootBootloader(locations=files).initialize()
