@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -60,6 +61,15 @@ def get(url: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None) ->
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def wait_for_text(path: Path, text: str, seconds: float) -> bool:
+    """True once ``text`` appears in the file (polled every 50 ms, at most ``seconds``)."""
+    for _ in range(int(seconds / 0.05)):
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
@@ -126,7 +136,9 @@ def test_cloud_cli_serve_upload_presign_download(
     log = (tmp / "serve.log").open("wb")
     serve = subprocess.Popen([*OTAD, "cloud", "serve", str(cloud.root)], stdout=log, stderr=log)
     try:
-        assert wait_port(config.store_host, config.store_port, 20), (tmp / "serve.log").read_text()
+        assert wait_for_text(tmp / "serve.log", "cloud_serving", 30), (
+            tmp / "serve.log"
+        ).read_text()
         url = run_cli(
             capsys, "cloud", "presign", str(cloud.root), artifact, "gamma", "--expires", "5m"
         )[1].strip()
