@@ -399,3 +399,15 @@ def test_kas_file_builds_the_reference_image_from_this_layer() -> None:
     assert default_of(layer_conf, "OTAD_LAYERDIR") == "${LAYERDIR}"
     for recipe in ("otad-reference-image.bb", "otad-reference-bundle_1.0.bb"):
         assert layer_files(recipe), recipe
+
+
+def test_layer_python_helpers_pass_ruff() -> None:
+    """`make lint` covers otad/, tests/ and benchmarks/; the layer's helper scripts get it here."""
+    scripts = [str(p) for p in layer_files("*.py")]
+    assert len(scripts) >= 2
+    ruff = Path(sys.executable).with_name("ruff")
+    for args in (["check"], ["format", "--check"]):
+        result = subprocess.run(
+            [str(ruff), *args, *scripts], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
