@@ -4,8 +4,11 @@
 # BOOT_X_LEFT is above 0 wins; its counter is decremented and saved *before* the kernel starts.
 # The running system confirms its slot by resetting the counter (otad does that on start); a
 # slot whose counter reached 0 is skipped, so an update that never comes up falls back to the
-# other slot. A slot marked bad is not in BOOT_ORDER. With no BOOT_ORDER or no slot left, slot A
-# boots with otad.rescue=1 and nothing is saved (no silent retry of a slot that failed).
+# other slot. A slot marked bad is not in BOOT_ORDER.
+# Last resort, when no slot has attempts left (the good slot's confirmations were lost to power
+# cuts): the first slot of BOOT_ORDER that is not on trial (otad_trial) boots with
+# otad.rescue=1 and nothing is saved; the agent then confirms it. A slot on trial never gets an
+# attempt it was not given. With no BOOT_ORDER at all (env lost), slot A boots that way.
 # Counters are single digits (setexpr computes in hex; otad writes at most 9).
 #
 # Where the env is stored:
@@ -79,8 +82,20 @@ if test -n "${otad_slot}"; then
         saveenv
     fi
 else
-    echo "otad: no bootable slot in BOOT_ORDER=[${BOOT_ORDER}]: rescue boot of slot A"
-    setenv otad_slot A
+    # last resort: a committed slot (in BOOT_ORDER, not on trial) despite its spent counter
+    for otad_s in ${BOOT_ORDER}; do
+        if test -z "${otad_slot}"; then
+            if test "${otad_s}" = "A" || test "${otad_s}" = "B"; then
+                if test "${otad_s}" != "${otad_trial}"; then
+                    setenv otad_slot ${otad_s}
+                fi
+            fi
+        fi
+    done
+    if test -z "${otad_slot}"; then
+        setenv otad_slot A
+    fi
+    echo "otad: no slot with attempts left in BOOT_ORDER=[${BOOT_ORDER}]: rescue boot of slot ${otad_slot}"
     setenv otad_rescue otad.rescue=1
 fi
 

@@ -163,3 +163,21 @@ def test_grub_real_rescue_boot_without_a_valid_copy(tmp_path: Path, core_img: Pa
     log = disk.boot()
     assert "rescue boot of slot A" in log and chosen(log) == "A"
     assert disk.env("grubenv.0").read_bytes() == b"\0" * 1024  # nothing saved
+
+
+def test_grub_real_last_resort_boots_the_committed_slot(tmp_path: Path, core_img: Path) -> None:
+    # B committed, A marked bad by a failed update, B's confirmation lost to a power cut
+    values = {**initial_values(("B", "A")), "A_OK": "0", "B_TRY": "1", "otad_trial": ""}
+    disk = Disk(tmp_path / "disk.img", core_img, {"grubenv.0": render(values, 4)})
+    before = disk.env("grubenv.0").read_bytes()
+    log = disk.boot()
+    assert "rescue boot of slot B" in log and chosen(log) == "B"
+    assert disk.env("grubenv.0").read_bytes() == before  # nothing saved
+
+
+def test_grub_real_last_resort_skips_the_slot_on_trial(tmp_path: Path, core_img: Path) -> None:
+    # B on trial used its try; A's confirmation after the fallback was lost: A, never B
+    values = {**initial_values(("B", "A")), "A_TRY": "1", "B_TRY": "1", "otad_trial": "B"}
+    disk = Disk(tmp_path / "disk.img", core_img, {"grubenv.0": render(values, 4)})
+    log = disk.boot()
+    assert "rescue boot of slot A" in log and chosen(log) == "A"

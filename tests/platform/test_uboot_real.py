@@ -172,3 +172,28 @@ def test_uboot_real_rescue_boot_with_a_corrupt_env(
     assert "otad.slot=A" in line and "otad.rescue=1" in line
     assert "BOOT_ORDER=[]: rescue boot of slot A" in log
     assert m.env_file() == bytes(corrupt)  # nothing saved
+
+
+def test_uboot_real_last_resort_boots_the_committed_slot(
+    tmp_path: Path, firmware: tuple[Path, Path]
+) -> None:
+    # B committed, A marked bad (not in BOOT_ORDER), B's confirmations lost: B, nothing saved
+    before = env(BOOT_ORDER="B", BOOT_A_LEFT="0", BOOT_B_LEFT="0", otad_trial="")
+    m = Machine(tmp_path, firmware, before)
+    log = m.boot()
+    line = bootargs(log)
+    assert "otad.slot=B" in line and "otad.rescue=1" in line
+    assert "rescue boot of slot B" in log
+    assert m.env_file() == before
+
+
+def test_uboot_real_last_resort_skips_the_slot_on_trial(
+    tmp_path: Path, firmware: tuple[Path, Path]
+) -> None:
+    m = Machine(
+        tmp_path,
+        firmware,
+        env(BOOT_ORDER="B A", BOOT_A_LEFT="0", BOOT_B_LEFT="0", otad_trial="B"),
+    )
+    line = bootargs(m.boot())
+    assert "otad.slot=A" in line and "otad.rescue=1" in line
