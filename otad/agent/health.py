@@ -3,12 +3,17 @@
 Checks, all bounded in time, run concurrently (scripts one after the other, in name order):
 
 ``system``
-    ``systemctl is-system-running --wait``: the boot must finish as ``running`` (``degraded``
-    means a unit failed, and fails the check). Not under systemd (no ``/run/systemd/system``):
+    ``systemctl is-system-running`` (never ``--wait``: the check itself runs inside the boot
+    transaction - otad-health.service is RequiredBy=boot-complete.target, and the agent's own
+    unit is not started yet - so waiting for the boot to finish would wait for itself). Passes
+    while the boot is ``initializing``/``starting`` and when ``running``; fails when
+    ``degraded`` (a unit failed; the reason names the failed units), ``maintenance``,
+    ``stopping``, ``offline`` or anything else. Not under systemd (no ``/run/systemd/system``):
     reported as *skipped* - visible in the report, never a silent pass - and it does not fail
     the result, because there is nothing to ask.
 ``unit:<name>``
-    each required unit must be ``active`` (``activating`` is polled until the deadline). A
+    each required unit must become ``active``: ``systemctl is-active`` is polled until the
+    deadline (the units are ordered independently of the check); ``failed`` fails at once. A
     required unit on a system without systemd *fails*: a configured check that cannot run is
     a failure, never a pass.
 ``script:<name>``
@@ -45,6 +50,9 @@ SYSTEMD_MARKER = Path("/run/systemd/system")
 BrokerProbe = Callable[[float], Awaitable[bool]]
 _OUTPUT_LIMIT = 200
 _CANNOT_RUN = -1  # _run's status when the program could not be started at all
+#: Boot still in progress, or done: the check runs inside the boot transaction, so it never
+#: waits for the boot to finish (that would include waiting for itself).
+_SYSTEM_OK = frozenset({"initializing", "starting", "running"})
 
 
 class Outcome(StrEnum):
@@ -175,19 +183,31 @@ class HealthChecker:
         start = time.monotonic()
         if not self.under_systemd:
             return [CheckResult("system", Outcome.SKIPPED, "not running under systemd")]
-        code, out = await _run(
-            [self.systemctl, "is-system-running", "--wait"], _left(deadline), self.env
-        )
+        code, out = await _run([self.systemctl, "is-system-running"], _left(deadline), self.env)
         took = time.monotonic() - start
         if code is None:
-            return [CheckResult("system", Outcome.FAILED, "boot did not finish in time", took)]
+            return [CheckResult("system", Outcome.FAILED, "systemctl did not answer", took)]
         if code == _CANNOT_RUN:
             return [CheckResult("system", Outcome.FAILED, out, took)]
         state = out.strip().splitlines()[-1] if out.strip() else f"exit status {code}"
-        if state == "running":
-            return [CheckResult("system", Outcome.PASSED, state, took)]
-        hint = " (a unit failed)" if state == "degraded" else ""
-        return [CheckResult("system", Outcome.FAILED, f"system is {state}{hint}", took)]
+        if state in _SYSTEM_OK:
+            return [CheckResult("system", Outcome.PASSED, state, time.monotonic() - start)]
+        detail = f"system is {state}"
+        if state == "degraded":
+            failed = await self._failed_units(deadline)
+            detail += f" (failed units: {failed})" if failed else " (a unit failed)"
+        return [CheckResult("system", Outcome.FAILED, detail, time.monotonic() - start)]
+
+    async def _failed_units(self, deadline: float) -> str:
+        code, out = await _run(
+            [self.systemctl, "list-units", "--state=failed", "--plain", "--no-legend"],
+            min(5.0, _left(deadline)),
+            self.env,
+        )
+        if code is None or code == _CANNOT_RUN:
+            return ""
+        names = [line.split()[0] for line in out.splitlines() if line.strip()]
+        return ", ".join(names)[:_OUTPUT_LIMIT]
 
     async def _units(self, deadline: float) -> list[CheckResult]:
         if not self.required_units:
@@ -211,7 +231,8 @@ class HealthChecker:
                 state = out.strip() or f"exit status {code}"
             if state == "active":
                 return CheckResult(f"unit:{unit}", Outcome.PASSED, state, time.monotonic() - start)
-            if state not in ("activating", "reloading") or _left(deadline) <= 0.5:
+            # not started yet (inactive) or on its way: wait; failed (or gone) is final
+            if state in ("failed", "unknown") or code is None or _left(deadline) <= 0.5:
                 return CheckResult(
                     f"unit:{unit}", Outcome.FAILED, f"unit is {state}", time.monotonic() - start
                 )

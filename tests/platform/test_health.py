@@ -18,6 +18,7 @@ from otad.agent.health import CheckResult, HealthChecker, HealthReport, Outcome
 FAKE_SYSTEMCTL = """#!/bin/sh
 # stand-in for systemctl: answers from files in $FAKE_SYSTEMD
 case "$1" in
+  list-units) cat "$FAKE_SYSTEMD/failed" 2>/dev/null ;;
   is-system-running) cat "$FAKE_SYSTEMD/system"; [ "$(cat "$FAKE_SYSTEMD/system")" = running ] ;;
   is-active)
     f="$FAKE_SYSTEMD/unit-$2"
@@ -87,16 +88,40 @@ async def test_health_all_pass(fake_systemd: Path, tmp_path: Path) -> None:
     assert report.reason == "4 checks passed"
 
 
-async def test_health_degraded_system_fails(fake_systemd: Path) -> None:
+async def test_health_degraded_system_fails_naming_the_failed_units(fake_systemd: Path) -> None:
     (fake_systemd / "system").write_text("degraded\n")
+    (fake_systemd / "failed").write_text(
+        "app.service loaded failed failed My app\nnet.mount loaded failed failed Net\n"
+    )
     report = await checker(fake_systemd).run()
     assert not report.ok
-    assert "system: system is degraded (a unit failed)" in report.reason
+    assert report.reason == "system: system is degraded (failed units: app.service, net.mount)"
+
+
+@pytest.mark.parametrize("state", ["initializing", "starting", "running"])
+async def test_health_boot_in_progress_passes_without_waiting(
+    fake_systemd: Path, state: str
+) -> None:
+    # the check runs inside the boot transaction: it must never wait for the boot to finish
+    (fake_systemd / "system").write_text(f"{state}\n")
+    report = await checker(fake_systemd).run()
+    assert report.ok and outcomes(report)["system"] == Outcome.PASSED
+
+
+@pytest.mark.parametrize("state", ["maintenance", "stopping", "offline", "unknown"])
+async def test_health_other_system_states_fail(fake_systemd: Path, state: str) -> None:
+    (fake_systemd / "system").write_text(f"{state}\n")
+    report = await checker(fake_systemd).run()
+    assert report.reason == f"system: system is {state}"
 
 
 async def test_health_inactive_and_failed_units_fail(fake_systemd: Path) -> None:
     (fake_systemd / "unit-a.service").write_text("failed\n")
-    report = await checker(fake_systemd, required_units=("a.service", "b.service")).run()
+    start = time.monotonic()
+    report = await checker(
+        fake_systemd, required_units=("a.service", "b.service"), total_timeout=1.5
+    ).run()
+    assert time.monotonic() - start < 10  # b is polled until the deadline, a fails at once
     assert outcomes(report)["unit:a.service"] == Outcome.FAILED
     assert "unit:a.service: unit is failed" in report.reason
     assert "unit:b.service: unit is inactive" in report.reason
@@ -191,13 +216,26 @@ async def test_health_broker_probe_outcomes(fake_systemd: Path) -> None:
     assert r4.reason == "broker: no broker probe configured"
 
 
-async def test_health_boot_that_never_finishes_is_bounded(fake_systemd: Path) -> None:
+async def test_health_hanging_systemctl_is_bounded(fake_systemd: Path) -> None:
     slow = fake_systemd / "systemctl"
     slow.write_text("#!/bin/sh\nsleep 60\n")
     start = time.monotonic()
     report = await checker(fake_systemd, total_timeout=0.5).run()
     assert time.monotonic() - start < 10
-    assert report.reason == "system: boot did not finish in time"
+    assert report.reason == "system: systemctl did not answer"
+
+
+async def test_health_unit_that_starts_later_is_waited_for(fake_systemd: Path) -> None:
+    unit = fake_systemd / "unit-late.service"
+
+    async def start_it() -> None:
+        await asyncio.sleep(1.0)
+        unit.write_text("active\n")
+
+    task = asyncio.create_task(start_it())
+    report = await checker(fake_systemd, required_units=("late.service",), total_timeout=10).run()
+    await task
+    assert report.ok, report.reason
 
 
 async def test_health_missing_systemctl_is_a_failure(fake_systemd: Path, tmp_path: Path) -> None:
