@@ -215,7 +215,6 @@ class Agent:
     async def _configured_health(self) -> HealthResult:
         checker = HealthChecker.from_config(self.config.health, broker=self._broker_reachable)
         report = await checker.run()
-        log.info("health_checked", ok=report.ok, checks=report.to_dict())
         return HealthResult(report.ok, report.reason)
 
     # --- documents -------------------------------------------------------------------------------
@@ -256,6 +255,9 @@ class Agent:
         desired_doc = state.get("desired") if isinstance(state, Mapping) else None
         entry = desired_doc.get("software") if isinstance(desired_doc, Mapping) else None
         if entry is None:
+            # the operator withdrew the desired software: stop a job that can still stop
+            if self.runner is not None and self.runner.cancellable:
+                await self._cancel_job("the desired software was removed")
             return
         try:
             desired = DesiredSoftware.parse(entry, store_url=self.config.store.url)
