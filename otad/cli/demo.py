@@ -82,6 +82,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             root.mkdir(parents=True, exist_ok=True)
         log_file = stack.enter_context((root / "demo.log").open("w"))
         logs.configure(level="info", stream=log_file)
+        # Runs before the file closes (last in, first out): late log lines go to stderr.
+        stack.callback(logs.configure, level="warning")
         return await run_demo(args, root, console)
     return 1  # pragma: no cover (the with block always returns)
 

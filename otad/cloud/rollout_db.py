@@ -166,6 +166,13 @@ def create_rollout(
         raise RolloutError(f"rollout {rollout.id} exists already")
     _write_rollout(conn, rollout, insert=True)
     write_devices(conn, rollout.id, devices)
+    log.info(
+        "rollout_created",
+        rollout=rollout.id,
+        version=rollout.version,
+        devices=len(devices),
+        waves=list(rollout.waves),
+    )
 
 
 def save(conn: sqlite3.Connection, rollout: Rollout, devices: Iterable[DeviceRecord] = ()) -> None:

@@ -38,7 +38,7 @@ _STATE_STYLE = {
 }
 # Column order of the per-state counts: the way a device moves through a rollout.
 _COUNT_COLUMNS: tuple[tuple[str, frozenset[DeviceState], str], ...] = (
-    ("waiting", frozenset({DeviceState.PENDING}), "dim"),
+    ("wait", frozenset({DeviceState.PENDING}), "dim"),
     ("busy", IN_FLIGHT, "cyan"),
     ("updated", frozenset({DeviceState.SUCCEEDED}), "green"),
     ("back", frozenset({DeviceState.ROLLED_BACK}), "yellow"),
@@ -117,7 +117,7 @@ def render_rollout(
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("wave", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True, min_width=4)
-    table.add_column("progress", width=16, no_wrap=True)
+    table.add_column("progress", width=12, no_wrap=True)
     table.add_column("done", justify="right", no_wrap=True)
     for name, _, style in _COUNT_COLUMNS:
         table.add_column(name, justify="right", style=style, no_wrap=True)
@@ -129,7 +129,7 @@ def render_rollout(
         bar = ProgressBar(
             total=max(1, t.size),
             completed=t.done,
-            width=16,
+            width=12,
             complete_style="red" if t.failed and started else "green",
             finished_style="red" if t.failed else "green",
         )
