@@ -82,7 +82,7 @@ class ShadowSession:
         self._waiters: dict[str, asyncio.Future[tuple[bool, dict[str, Any]]]] = {}
         self._get_needed = asyncio.Event()
         self._doc_version = -1
-        self._token_prefix = f"{config.device_id[:40]}-{os.getpid()}-{id(self) & 0xFFFF:x}"
+        self._token_prefix = f"{config.device_id[:32]}-{os.getpid()}-{id(self) & 0xFFFF:x}"
         self._tokens = itertools.count(1)
 
     # --- reports -------------------------------------------------------------------------------
