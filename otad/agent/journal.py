@@ -108,9 +108,17 @@ class Journal:
                 f"(lock {self.lock_path}); stop it first",
                 state_dir=str(self.state_dir),
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"journal: cannot lock {self.lock_path}: {exc}") from exc
         self._lock_fd = fd
+        try:
+            # informational only (names the holder in the message a second agent gets): a full
+            # or failing data partition must not cost the lock, nor leak the locked fd
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            log.warning("journal_lock_pid_not_written", path=str(self.lock_path), error=str(exc))
         log.info("journal_locked", state_dir=str(self.state_dir))
 
     def release(self) -> None:

@@ -229,3 +229,28 @@ def test_journal_records_round_trip(
         updated=2.0,
     )
     assert decode_record(encode_record(rec)) == rec
+
+
+def test_journal_lock_survives_a_failing_pid_write(tmp_path: Path) -> None:
+    # a full data partition (a tiny tmpfs, filled): creating the lock file still works, the
+    # pid write fails with ENOSPC; the lock is held anyway, released, and taken again
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]
+    if subprocess.run(mount, check=False, timeout=30).returncode:
+        pytest.fail("mounting a tmpfs is required for the full-partition test")
+    try:
+        with (mnt / "filler").open("wb") as f, contextlib.suppress(OSError):
+            f.write(b"x" * 65536 * 2)
+        state = mnt / "state"
+        state.mkdir()
+        j = Journal(state, boot_id="b")
+        j.acquire()
+        assert j.locked and (state / "agent.lock").read_bytes() == b""
+        with pytest.raises(AgentLocked, match="another process"):
+            Journal(state, boot_id="b").acquire()
+        j.release()
+        j.acquire()  # no fd leaked with the lock: it can be taken again
+        j.release()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False, timeout=30)
