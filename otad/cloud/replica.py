@@ -137,17 +137,18 @@ def process_request(
         body = shadow.rejected_document(exc, now)
         return [_Outgoing(topics.rejected(kind), shadow.encode(body))], "rejected"
     # Order: delta, documents, accepted. The accepted goes last: it acknowledges the update and
-    # its PUBACK marks the whole outbox row done. ``documents`` is a notification for
-    # observers and goes at QoS 0: one PUBACK fewer per update (read with `get` after a
-    # reconnect, as AWS recommends).
-    messages = []
+    # its PUBACK marks the whole outbox row done. ``documents`` is a notification for observers:
+    # QoS 0 (one PUBACK fewer per update) and not in the outbox (it is the largest message, and
+    # rows that big cost SQLite overflow pages: about 20 us more per update, measured). After a
+    # crash, observers read the current document with `get`.
+    durable = []
     if outcome.delta is not None:
-        messages.append(OutboxMessage(topics.update_delta, shadow.encode(outcome.delta)))
-    messages.append(OutboxMessage(topics.update_documents, outcome.documents_payload(), qos=0))
-    messages.append(OutboxMessage(topics.update_accepted, shadow.encode(outcome.accepted)))
+        durable.append(OutboxMessage(topics.update_delta, shadow.encode(outcome.delta)))
+    durable.append(OutboxMessage(topics.update_accepted, shadow.encode(outcome.accepted)))
     txn.save(device_id, outcome.document)
-    stored = txn.add_outbox(messages)
-    return _outgoing(stored), "accepted"
+    stored = _outgoing(txn.add_outbox(durable))
+    documents = _Outgoing(topics.update_documents, outcome.documents_payload(), qos=0)
+    return [*stored[:-1], documents, stored[-1]], "accepted"
 
 
 def _outgoing(stored: Sequence[OutboxMessage]) -> list[_Outgoing]:
