@@ -30,6 +30,7 @@ from otad.cloud.replica import BrokerSettings, Replica, ShadowClient
 from otad.cloud.rollout import RolloutService
 from otad.cloud.rollout_host import rollout_service
 from otad.cloud.store import ArtifactStore
+from otad.errors import OtadError
 
 __layer__ = "root"
 
@@ -105,6 +106,14 @@ class CloudServer:
                     if self.rollouts is not None:
                         group.create_task(self.rollouts.run(stop), name="rollouts")
                     group.create_task(self._announce_ready(stop), name="ready")
+            except ExceptionGroup as failure:
+                # One part failed with an error of ours: let it end the process as itself (the
+                # CLI prints it as one line), not wrapped in a group.
+                first = failure.exceptions[0]
+                if len(failure.exceptions) == 1 and isinstance(first, OtadError):
+                    log.error("cloud_part_failed", code=first.code, error=str(first))
+                    raise first from failure
+                raise
             finally:
                 await self.store.stop()
         finally:

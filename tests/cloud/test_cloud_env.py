@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from plugins.cloud_env import CloudEnv
 
 from otad.cloud.pki import CloudDir
 from otad.cloud.server import CloudServer
-from otad.errors import ShadowNotFound
+from otad.errors import RolloutError, ShadowNotFound
 
 
 async def test_cloud_env_desired_reaches_the_device_as_delta(
@@ -68,3 +70,23 @@ def test_cloud_server_public_url_is_the_base_of_presigned_urls(
     assert url.startswith(f"https://10.0.2.100:8443/v1/artifacts/{'a' * 64}?device=dev1&")
     default = CloudServer(cloud_dir, config, rollouts=False)
     assert default.store.signer.presign("a" * 64, "dev1", 60).startswith(config.store_public_url)
+
+
+async def test_cloud_server_a_failing_part_ends_it_with_its_own_error(
+    cloud_dir: CloudDir, tmp_path: Path
+) -> None:
+    db = tmp_path / "shadow.db"
+
+    def future_schema() -> None:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("CREATE TABLE fleet_meta (key TEXT PRIMARY KEY, value TEXT)")
+            conn.execute("INSERT INTO fleet_meta VALUES ('schema_version', '999')")
+            conn.commit()
+
+    await asyncio.to_thread(future_schema)
+    config = cloud_dir.config().with_overrides(db_path=db, artifacts_dir=tmp_path / "a")
+    server = CloudServer(cloud_dir, config, store_port=0)
+    with pytest.raises(RolloutError, match="schema version 999"):
+        async with asyncio.timeout(30):
+            await server.run(asyncio.Event())
+    assert not server.ready.is_set()
