@@ -271,7 +271,9 @@ class _Wire(asyncio.Protocol):
         for future in futures:
             if not future.done():
                 future.set_exception(error)
-        self.lost.exception()  # retrieved here so asyncio never logs it as unhandled
+                # Marked retrieved: a waiter that awaits it still gets the error, and one that
+                # never will (no CONNACK wanted yet) does not make asyncio log it.
+                future.exception()
 
     def pause_writing(self) -> None:
         self._paused = True
