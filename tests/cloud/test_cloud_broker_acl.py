@@ -23,6 +23,12 @@ from otad.cloud.pki import CloudDir
 WAIT = 1.0  # seconds a forbidden message gets to (wrongly) show up
 
 
+def log_since(broker: BrokerProcess, offset: int) -> str:
+    with broker.log_path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 async def collect(client: aiomqtt.Client, until_topic: str, deadline: float) -> list[str]:
     """Topics received until ``until_topic`` arrives and then ``WAIT`` more seconds."""
     seen: list[str] = []
@@ -119,11 +125,14 @@ async def test_broker_shared_subscription_for_the_replica(
 async def test_broker_refuses_a_client_without_certificate(
     cloud_dir: CloudDir, broker: BrokerProcess
 ) -> None:
+    before = broker.log_path.stat().st_size
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client(
             broker.host, broker.port, tls_context=cloud_dir.client_context(None), timeout=2
         ):
             pass
+    # Refused for the right reason, by the broker itself.
+    assert "peer did not return a certificate" in log_since(broker, before)
 
 
 async def test_broker_refuses_a_certificate_from_another_ca(
@@ -134,9 +143,11 @@ async def test_broker_refuses_a_certificate_from_another_ca(
     other = init_cloud(tmp_path_factory.mktemp("other"), ["dev1"])
     ctx = cloud_dir.client_context(None)
     ctx.load_cert_chain(str(other.device("dev1").cert), str(other.device("dev1").key))
+    before = broker.log_path.stat().st_size
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client(broker.host, broker.port, tls_context=ctx, timeout=2):
             pass
+    assert "certificate verify failed" in log_since(broker, before)
 
 
 async def test_broker_refuses_plain_tcp(broker: BrokerProcess) -> None:
