@@ -492,6 +492,7 @@ class Replica:
         self._pending = 0
         self._wire: _Wire | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._served = False
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -501,6 +502,8 @@ class Replica:
                 await self._session(stop)
                 return
             except BrokerError as exc:
+                if self._served:  # the session worked: start the backoff from the beginning
+                    backoff, self._served = 0.2, False
                 self.ready.clear()
                 log.warning("broker_connection_lost", error=str(exc), retry_in=backoff)
             with contextlib.suppress(TimeoutError):
@@ -537,6 +540,7 @@ class Replica:
             await wire.subscribe(self.filters)
             keepalive = asyncio.create_task(wire.keepalive(settings.keepalive))
             self.ready.set()
+            self._served = True
             log.info("replica_serving", filters=self.filters, template=self.template)
             stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
             lost: asyncio.Future[Any] = wire.lost
