@@ -34,6 +34,7 @@ from otad.agent.mqtt import ShadowSession
 from otad.agent.notify import Notifier, watchdog_interval
 from otad.agent.slots import SlotLayout, SlotSpec, booted_slot
 from otad.agent.update import (
+    CrashPoints,
     DesiredSoftware,
     HealthCheck,
     HealthResult,
@@ -50,6 +51,7 @@ log = structlog.get_logger(__name__)
 
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
+ENV_HALF_WRITTEN = "bootloader_env_half_written"  # the crash point inside an env copy write
 
 
 def limit_malloc_arenas(count: int = 1) -> bool:
@@ -70,6 +72,11 @@ def limit_malloc_arenas(count: int = 1) -> bool:
 def make_bootloader(config: AgentConfig) -> Bootloader:
     """The backend the config names."""
     kind = config.bootloader.type
+    fault = None
+    if ENV_HALF_WRITTEN in config.testing.crash_points:
+        # test-only: end the process with a genuinely torn env copy on disk (issue 8's matrix)
+        crash = CrashPoints(config.testing.crash_points, config.testing.exit_code)
+        fault = crash.hit
     if kind == "sim":
         from otad.agent.bootloader.sim import SimBootloader
 
@@ -77,11 +84,13 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
     if kind == "grub":
         from otad.agent.bootloader.grub import GrubBootloader
 
-        return GrubBootloader(config.bootloader.grub_env_dir)
+        return GrubBootloader(config.bootloader.grub_env_dir, fault=fault)
     if kind == "uboot":
         from otad.agent.bootloader.uboot import UBootBootloader
 
-        return UBootBootloader(config.bootloader.fw_env_config, attempts=config.bootloader.tries)
+        return UBootBootloader(
+            config.bootloader.fw_env_config, attempts=config.bootloader.tries, fault=fault
+        )
     raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
 
 

@@ -55,6 +55,7 @@ from otad.agent.notify import Notifier
 from otad.agent.slots import SlotLayout, SlotWriter, open_target
 from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy
 from otad.errors import (
+    BootloaderEnvCorrupt,
     DesiredStateInvalid,
     HealthCheckFailed,
     JobCancelled,
@@ -494,7 +495,15 @@ class UpdateRunner:
         The action's step runs later in :meth:`resume` (it may need the broker)."""
         record = await asyncio.to_thread(self.journal.load)
         self.record = record
-        boot_state = await asyncio.to_thread(self.bootloader.state)
+        try:
+            boot_state = await asyncio.to_thread(self.bootloader.state)
+        except BootloaderEnvCorrupt as exc:
+            # No valid env copy: the firmware rescue-booted this slot. Make it the good, first
+            # slot and the other one bad, then decide as usual (the job, if any, is judged on
+            # that state: the other slot is not trusted any more).
+            log.error("bootloader_env_repaired", booted=self.booted, reason=exc.message)
+            await asyncio.to_thread(self.bootloader.repair, self.booted)
+            boot_state = await asyncio.to_thread(self.bootloader.state)
         rebooted = record is not None and self.journal.rebooted(record)
         action = decide_recovery(record, self.booted, boot_state, rebooted)
         log.info(

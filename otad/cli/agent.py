@@ -15,32 +15,18 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otad.agent import config as agent_config
 from otad.agent.bootloader import other_slot
 from otad.agent.config import AgentConfig
-from otad.agent.daemon import (
-    Agent,
-    command_rebooter,
-    limit_malloc_arenas,
-    make_bootloader,
-    make_layout,
-)
-from otad.agent.download import Downloader
-from otad.agent.health import HealthChecker
-from otad.agent.journal import Journal
-from otad.agent.machine import reported_state
-from otad.agent.slots import booted_slot
-from otad.agent.update import (
-    DesiredSoftware,
-    DeviceState,
-    HealthResult,
-    RebootPending,
-    UpdateRunner,
-)
-from otad.bundle import Keyring
 from otad.errors import BrokerError, OtadError
+
+if TYPE_CHECKING:
+    from otad.agent.update import HealthResult
+
+# The agent's runtime (aiohttp, aiomqtt, pyudev) is imported inside the handlers: every `otad`
+# command imports this module, and `otad bundle ...` must run on a build host without them.
 
 __layer__ = "cli"
 
@@ -93,6 +79,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from otad.agent.daemon import Agent, limit_malloc_arenas
+
     config = agent_config.load(args.config)
     limit_malloc_arenas()
     stop = asyncio.Event()
@@ -123,6 +111,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _resolve_slot(config: AgentConfig, which: str) -> tuple[str, str]:
     """(booted slot, the slot ``which`` names)."""
+    from otad.agent.daemon import make_layout
+    from otad.agent.slots import booted_slot
+
     booted = booted_slot(make_layout(config), override=config.slots.booted)
     if which == "booted":
         return booted, booted
@@ -133,6 +124,12 @@ def _resolve_slot(config: AgentConfig, which: str) -> tuple[str, str]:
 
 def collect_status(config: AgentConfig) -> dict[str, Any]:
     """Everything `otad agent status` shows, as one JSON-friendly object."""
+    from otad.agent.daemon import make_bootloader, make_layout
+    from otad.agent.journal import Journal
+    from otad.agent.machine import reported_state
+    from otad.agent.slots import booted_slot
+    from otad.agent.update import DeviceState
+
     booted = booted_slot(make_layout(config), override=config.slots.booted)
     device = DeviceState.load(config.state_dir)
     out: dict[str, Any] = {
@@ -205,6 +202,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _mark(args: argparse.Namespace, good: bool) -> int:
+    from otad.agent.daemon import make_bootloader
+
     config = agent_config.load(args.config)
     booted, slot = _resolve_slot(config, args.slot)
     bootloader = make_bootloader(config)
@@ -240,6 +239,9 @@ async def broker_reachable(config: AgentConfig, within: float) -> bool:
 
 
 async def run_health(config: AgentConfig) -> HealthResult:
+    from otad.agent.health import HealthChecker
+    from otad.agent.update import HealthResult
+
     async def broker(within: float) -> bool:
         return await broker_reachable(config, within)
 
@@ -307,6 +309,18 @@ def _install(args: argparse.Namespace) -> Any:
 
 
 async def _install_job(args: argparse.Namespace, url: str) -> int:
+    from otad.agent.daemon import (
+        command_rebooter,
+        limit_malloc_arenas,
+        make_bootloader,
+        make_layout,
+    )
+    from otad.agent.download import Downloader
+    from otad.agent.journal import Journal
+    from otad.agent.slots import booted_slot
+    from otad.agent.update import DesiredSoftware, HealthResult, RebootPending, UpdateRunner
+    from otad.bundle import Keyring
+
     config = agent_config.load(args.config)
     limit_malloc_arenas()
     job = DesiredSoftware(version="", url=url, job_id=f"local-{int(time.time())}")
