@@ -22,6 +22,7 @@ from otad.cloud.pki import (
     render_acl,
     topic_acl_filters,
     validate_device_id,
+    write_broker_files,
 )
 from otad.errors import ConfigError
 
@@ -255,3 +256,13 @@ def test_pki_ed25519_signing_key_is_supported(tmp_path: Path) -> None:
     cloud = init_cloud(tmp_path, [], signing_algorithm="ed25519")
     assert algorithm_of(load_private_key(cloud.signing_key)) == "ed25519"
     assert len(Keyring.load(cloud.keyring_dir).key_ids) == 1
+
+
+def test_pki_broker_files_follow_an_edited_config(tmp_path: Path) -> None:
+    cloud = init_cloud(tmp_path, ["d1"], broker_port=18883)
+    text = cloud.config_file.read_text().replace("port = 18883", "port = 28883")
+    text = text.replace('topic_template = "state/{device_id}"', 'topic_template = "t/{device_id}"')
+    cloud.config_file.write_text(text)
+    write_broker_files(cloud, cloud.config())
+    assert "listener 28883 127.0.0.1" in cloud.mosquitto_conf.read_text()
+    assert "pattern readwrite t/%u/#" in cloud.acl_file.read_text()
