@@ -85,13 +85,15 @@ def generate_image(path: Path, size: int, seed: int = 7) -> None:
             written += len(block)
 
 
-def timed(fn: Callable[[], None], reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(fn: Callable[[], None]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of the whole process, CPU seconds of the calling thread."""
+    wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+    fn()
+    return (
+        time.perf_counter() - wall,
+        time.process_time() - cpu,
+        time.thread_time() - thread,
+    )
 
 
 def hash_image(image: Path) -> None:
@@ -179,9 +181,12 @@ def main() -> None:
         warm(bundle)
         # Interleave the reps so a noisy neighbour hits all of them alike.
         samples: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for _ in range(args.reps):
             for name, fn in runs.items():
-                samples[name] += timed(fn, 1)
+                wall, process, thread = timed(fn)
+                samples[name].append(wall)
+                cpu[name].append((process, thread))
         rates: dict[str, float] = {}
         for name, times in samples.items():
             mibs = sorted(size / MIB / t for t in times)
@@ -201,6 +206,16 @@ def main() -> None:
                 strict=True,
             )
         )
+        # CPU seconds per GiB are far less sensitive to other load than wall time. With two free
+        # cores the threaded verifier takes about max(caller thread, helper thread) of them.
+        gib = size / (1 << 30)
+        for name, pairs in cpu.items():
+            process = min(p for p, _ in pairs) / gib
+            thread = min(t for _, t in pairs) / gib
+            print(
+                f"{name:28s} CPU s/GiB: process {process:5.2f}, calling thread {thread:5.2f}, "
+                f"other threads {max(process - thread, 0):5.2f}"
+            )
         print(
             f"verifier / slower of the two: {ratio:.2f}x on medians, "
             f"{statistics.median(per_rep):.2f}x median per rep (goal >= 0.80), "

@@ -14,13 +14,12 @@ until the caller drains the output of the same ``feed``, and output comes in chu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import structlog
 
 from otad.bundle.decode import Decoder, make_decoder
-from otad.bundle.digest import Sha256
+from otad.bundle.digest import Digests
 from otad.bundle.header import HEADER_SIZE, Header, parse_header
 from otad.bundle.keyring import Keyring
 from otad.bundle.manifest import Manifest
@@ -41,12 +40,14 @@ Buffer = bytes | bytearray | memoryview
 
 log = structlog.get_logger(__name__)
 
+_PAYLOAD, _IMAGE = 0, 1
+
 
 class StreamVerifier:
     """Verify one bundle while it streams past; see the module docstring.
 
-    ``threaded`` hashes the image on a helper thread (two cores instead of one); the result is
-    the same either way.
+    ``threaded`` computes both SHA-256 digests on a helper thread, so hashing and decompression
+    use two cores; the result is the same either way.
     """
 
     def __init__(
@@ -59,15 +60,14 @@ class StreamVerifier:
     ) -> None:
         self._keyring = keyring
         self._policy = policy if policy is not None else VerifyPolicy()
-        self._threaded = threaded
         self._zstd_fallback = zstd_fallback
         self._preamble = bytearray()
         self._header: Header | None = None
         self.manifest: Manifest | None = None
         self.signer: str | None = None
         self._decoder: Decoder | None = None
-        self._payload_hash = hashlib.sha256()
-        self._image_hash: Sha256 | None = None
+        self._digests = Digests(2, threaded=threaded)
+        self._hash_image = False  # compression "none": the image digest is the payload digest
         self._payload_received = 0
         self._image_produced = 0
         self._failure: BundleError | None = None
@@ -127,8 +127,7 @@ class StreamVerifier:
 
     def close(self) -> None:
         """Release the helper thread early (e.g. when a download is abandoned)."""
-        if self._image_hash is not None:
-            self._image_hash.close()
+        self._digests.close()
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -151,7 +150,7 @@ class StreamVerifier:
         # reusing its buffer cannot change bytes after they were hashed.
         data = chunk if type(chunk) is bytes and len(chunk) == len(view) else bytes(view)
         self._payload_received += len(data)
-        self._payload_hash.update(data)
+        self._digests.update(_PAYLOAD, data)
         decoder.push(data)
 
     def _accept_preamble(self, view: memoryview) -> memoryview:
@@ -178,8 +177,7 @@ class StreamVerifier:
             )
             self._preamble = bytearray()
             self._decoder = make_decoder(self.manifest.compression, fallback=self._zstd_fallback)
-            if self.manifest.compression != "none":
-                self._image_hash = Sha256(threaded=self._threaded)
+            self._hash_image = self.manifest.compression != "none"
         return view
 
     def _drain(self) -> Iterator[bytes]:
@@ -194,8 +192,8 @@ class StreamVerifier:
                         f"bundle: image exceeds its declared {manifest.image_size} bytes",
                         declared=manifest.image_size,
                     )
-                if self._image_hash is not None:
-                    self._image_hash.update(out)
+                if self._hash_image:
+                    self._digests.update(_IMAGE, out)
                 yield out
         except BundleError as exc:
             raise self._fail(exc) from None
@@ -215,7 +213,8 @@ class StreamVerifier:
                 received=self._payload_received,
                 declared=manifest.size,
             )
-        if self._payload_hash.hexdigest() != manifest.sha256:
+        payload_digest, image_digest = self._digests.hexdigests()
+        if payload_digest != manifest.sha256:
             raise PayloadHashMismatch("bundle: payload sha256 does not match the manifest")
         if not decoder.complete:
             raise DecompressFailed("bundle: payload ends inside a compressed frame")
@@ -225,11 +224,8 @@ class StreamVerifier:
                 produced=self._image_produced,
                 declared=manifest.image_size,
             )
-        image_digest = (
-            self._image_hash.hexdigest()
-            if self._image_hash is not None
-            else self._payload_hash.hexdigest()
-        )
+        if not self._hash_image:
+            image_digest = payload_digest
         if image_digest != manifest.image_sha256:
             raise ImageHashMismatch("bundle: image sha256 does not match the manifest")
         return manifest
