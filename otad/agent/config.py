@@ -122,6 +122,7 @@ class AgentConfig:
     keyring: Path = Path("/etc/otad/keyring")
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
     progress_interval: float = 1.0
+    version_file: Path | None = None  # e.g. /etc/os-release (VERSION_ID=) of the running rootfs
     config_dir: Path | None = None  # where relative paths were resolved from
 
     @property
@@ -422,6 +423,7 @@ def parse(data: Mapping[str, Any], *, base: Path | None = None) -> AgentConfig:
         keyring=top.path("keyring", Path("/etc/otad/keyring")),
         reboot_command=reboot_command,
         progress_interval=top.number("progress_interval", 1.0, minimum=0.0),
+        version_file=top.path("version_file"),
         config_dir=base,
     )
     top.done()

@@ -168,6 +168,24 @@ class DeviceState:
         replace_file(self.path, json.dumps(doc, sort_keys=True).encode() + b"\n")
 
 
+def read_version_file(path: Path | None) -> str | None:
+    """The running rootfs's own version: ``VERSION_ID=`` of an os-release file, or the first
+    line of a plain version file; None when not configured or not readable."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        log.warning("version_file_unreadable", path=str(path), error=exc.strerror)
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "VERSION_ID":
+            return value.strip().strip('"').strip("'") or None
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return first if first and "=" not in first else None
+
+
 # --- collaborators -------------------------------------------------------------------------------
 
 
@@ -416,6 +434,7 @@ class UpdateRunner:
         self.now = now
         self.crash = CrashPoints(config.testing.crash_points, config.testing.exit_code)
         self.device = DeviceState.load(config.state_dir)
+        self._file_version = read_version_file(config.version_file)
         self.progress = Progress()
         self.heartbeat = time.monotonic()
         self.reboot_requested = asyncio.Event()
@@ -428,6 +447,8 @@ class UpdateRunner:
 
     @property
     def running_version(self) -> str:
+        if self._file_version is not None:
+            return self._file_version
         return self.device.versions.get(self.booted, "unknown")
 
     def software_report(

@@ -79,3 +79,18 @@ _json = st.recursive(
 def test_desired_garbage_never_crashes_the_parser(entry: Any) -> None:
     with contextlib.suppress(DesiredStateInvalid, InsecureUrl):
         DesiredSoftware.parse(entry, store_url="https://store")
+
+
+def test_desired_version_file_forms(tmp_path: Any) -> None:
+    from otad.agent.update import read_version_file
+
+    os_release = tmp_path / "os-release"
+    os_release.write_text('NAME="Poky"\nVERSION_ID="4.0.2"\n')
+    assert read_version_file(os_release) == "4.0.2"
+    plain = tmp_path / "version"
+    plain.write_text("2.1\n")
+    assert read_version_file(plain) == "2.1"
+    (tmp_path / "empty").write_text("")
+    assert read_version_file(tmp_path / "empty") is None
+    assert read_version_file(tmp_path / "missing") is None
+    assert read_version_file(None) is None
