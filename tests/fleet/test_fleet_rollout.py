@@ -4,6 +4,7 @@ simulated devices running the real agent. Each test has its own cloud dir and br
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 from plugins.cloud_env import free_port
 
+from otad import logs
 from otad.bundle import build_bundle, load_private_key
+from otad.cli import main
 from otad.cli.fleet import create_rollout, make_fleet, request_action
 from otad.cloud import rollout_db as db
 from otad.cloud import rollout_plan as plan
@@ -276,66 +279,84 @@ async def test_rollout_replaces_an_expired_url(
     assert len(issued) == 2 and issued[1] == plan.url_lifetime(size)
 
 
+def otad_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (the same parser and handlers as the installed command)."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    finally:
+        # main() points the logs at this test's captured stderr, which closes after the test.
+        logs.configure(level="warning", stream=sys.__stderr__)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def test_rollout_cli_refuses_bad_input(
-    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path
+    fleet_cloud: tuple[CloudDir, BrokerProcess],
+    bundle: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cloud, _ = fleet_cloud
-    otad = [sys.executable, "-m", "otad", "fleet"]
     cases = [
         (["--devices", "dev-1,nobody"], "no identity"),
         (["--devices", "dev-1", "--waves", "1,0"], "at least one device"),
         (["--devices", "dev-1", "--max-failure-rate", "120%"], "between 0% and 100%"),
         (["--devices", "dev-1", "--wave-timeout", "soon"], "duration"),
+        (["--devices", "dev-1,dev-2,dev-3", "--waves", "1,2"], "end the list with 100%"),
         (["--group", "empty"], "is empty"),
     ]
     for extra, message in cases:
-        done = subprocess.run(
-            [*otad, "rollout", str(cloud.root), str(bundle), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 1, (extra, done.stderr)
-        assert "rollout_error" in done.stderr and message in done.stderr, (extra, done.stderr)
-    done = subprocess.run(
-        [*otad, "rollout", str(cloud.root), "no-such-artifact", "--devices", "dev-1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        code, _, err = otad_cli(capsys, "fleet", "rollout", str(cloud.root), str(bundle), *extra)
+        assert code == 1, (extra, err)
+        assert "rollout_error" in err and message in err, (extra, err)
+    code, _, err = otad_cli(
+        capsys, "fleet", "rollout", str(cloud.root), "no-such-artifact", "--devices", "dev-1"
     )
-    assert done.returncode == 1 and "artifact" in done.stderr
+    assert code == 1 and "artifact" in err
+    # Nothing was stored by any refused command.
+    store = db.RolloutDB(cloud.config().db_path)
+    assert store.run(db.load_rollouts) == []
+    store.close()
 
 
 def test_fleet_cli_group_status_and_queued_actions(
-    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path
+    fleet_cloud: tuple[CloudDir, BrokerProcess],
+    bundle: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cloud, _ = fleet_cloud
-    otad = [sys.executable, "-m", "otad", "fleet"]
+    root = str(cloud.root)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*otad, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-
-    out = run("group", str(cloud.root), "canary", "--add", "dev-2,dev-1,dev-2")
-    assert out.returncode == 0 and "group canary (2): dev-1, dev-2" in out.stdout
-    out = run("rollout", str(cloud.root), str(bundle), "--group", "canary", "--waves", "100%")
-    assert out.returncode == 0, out.stderr
-    rollout_id = out.stdout.split()[1].rstrip(":")
+    code, out, _ = otad_cli(capsys, "fleet", "group", root, "canary", "--add", "dev-2,dev-1,dev-2")
+    assert code == 0 and "group canary (2): dev-1, dev-2" in out
+    code, out, _ = otad_cli(capsys, "fleet", "group", root, "canary", "--remove", "dev-2")
+    assert code == 0 and "group canary (1): dev-1" in out
+    code, out, err = otad_cli(
+        capsys, "fleet", "rollout", root, str(bundle), "--group", "canary", "--waves", "100%"
+    )
+    assert code == 0, err
+    rollout_id = out.split()[1].rstrip(":")
     # No rollout service runs in this test: the rollout waits, actions are queued.
-    out = run("status", str(cloud.root), "--json")
-    assert out.returncode == 0 and f'"id": "{rollout_id}"' in out.stdout
-    assert '"state": "running"' in out.stdout
-    out = run("status", str(cloud.root), rollout_id)
-    assert out.returncode == 0 and rollout_id in out.stdout and "RUNNING" in out.stdout
-    out = run("rollout", str(cloud.root), str(bundle), "--devices", "dev-1")
-    assert out.returncode == 1 and "already in an active rollout" in out.stderr
-    out = run("devices", str(cloud.root), "--json")
-    assert out.returncode == 0 and '"device": "dev-6"' in out.stdout
-    out = run("status", str(cloud.root), "r-nothere")
-    assert out.returncode == 1 and "not found" in out.stderr
+    code, out, _ = otad_cli(capsys, "fleet", "status", root, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["id"] == rollout_id and summary["state"] == "running"
+    assert summary["counts"] == {"pending": 1}
+    code, out, _ = otad_cli(capsys, "fleet", "status", root, rollout_id)
+    assert code == 0 and rollout_id in out and "RUNNING" in out
+    code, out, _ = otad_cli(capsys, "fleet", "status", root, "--all")
+    assert code == 0 and rollout_id in out
+    code, _, err = otad_cli(capsys, "fleet", "rollout", root, str(bundle), "--devices", "dev-1")
+    assert code == 1 and "already in an active rollout" in err
+    code, out, _ = otad_cli(capsys, "fleet", "devices", root, "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["device"] for r in rows] == DEVICES
+    assert rows[0]["state"] is None
+    code, out, _ = otad_cli(capsys, "fleet", "devices", root)
+    assert code == 0 and "never reported" in out
+    code, _, err = otad_cli(capsys, "fleet", "status", root, "r-nothere")
+    assert code == 1 and "not found" in err
+    code, _, err = otad_cli(capsys, "fleet", "pause", root, "r-nothere")
+    assert code == 1 and "not found" in err
 
 
 def test_demo_runs_and_summarizes(tmp_path: Path) -> None:
