@@ -154,7 +154,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
-        if "qemu" in item.keywords:
+        if item.get_closest_marker("qemu") is not None:
             _wall_times.append((report.outcome, item.nodeid, report.duration))
 
 
