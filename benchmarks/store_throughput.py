@@ -7,7 +7,9 @@ hits both. The store is measured as devices use it: mTLS with the device certifi
 pre-signed URL. nginx (nginx-light, one worker, TLS on loopback, no client certificate) is the
 reference. The file is incompressible random data and hot in the page cache.
 
-Prints MiB/s min / median / max per server and the ratio of medians (goal: store >= 0.8x nginx)::
+Prints MiB/s min / median / max per server and the ratio of medians (goal: store >= 0.8x nginx),
+and each server's CPU seconds per GiB served (wall time swings with the load of the shared
+machine; CPU per byte much less, so it shows the efficiency gap on its own)::
 
     .venv/bin/python benchmarks/store_throughput.py [--size 1G] [--reps 5] [--chunk 1M]
 
@@ -115,27 +117,52 @@ def summary(rates: list[float]) -> str:
     return f"{min(rates):8.0f} / {statistics.median(rates):8.0f} / {max(rates):8.0f}"
 
 
+def process_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of the given processes (from /proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def nginx_workers(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
 async def measure(
     store: ArtifactStore,
     cloud: pki.CloudDir,
     artifact_id: str,
     nginx_url: str,
+    nginx_pid: int,
     size: int,
     reps: int,
-) -> dict[str, list[float]]:
-    """Start the store in this loop, then alternate curl downloads from both servers."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Start the store in this loop, then alternate curl downloads from both servers.
+
+    Returns MiB/s per download and the server's CPU seconds per GiB served (load on the
+    shared machine changes wall time a lot, CPU per byte much less).
+    """
     await store.start()
     try:
         store_url = store.signer.presign(artifact_id, "bench", 3600)
         # Warm-up: page cache, TLS code paths, both servers.
         await asyncio.to_thread(curl, store_url, cloud, True)
         await asyncio.to_thread(curl, nginx_url, cloud, False)
+        workers = nginx_workers(nginx_pid)
         rates: dict[str, list[float]] = {"store": [], "nginx": []}
+        cpu: dict[str, list[float]] = {"store": [], "nginx": []}
         for _ in range(reps):
             for name, url, cert in (("store", store_url, True), ("nginx", nginx_url, False)):
+                pids = [os.getpid()] if name == "store" else workers
+                before = process_cpu(pids)
                 seconds = await asyncio.to_thread(curl, url, cloud, cert)
+                cpu[name].append((process_cpu(pids) - before) / (size / (1 << 30)))
                 rates[name].append(size / MIB / seconds)
-        return rates
+        return rates, cpu
     finally:
         await store.stop()
 
@@ -188,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.05)
             nginx_url = f"https://127.0.0.1:{port}/artifact.bin"
-            rates = asyncio.run(measure(store, cloud, artifact_id, nginx_url, size, args.reps))
+            rates, cpu = asyncio.run(
+                measure(store, cloud, artifact_id, nginx_url, nginx.pid, size, args.reps)
+            )
         finally:
             nginx.terminate()
             nginx.wait(10)
@@ -198,8 +227,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'store':<8} {summary(rates['store'])}")
     print(f"{'nginx':<8} {summary(rates['nginx'])}")
     print(f"ratio store/nginx (medians): {ratio:.2f}x (goal >= 0.80x)")
+    cpu_store, cpu_nginx = statistics.median(cpu["store"]), statistics.median(cpu["nginx"])
+    print(
+        f"server CPU per GiB (medians): store {cpu_store:.2f} s, nginx {cpu_nginx:.2f} s "
+        f"(nginx/store efficiency {cpu_nginx / cpu_store:.2f}x)"
+    )
     if args.json:
-        print(json.dumps({"size": size, "reps": args.reps, "rates": rates, "ratio": ratio}))
+        print(
+            json.dumps(
+                {"size": size, "reps": args.reps, "rates": rates, "ratio": ratio, "cpu": cpu}
+            )
+        )
     return 0
 
 
