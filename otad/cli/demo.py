@@ -17,24 +17,20 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-
-from otad import logs
-from otad.bundle import build_bundle, load_private_key
-from otad.cli.fleet import create_rollout, make_fleet, request_action
-from otad.cloud import rollout_db as db
-from otad.cloud import rollout_plan as plan
-from otad.cloud import rollout_view as view
-from otad.cloud.broker import BrokerProcess
-from otad.cloud.pki import CloudDir, init_cloud
-from otad.cloud.rollout_host import LocalCloud
 from otad.errors import OtadError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud.pki import CloudDir
+
 __layer__ = "cli"
+
+# Heavy modules (the cloud, the agent, rich.live) are imported inside the functions, so other
+# commands do not pay for them (see otad/cli/__init__.py).
 
 COMPATIBLE = "otad-demo"
 IMAGE_SIZE = 96 * 1024
@@ -69,6 +65,10 @@ def free_port() -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from otad import logs
+
     if args.devices < 2:
         raise OtadError("demo: --devices must be at least 2")
     if args.fail_health + args.fail_boot >= args.devices:
@@ -89,6 +89,14 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def run_demo(args: argparse.Namespace, root: Path, console: Console) -> int:
+    from rich.panel import Panel
+
+    from otad.cli.fleet import create_rollout, make_fleet
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud.broker import BrokerProcess
+    from otad.cloud.pki import init_cloud
+    from otad.cloud.rollout_host import LocalCloud
+
     started = time.monotonic()
     ids = [f"dev-{n:02d}" for n in range(1, args.devices + 1)]
 
@@ -158,6 +166,8 @@ async def run_demo(args: argparse.Namespace, root: Path, console: Console) -> in
 
 
 def make_bundle(cloud: CloudDir, image: Path, out: Path) -> None:
+    from otad.bundle import build_bundle, load_private_key
+
     # Random bytes (not zeros), so compression and hashing do real work on a small image.
     image.write_bytes(random.Random(2).randbytes(IMAGE_SIZE))
     build_bundle(
@@ -173,6 +183,14 @@ async def follow(
     cloud_path: Path, rollout_id: str, console: Console, plain: bool
 ) -> tuple[plan.Rollout, dict[str, plan.DeviceRecord]]:
     """Live table until the rollout ends; a pause is shown, then resumed as an operator would."""
+    from rich.live import Live
+
+    from otad.cli.fleet import request_action
+    from otad.cloud import rollout_db as db
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud import rollout_view as view
+    from otad.cloud.pki import CloudDir
+
     store = db.RolloutDB(CloudDir(cloud_path).config().db_path)
     deadline = time.monotonic() + DEADLINE
 
@@ -224,6 +242,12 @@ def print_summary(
     root: Path,
     kept: bool,
 ) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud import rollout_view as view
+
     counts = view.outcome_counts(devices.values())
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")

@@ -9,23 +9,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.live import Live
-
-from otad.bundle import Keyring
-from otad.cloud import rollout_db as db
-from otad.cloud import rollout_plan as plan
-from otad.cloud import rollout_view as view
-from otad.cloud.pki import CloudDir, add_device
-from otad.cloud.rollout import new_rollout_id
-from otad.cloud.store import ArtifactRepository
 from otad.errors import RolloutError
-from otad.fleet.device import Identity, SimSettings
-from otad.fleet.simulator import Fleet, plan_faults
+
+if TYPE_CHECKING:
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.rollout_db import RolloutDB
+    from otad.fleet.simulator import Fleet
 
 __layer__ = "cli"
+
+# The cloud, agent and rich.live modules are imported inside the functions: `otad bundle ...`
+# must start on a build host that has none of aiohttp/aiomqtt, and every command starts faster.
 
 REQUEST_WAIT = 10.0
 
@@ -96,12 +93,18 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def open_db(cloud_dir: Path) -> db.RolloutDB:
-    return db.RolloutDB(CloudDir(cloud_dir).config().db_path)
+def open_db(cloud_dir: Path) -> RolloutDB:
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.rollout_db import RolloutDB
+
+    return RolloutDB(CloudDir(cloud_dir).config().db_path)
 
 
 def resolve_artifact(cloud: CloudDir, artifact: str) -> tuple[str, str, int]:
     """(artifact id, version, size): an existing id, or a bundle file verified and added."""
+    from otad.bundle import Keyring
+    from otad.cloud.store import ArtifactRepository
+
     config = cloud.config()
     repository = ArtifactRepository(config.artifacts_dir)
     path = Path(artifact)
@@ -127,6 +130,11 @@ def create_rollout(
     wave_timeout: str = "30m",
 ) -> plan.Rollout:
     """Validate everything, then store the rollout; the service starts it."""
+    from otad.cloud import rollout_db as db
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.rollout import new_rollout_id
+
     cloud = CloudDir(cloud_dir)
     steps = plan.parse_waves(waves)
     rate = plan.parse_rate(max_failure_rate)
@@ -167,6 +175,8 @@ def create_rollout(
 
 def request_action(cloud_dir: Path, rollout_id: str, action: str, wait: float) -> str | None:
     """Queue the action; the service's answer ("ok" / "error: ...") or None if it is not running."""
+    from otad.cloud import rollout_db as db
+
     store = open_db(cloud_dir)
     try:
         seq = store.run(lambda c: db.add_request(c, rollout_id, action, time.time()))
@@ -182,6 +192,8 @@ def request_action(cloud_dir: Path, rollout_id: str, action: str, wait: float) -
 
 
 def load_status(cloud_dir: Path, rollout_id: str | None) -> tuple[plan.Rollout, dict[str, Any]]:
+    from otad.cloud import rollout_db as db
+
     store = open_db(cloud_dir)
     try:
 
@@ -223,6 +235,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from otad.cloud import rollout_db as db
+    from otad.cloud import rollout_plan as plan
+    from otad.cloud import rollout_view as view
+
     console = Console()
     if args.all:
         store = open_db(args.dir)
@@ -268,6 +287,12 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from otad.cloud import rollout_db as db
+    from otad.cloud import rollout_view as view
+    from otad.cloud.pki import CloudDir
+
     cloud = CloudDir(args.dir)
     store = open_db(args.dir)
     try:
@@ -283,6 +308,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_group(args: argparse.Namespace) -> int:
+    from otad.cloud import rollout_db as db
+    from otad.cloud import rollout_plan as plan
+
     store = open_db(args.dir)
     try:
         if args.add:
@@ -307,6 +335,8 @@ def sim_ids(prefix: str, count: int) -> list[str]:
 
 def ensure_identities(cloud: CloudDir, ids: list[str]) -> int:
     """Issue a device certificate for every id that has none; returns how many were made."""
+    from otad.cloud.pki import add_device
+
     known = set(cloud.device_ids())
     missing = [d for d in ids if d not in known]
     for device_id in missing:
@@ -329,6 +359,9 @@ def make_fleet(
     broker_port: int | None = None,
     progress_interval: float = 0.5,
 ) -> Fleet:
+    from otad.fleet.device import Identity, SimSettings
+    from otad.fleet.simulator import Fleet, plan_faults
+
     config = cloud.config()
     settings = SimSettings(
         broker_host=config.broker_host,
@@ -351,6 +384,8 @@ def make_fleet(
 
 
 async def cmd_simulate(args: argparse.Namespace) -> int:
+    from otad.cloud.pki import CloudDir
+
     if args.devices < 1:
         raise RolloutError("simulate: --devices must be at least 1")
     cloud = CloudDir(args.dir)
