@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otad.cloud.config import CloudConfig, load_config, parse_config, render_config
@@ -74,6 +74,7 @@ def test_config_bad_fields_are_named(text: str, field: str) -> None:
     assert field in str(info.value)
 
 
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
 @given(st.text(max_size=300))
 def test_config_garbage_only_raises_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
@@ -89,6 +90,7 @@ scalars = st.one_of(
 )
 
 
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
 @given(
     section=st.sampled_from(["broker", "store", "replica", "paths"]),
     key=st.sampled_from(
