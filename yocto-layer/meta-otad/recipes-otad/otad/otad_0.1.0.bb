@@ -41,14 +41,11 @@ RDEPENDS:${PN}:class-target = "\
     python3-zstandard \
     virtual-otad-conf \
 "
-# The bundle tool on the build host. `otad` imports every command group at start-up, so the
-# native tool needs the agent's and the cloud's libraries too (tests/integration_files runs the
-# CLI with everything else blocked, so this list cannot silently fall short).
+# The bundle tool on the build host needs only what `otad bundle ...` imports (the CLI loads the
+# agent's and the cloud's libraries only inside their own commands). tests/integration_files runs
+# `otad bundle create` with every other library blocked, so this list cannot silently fall short.
 RDEPENDS:${PN}:class-native = "\
-    python3-aiohttp-native \
-    python3-aiomqtt-native \
     python3-cryptography-native \
-    python3-pyudev-native \
     python3-rich-native \
     python3-structlog-native \
     python3-zstandard-native \
