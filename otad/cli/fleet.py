@@ -62,6 +62,13 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p = commands.add_parser(action, help=text)
         p.add_argument("dir", type=Path, metavar="DIR")
         p.add_argument("rollout", metavar="ROLLOUT")
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=REQUEST_WAIT,
+            metavar="SECONDS",
+            help="how long to wait for the rollout service's answer (default 10)",
+        )
         p.set_defaults(handler=cmd_action, action=action)
 
     p = commands.add_parser("devices", help="version, slot, last state, last seen per device")
@@ -272,7 +279,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_action(args: argparse.Namespace) -> int:
-    result = request_action(args.dir, args.rollout, args.action, REQUEST_WAIT)
+    result = request_action(args.dir, args.rollout, args.action, max(0.0, args.wait))
     if result is None:
         print(
             f"{args.action} of {args.rollout} queued; the rollout service (otad cloud serve) "

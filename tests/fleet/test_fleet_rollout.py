@@ -103,7 +103,11 @@ def states(devices: dict[str, plan.DeviceRecord]) -> dict[str, str]:
 
 
 async def test_rollout_three_waves_complete(
-    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+    fleet_cloud: tuple[CloudDir, BrokerProcess],
+    bundle: Path,
+    running: LocalCloud,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cloud, _ = fleet_cloud
     fleet = fleet_of(cloud, tmp_path / "devices", DEVICES)
@@ -118,6 +122,8 @@ async def test_rollout_three_waves_complete(
         await fleet.stop()
     assert rollout.state == RolloutState.COMPLETED, rollout.reason
     assert set(states(devices).values()) == {"succeeded"}
+    code, out, _ = otad_cli(capsys, "fleet", "status", str(cloud.root), rollout.id, "--watch")
+    assert code == 0 and "COMPLETED" in out and "3/3" in out
     # Waves started in order: every device of a later wave started after the earlier finished.
     by_wave: dict[int, list[plan.DeviceRecord]] = {}
     for record in devices.values():
@@ -357,6 +363,13 @@ def test_fleet_cli_group_status_and_queued_actions(
     assert code == 1 and "not found" in err
     code, _, err = otad_cli(capsys, "fleet", "pause", root, "r-nothere")
     assert code == 1 and "not found" in err
+    code, out, _ = otad_cli(capsys, "fleet", "pause", root, rollout_id, "--wait", "0.2")
+    assert code == 0 and "queued" in out
+    store = db.RolloutDB(cloud.config().db_path)
+    assert [(r.rollout_id, r.action) for r in store.run(db.pending_requests)] == [
+        (rollout_id, "pause")
+    ]
+    store.close()
 
 
 def test_demo_runs_and_summarizes(tmp_path: Path) -> None:
