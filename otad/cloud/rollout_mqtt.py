@@ -67,6 +67,9 @@ class FleetShadow:
             timeout=ANSWER_TIMEOUT,
             max_queued_incoming_messages=0,
         )
+        # The service keeps up to MAX_PARALLEL_SETS requests in flight on purpose; aiomqtt
+        # would warn about "pending publish calls" past 10.
+        self._client.pending_calls_threshold = 1_000
         before, _, after = topic_template.partition("{device_id}")
         self._topic = re.compile(
             "^" + re.escape(before) + r"([^/]+)" + re.escape(after) + r"/(update|get)/(\w+)$"
