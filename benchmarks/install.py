@@ -165,7 +165,13 @@ def child(args: argparse.Namespace) -> None:
 # --- the parent ---------------------------------------------------------------------------------
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    cpu = children_cpu()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
@@ -176,22 +182,27 @@ async def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"otad install child failed with {proc.returncode}")
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    result["cpu"] = children_cpu() - cpu  # the whole child process, imports included
+    return result
 
 
-async def run_pipeline(url: str, offset: int, slot: Path, tls: dict[str, str]) -> float:
+async def run_pipeline(
+    url: str, offset: int, slot: Path, tls: dict[str, str]
+) -> tuple[float, float]:
     cmd = (
         f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
         f"-r {offset}- '{url}' | zstd -d -q | "
         f"dd of={slot} bs=1M iflag=fullblock conv=fsync,notrunc status=none"
     )
+    cpu = children_cpu()
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_shell(cmd, executable="/bin/bash")
     code = await proc.wait()
     elapsed = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"pipeline failed with {code}")
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def sha256_of(path: Path, size: int) -> str:
@@ -272,6 +283,8 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
     otad_rates: list[float] = []
     pipe_rates: list[float] = []
     rss: list[float] = []
+    otad_cpu: list[float] = []
+    pipe_cpus: list[float] = []
     async with store:
         for rep in range(args.reps):
             url = store.signer.presign(info.artifact_id, "bench", 3600)
@@ -306,7 +319,9 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
             }
             result = await run_child(spec)
             otad_rate = size / 2**20 / result["seconds"]
-            pipe_seconds = await run_pipeline(url, payload_offset, slots["A"], tls)
+            pipe_seconds, pipe_cpu = await run_pipeline(url, payload_offset, slots["A"], tls)
+            otad_cpu.append(result["cpu"])
+            pipe_cpus.append(pipe_cpu)
             pipe_rate = size / 2**20 / pipe_seconds
             otad_rates.append(otad_rate)
             pipe_rates.append(pipe_rate)
@@ -315,7 +330,7 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 f"rep {rep}: otad {otad_rate:7.1f} MiB/s ({result['seconds']:.2f} s, "
                 f"peak RSS {result['rss_kib'] / 1024:.1f} MiB, after imports "
                 f"{result['imports_kib'] / 1024:.1f} MiB)   pipeline {pipe_rate:7.1f} MiB/s "
-                f"({pipe_seconds:.2f} s)",
+                f"({pipe_seconds:.2f} s); CPU s otad {result['cpu']:.2f} / pipeline {pipe_cpu:.2f}",
                 flush=True,
             )
     want = manifest.image_sha256
@@ -326,6 +341,10 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
     o, p = statistics.median(otad_rates), statistics.median(pipe_rates)
     print(f"otad (median):     {o:.1f} MiB/s  (download, verify, write, fsync, re-read + hash)")
     print(f"pipeline (median): {p:.1f} MiB/s  (curl | zstd -d | dd conv=fsync)")
+    print(
+        f"client CPU seconds (median): otad {statistics.median(otad_cpu):.2f}, "
+        f"pipeline {statistics.median(pipe_cpus):.2f} (the server's CPU is not counted)"
+    )
     print(f"ratio: {o / p:.2f}")
     print(f"rss: {max(rss):.1f} MiB")
 
