@@ -27,7 +27,7 @@ from otad.agent.machine import Event, JobRecord, State, Step, decide_recovery
 from otad.agent.slots import SlotLayout, SlotWriter
 
 SEED = 20261127
-ITERATIONS = 300
+ITERATIONS = 200  # per bootloader flavour
 IMAGE = bytes(range(256)) * 64  # 16 KiB written in 4 KiB chunks
 OLD = b"\x5a" * len(IMAGE)
 
@@ -45,6 +45,7 @@ class Device:
     root: Path
     health_ok: bool
     cuts: list[int]
+    attempts: int = 3
     ops: int = 0
     boots: int = 0
     layout: SlotLayout = field(init=False)
@@ -56,7 +57,7 @@ class Device:
         self.layout = SlotLayout.from_config(
             {"A": str(self.root / "a.img"), "B": str(self.root / "b.img")}
         )
-        self.sim = SimBootloader(self.root / "sim.json", attempts=3, durable=False)
+        self.sim = SimBootloader(self.root / "sim.json", attempts=self.attempts, durable=False)
 
     def op(self) -> None:
         """One side effect; the power may go right after the previous one."""
@@ -180,18 +181,22 @@ def fast_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_powercut_campaign_always_boots_a_good_slot_and_converges(fast_dir: Path) -> None:
-    rng = random.Random(SEED)
+@pytest.mark.parametrize("attempts", [1, 3], ids=["grub_like_one_try", "uboot_like_three"])
+def test_powercut_campaign_always_boots_a_good_slot_and_converges(
+    fast_dir: Path, attempts: int
+) -> None:
+    rng = random.Random(SEED + attempts)
     outcomes: dict[str, int] = {}
     codes: dict[str, int] = {}
     cuts_done = 0
+    rescues = 0
     for it in range(ITERATIONS):
         root = fast_dir / str(it)
         root.mkdir()
         health_ok = rng.random() < 0.6
         panics = rng.random() < 0.2
         cuts = sorted(rng.sample(range(0, 20), rng.choice([1, 2])))
-        dev = Device(root, health_ok, list(cuts))
+        dev = Device(root, health_ok, list(cuts), attempts)
         if panics:
             dev.sim.fail_boot("B")
         booted = "A"
@@ -207,6 +212,7 @@ def test_powercut_campaign_always_boots_a_good_slot_and_converges(fast_dir: Path
                 cuts_done += isinstance(why, PowerCut)
             dev.boots += 1
             booted = dev.sim.power_on()  # raises if no slot can boot: the one forbidden end
+            rescues += dev.sim.rescued()
         else:
             pytest.fail(f"iteration {it} did not converge (cuts {cuts})")
         with Journal(root / "state", boot_id="final") as j:
@@ -230,5 +236,8 @@ def test_powercut_campaign_always_boots_a_good_slot_and_converges(fast_dir: Path
             assert booted == "A" and (not health_ok or panics or code == "boot_failed"), rec.error
             assert not dev.sim.state().slot("B").bootable
     assert cuts_done >= ITERATIONS
-    assert outcomes.get("succeeded", 0) > 40 and outcomes.get("rolled_back", 0) > 40, outcomes
-    print(f"powercut campaign: {ITERATIONS} updates, {cuts_done} cuts, {outcomes}, {codes}")
+    assert outcomes.get("succeeded", 0) > 30 and outcomes.get("rolled_back", 0) > 30, outcomes
+    print(
+        f"powercut campaign ({attempts} tries): {ITERATIONS} updates, {cuts_done} cuts, "
+        f"{rescues} last-resort boots, {outcomes}, {codes}"
+    )
