@@ -42,6 +42,8 @@ async def test_agent_download_cut_at_half_resumes_without_refetching(
     assert proxy.down_bytes < bundle_size * 1.05 + 64 * 1024  # not a byte twice (+ TLS)
     resumed = [e for e in logs if e["event"] == "download_resumed"]
     assert len(resumed) == 1 and 0 < resumed[0]["offset"] < bundle_size
+    query = entry["url"].split("?", 1)[1]
+    assert query and not any(query in str(e) for e in logs)  # the credential is never logged
     assert dev.slot_sha("B", len(image)) == sha256(image)
     assert dev.slot_bytes("A") == dev.factory["A"]
 
@@ -154,6 +156,28 @@ async def test_agent_killed_mid_download_finishes_the_job_after_restart(
     assert boot.slot("B").tries_left == 1 and boot.next_boot() == "B"
     state = json.loads((dev.state_dir / "journal.json").read_text())
     assert state["state"] == "rebooting" and state["job_id"] == "j1"
+
+
+async def test_agent_broker_restart_mid_download_continues_one_job(
+    cloud: Any, cloud_dir: Any, broker: Any, make_device: Any, tmp_path: Path
+) -> None:
+    proxy = await store_proxy(cloud).start()
+    dev = make_device("dev1")
+    try:
+        agent = await dev.start()
+        image, entry = await offer_bundle(cloud, cloud_dir, tmp_path, proxy=proxy, publish=False)
+        proxy.rate = (tmp_path / "j1.otb").stat().st_size / 4
+        await cloud.set_desired("dev1", {"software": entry})
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "downloading")
+        broker.restart()
+        proxy.rate = None
+        await dev.wait_reboot_requested(within=60)
+    finally:
+        await proxy.close()
+    assert agent.session is not None and agent.session.connects >= 2  # reconnected, got again
+    assert agent.jobs_started == 1 and proxy.connections == 1  # the download never restarted
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=30)
 
 
 async def test_agent_crash_point_mid_write_then_restart_converges(
