@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ssl
 import time
 import uuid
@@ -110,6 +111,10 @@ class _Request:
 
 # --- request processing (runs inside a store transaction, on the writer thread) ----------------
 
+# A fleet's topics repeat: parsing a topic and building its Topics is done once per device.
+_parse_topic = functools.lru_cache(maxsize=65536)(shadow.parse_request_topic)
+_topics_of = functools.lru_cache(maxsize=65536)(Topics)
+
 
 def process_request(
     txn: Transaction, template: str, topic: str, payload: bytes, now: int
@@ -120,10 +125,10 @@ def process_request(
     nothing and an accepted one writes the document and its outbox rows together.
     """
     try:
-        device_id, kind = shadow.parse_request_topic(topic, template)
+        device_id, kind = _parse_topic(topic, template)
     except ShadowError:
         return [], "ignored"  # not a request topic: our filters never deliver one
-    topics = Topics(device_id, template)
+    topics = _topics_of(device_id, template)
     try:
         if kind == "get":
             request = shadow.parse_get(payload)
