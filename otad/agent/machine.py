@@ -347,8 +347,24 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
     if record.final:
         return _decide_final(record, booted, boot, rebooted)
 
-    if on_target and record.state in (State.DOWNLOADING, State.INSTALLING):
-        # the writer refuses the booted slot, so the target cannot be running: state is broken
+    if on_target and record.state == State.DOWNLOADING:
+        # mark_bad(target) comes before the first byte, so a target the bootloader could boot
+        # was never written: it runs its old, good content (the power went before mark_bad
+        # and the old slot's confirmation). The job cannot go on - its target runs - but the
+        # running slot is sound: confirm it, leave it bootable, report the failure.
+        message = (
+            f"slot {target} booted before the download into it began; nothing was written to it"
+        )
+        return RecoveryAction(
+            Step.FINISH,
+            event=Event.FAILED,
+            confirm=_confirm(boot, booted),
+            error=error_wire(JobError.code, message),
+            reason=message,
+        )
+    if on_target and record.state == State.INSTALLING:
+        # every byte was written after mark_bad: a bootloader that boots it is not following
+        # the env; the content is unverified, so it is not confirmed
         return _inconsistent(record, booted, boot, "the target slot runs while being written")
 
     if record.state == State.DOWNLOADING:

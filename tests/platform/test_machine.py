@@ -212,11 +212,13 @@ def check_safety(
         after = transition(rec.state, act.event)
     else:
         after = rec.state if rec is not None else State.IDLE
+    # a download target that boots was never written (mark_bad precedes every byte)
+    never_written = rec is not None and rec.state == State.DOWNLOADING and rec.target_slot == booted
     # confirm only ever names the booted slot, and never one on trial
     if act.confirm is not None:
         assert act.confirm == booted
         if rec is not None and rec.target_slot == booted and rec.state != State.IDLE:
-            assert after == State.SUCCEEDED or act.step == Step.COMMIT
+            assert after == State.SUCCEEDED or act.step == Step.COMMIT or never_written
     # never mark the only bootable slot bad while running on it
     if act.mark_bad is not None:
         assert not (act.mark_bad == booted and not boot.slot(other_slot(booted)).bootable)
@@ -235,7 +237,7 @@ def check_safety(
         assert target_ends_bad and booted != target
     # a job that ends failed / rolled back leaves its target unbootable, unless it runs on the
     # target and the other slot cannot boot (then the device must stay bootable)
-    if after in (State.FAILED, State.ROLLED_BACK) and not target_ends_bad:
+    if after in (State.FAILED, State.ROLLED_BACK) and not target_ends_bad and not never_written:
         assert booted == target and not boot.slot(other_slot(target)).bootable
     # reboots go the right way
     if act.step == Step.SWITCH_AND_REBOOT:
@@ -275,6 +277,16 @@ def check_safety(
             Step.SWITCH_AND_REBOOT,
             Step.ROLLBACK,
         )
+    # a job that is over (or none) leaves the running slot confirmed, unless it is the target
+    # and the job did not succeed (its content never passed the health check)
+    if act.step in (Step.NONE, Step.REPORT, Step.FINISH) and not (
+        booted == target and after != State.SUCCEEDED and not never_written
+    ):
+        state = boot.slot(booted)
+        confirmed = (
+            state.good and boot.next_boot() == booted and state.tries_left >= boot.full_tries
+        )
+        assert act.confirm == booted or confirmed
     # never "succeeded" while the other slot runs after a reboot
     if rec.state == State.SUCCEEDED and booted != target and rebooted:
         assert after != State.SUCCEEDED
@@ -411,6 +423,16 @@ def test_machine_recovery_keeps_an_idle_device_on_its_slot(tmp_path: Path, attem
         act = decide_recovery(None, booted, sim.state(), True)
         if act.confirm is not None:
             sim.mark_good(act.confirm)
+
+
+def test_machine_recovery_download_target_that_boots_was_never_written() -> None:
+    # power cut before mark_bad(B), then A's confirmation lost: the firmware boots B's old
+    # content. The job fails, B (sound, running) is confirmed and stays bootable.
+    used = BootState(("A", "B"), {"A": TRIED, "B": SlotBoot(tries_left=0, good=True)})
+    act = decide_recovery(rec_in(State.DOWNLOADING), "B", used, True)
+    assert act.step == Step.FINISH and act.event == Event.FAILED
+    assert act.confirm == "B" and act.mark_bad is None
+    assert act.error is not None and "nothing was written" in act.error["message"]
 
 
 def test_machine_recovery_committed_target_that_falls_back_is_rolled_back() -> None:
