@@ -229,7 +229,7 @@ def test_parse_get_rejects_bad_requests(payload: bytes, status: int) -> None:
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 def test_parse_garbage_raises_only_shadow_errors(payload: bytes) -> None:
     for parse in (parse_update, parse_get):
         with contextlib.suppress(ShadowError):
@@ -245,7 +245,7 @@ def test_parse_garbage_raises_only_shadow_errors(payload: bytes) -> None:
         max_leaves=15,
     )
 )
-@settings(max_examples=300)
+@settings(max_examples=150)
 def test_parse_any_json_raises_only_shadow_errors_and_apply_never_crashes(doc: Any) -> None:
     for wrapped in (doc, {"state": doc}, {"state": {"desired": doc, "reported": doc}}):
         try:
