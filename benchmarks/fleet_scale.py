@@ -66,7 +66,7 @@ def free_port() -> int:
 # --- roles run in child processes ----------------------------------------------------------------
 
 
-async def role_cloud(cloud_path: Path) -> None:
+async def role_cloud(cloud_path: Path, separate_store: bool) -> None:
     from otad import logs
     from otad.cloud.pki import CloudDir
     from otad.cloud.rollout_host import LocalCloud
@@ -75,7 +75,26 @@ async def role_cloud(cloud_path: Path) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with LocalCloud(CloudDir(cloud_path)):
+    async with LocalCloud(CloudDir(cloud_path), serve_store=not separate_store):
+        print("ready", flush=True)
+        await stop.wait()
+
+
+async def role_store(cloud_path: Path) -> None:
+    from otad import logs
+    from otad.bundle import Keyring
+    from otad.cloud.pki import CloudDir
+    from otad.cloud.store import ArtifactStore
+
+    logs.configure(level="warning")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    cloud = CloudDir(cloud_path)
+    store = ArtifactStore(
+        cloud.config(), keyring=Keyring.load(cloud.keyring_dir), ssl_context=cloud.server_context()
+    )
+    async with store:
         print("ready", flush=True)
         await stop.wait()
 
@@ -150,7 +169,9 @@ def stop_all(procs: list[subprocess.Popen[str]]) -> None:
             proc.wait()
 
 
-def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
+def run_one(
+    n: int, per_process: int, root: Path, separate_store: bool, max_wait: float
+) -> dict[str, Any]:
     from otad.bundle import build_bundle, load_private_key
     from otad.cli.fleet import create_rollout
     from otad.cloud import rollout_db as db
@@ -171,9 +192,17 @@ def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
     broker.start()
     procs: list[subprocess.Popen[str]] = []
     try:
-        cloud_proc = spawn("--role", "cloud", "--cloud", str(cloud.root))
+        store_proc = None
+        if separate_store:
+            store_proc = spawn("--role", "store", "--cloud", str(cloud.root))
+            procs.append(store_proc)
+            wait_ready(store_proc, "store", 60)
+        cloud_proc = spawn(
+            "--role", "cloud", "--cloud", str(cloud.root), *(["--separate-store"] * separate_store)
+        )
         procs.append(cloud_proc)
         wait_ready(cloud_proc, "cloud", 60)
+        device_procs_from = len(procs)
         t1 = time.monotonic()
         groups = [ids[i : i + per_process] for i in range(0, n, per_process)]
         for k, group in enumerate(groups):
@@ -190,12 +219,21 @@ def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
                 )
             )
         broken = 0
-        for proc in procs[1:]:
+        for proc in procs[device_procs_from:]:
             broken += int(wait_ready(proc, "devices", 60 + n / 20).split()[2])
         connect_time = time.monotonic() - t1
         assert broker.pid is not None
-        cpu0 = {"broker": cpu_seconds(broker.pid), "cloud": cpu_seconds(cloud_proc.pid)}
-        dev0 = sum(cpu_seconds(p.pid) for p in procs[1:])
+
+        def cpu() -> dict[str, float]:
+            assert broker.pid is not None
+            return {
+                "broker": cpu_seconds(broker.pid),
+                "cloud": cpu_seconds(cloud_proc.pid),
+                "store": cpu_seconds(store_proc.pid) if store_proc else 0.0,
+                "devices": sum(cpu_seconds(p.pid) for p in procs[device_procs_from:]),
+            }
+
+        cpu0 = cpu()
         t2 = time.monotonic()
         rollout = create_rollout(
             cloud.root,
@@ -206,7 +244,7 @@ def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
             wave_timeout="30m",
         )
         store = db.RolloutDB(cloud.config().db_path)
-        deadline = t2 + 1800
+        deadline = t2 + max_wait
         samples = []
         while time.monotonic() < deadline:
             r = store.run(lambda c: db.load_rollout(c, rollout.id))
@@ -224,8 +262,7 @@ def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
             samples.append((round(time.monotonic() - t2, 1), counts))
             time.sleep(1.0)
         converge = time.monotonic() - t2
-        cpu1 = {"broker": cpu_seconds(broker.pid), "cloud": cpu_seconds(cloud_proc.pid)}
-        dev1 = sum(cpu_seconds(p.pid) for p in procs[1:])
+        cpu1 = cpu()
         devices = store.run(lambda c: db.load_devices(c, rollout.id))
         store.close()
         outcome: dict[str, int] = {}
@@ -240,9 +277,8 @@ def run_one(n: int, per_process: int, root: Path) -> dict[str, Any]:
             "converge_s": round(converge, 1),
             "rollout_state": r.state.value,
             "outcome": outcome,
-            "broker_cpu_share": round((cpu1["broker"] - cpu0["broker"]) / converge, 3),
-            "cloud_cpu_share": round((cpu1["cloud"] - cpu0["cloud"]) / converge, 3),
-            "devices_cpu_share": round((dev1 - dev0) / converge, 3),
+            "separate_store": separate_store,
+            **{f"{k}_cpu_share": round((cpu1[k] - cpu0[k]) / converge, 3) for k in cpu0},
             "progress": samples[:: max(1, len(samples) // 12)],
         }
     finally:
@@ -255,15 +291,26 @@ def main() -> int:
     parser.add_argument("--devices", type=int, nargs="+", default=[1000])
     parser.add_argument("--per-process", type=int, default=2500)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--max-wait", type=float, default=1800, help="seconds to wait for convergence"
+    )
     parser.add_argument("--workdir", type=Path, help="keep the files here (default: temp dir)")
-    parser.add_argument("--role", choices=["cloud", "devices"])
+    parser.add_argument(
+        "--separate-store",
+        action="store_true",
+        help="serve artifacts from their own process (the replica keeps its event loop)",
+    )
+    parser.add_argument("--role", choices=["cloud", "store", "devices"])
     parser.add_argument("--cloud", type=Path)
     parser.add_argument("--state", type=Path)
     parser.add_argument("--ids")
     args = parser.parse_args()
     raise_fd_limit()
     if args.role == "cloud":
-        asyncio.run(role_cloud(args.cloud))
+        asyncio.run(role_cloud(args.cloud, args.separate_store))
+        return 0
+    if args.role == "store":
+        asyncio.run(role_store(args.cloud))
         return 0
     if args.role == "devices":
         first, count = args.ids.split(":")
@@ -277,10 +324,10 @@ def main() -> int:
         if args.workdir is not None:
             work = args.workdir / f"n{n}"
             work.mkdir(parents=True, exist_ok=False)
-            result = run_one(n, per_process, work)
+            result = run_one(n, per_process, work, args.separate_store, args.max_wait)
         else:
             with tempfile.TemporaryDirectory(prefix="otad-fleet-bench-") as tmp:
-                result = run_one(n, per_process, Path(tmp))
+                result = run_one(n, per_process, Path(tmp), args.separate_store, args.max_wait)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
     if args.json:

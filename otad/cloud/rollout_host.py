@@ -63,7 +63,10 @@ class LocalCloud:
         config: CloudConfig | None = None,
         *,
         wrap_presign: Callable[[Presigner], Presigner] | None = None,
+        serve_store: bool = True,
     ) -> None:
+        """``serve_store=False``: another process serves the artifacts (the URLs still point at
+        the configured store address); this one only signs them."""
         self.cloud = cloud
         self.config = config or cloud.config()
         self.db = SqliteStore(self.config.db_path)
@@ -87,12 +90,14 @@ class LocalCloud:
         if wrap_presign is not None:
             presign = wrap_presign(presign)
         self.rollouts = rollout_service(cloud, self.config, store_runner(self.db), presign)
+        self.serve_store = serve_store
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def __aenter__(self) -> LocalCloud:
         await self.db.start()
-        await self.store.start()
+        if self.serve_store:
+            await self.store.start()
         self._tasks = [
             asyncio.create_task(self.replica.run(self._stop), name="replica"),
             asyncio.create_task(self.rollouts.run(self._stop), name="rollouts"),
@@ -123,6 +128,7 @@ class LocalCloud:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
         self._tasks = []
-        await self.store.stop()
+        if self.serve_store:
+            await self.store.stop()
         await self.db.close()
         log.info("local_cloud_stopped")
