@@ -265,8 +265,7 @@ class Agent:
         entry = desired_doc.get("software") if isinstance(desired_doc, Mapping) else None
         if entry is None:
             # the operator withdrew the desired software: stop a job that can still stop
-            if self.runner is not None and self.runner.cancellable:
-                await self._cancel_job("the desired software was removed")
+            await self._cancel_job("the desired software was removed")
             return
         try:
             desired = DesiredSoftware.parse(entry, store_url=self.config.store.url)
@@ -316,10 +315,16 @@ class Agent:
         except OtadError as exc:
             # begin() refused or a journal write failed: the job never started for real.
             log.error("job_not_started", error=exc.code, reason=exc.message)
+        except Exception:  # the top of the job task: never let it die silently
+            log.exception("job_crashed")
 
     async def _cancel_job(self, why: str) -> None:
         job = self._job
         if job is None or job.done():
+            return
+        if self.runner is not None and not self.runner.cancellable:
+            # past the download the slot is being verified or switched: let it finish
+            log.info("job_not_cancelled", reason=why)
             return
         log.info("job_cancelling", reason=why)
         job.cancel()
