@@ -128,8 +128,10 @@ class SimulatedDevice:
             store=StoreConfig(ca=s.ca),
             bootloader=BootloaderConfig(type="sim", sim_state=self.root / "sim.json"),
             health=HealthConfig(check_systemd=False, health_d=self.root / "health.d"),
+            # Patient, like a real device: thousands of simulated devices downloading at once
+            # from one store on a shared machine see slow answers, not broken ones.
             download=DownloadConfig(
-                retries=5, backoff_initial=0.2, backoff_max=2.0, sock_connect=10.0, sock_read=30.0
+                retries=8, backoff_initial=0.5, backoff_max=15.0, sock_connect=30.0, sock_read=60.0
             ),
             state_dir=state_dir,
             keyring=s.keyring,
