@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -102,9 +102,13 @@ class CloudServer:
             await self.store.start()
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self.replica.run(stop), name="replica")
+                    group.create_task(
+                        _stop_all_on_failure(self.replica.run(stop), stop), name="replica"
+                    )
                     if self.rollouts is not None:
-                        group.create_task(self.rollouts.run(stop), name="rollouts")
+                        group.create_task(
+                            _stop_all_on_failure(self.rollouts.run(stop), stop), name="rollouts"
+                        )
                     group.create_task(self._announce_ready(stop), name="ready")
             except ExceptionGroup as failure:
                 # One part failed with an error of ours: let it end the process as itself (the
@@ -142,6 +146,20 @@ class CloudServer:
                 broker=f"{self.config.broker_host}:{self.config.broker_port}",
                 rollouts=self.rollouts is not None,
             )
+
+
+async def _stop_all_on_failure(part: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run one part; if it fails, set ``stop`` so the others end the way they end on SIGTERM.
+
+    The TaskGroup cancels the others too, but a part that reconnects in a loop until ``stop``
+    may see the cancellation surface as a connection error (aiomqtt translates it) and keep
+    going; the Event is the signal every part honours.
+    """
+    try:
+        await part
+    except BaseException:
+        stop.set()
+        raise
 
 
 async def serve(server: CloudServer) -> int:

@@ -12,6 +12,7 @@ import pytest
 import structlog
 from plugins.cloud_env import CloudEnv
 
+from otad.cloud.broker import BrokerProcess
 from otad.cloud.pki import CloudDir
 from otad.cloud.server import CloudServer
 from otad.errors import RolloutError, ShadowNotFound
@@ -73,8 +74,10 @@ def test_cloud_server_public_url_is_the_base_of_presigned_urls(
 
 
 async def test_cloud_server_a_failing_part_ends_it_with_its_own_error(
-    cloud_dir: CloudDir, tmp_path: Path
+    cloud_dir: CloudDir, broker: BrokerProcess, tmp_path: Path
 ) -> None:
+    # With the broker up the replica is connected and serving when the rollout part fails:
+    # the whole server must still stop (the replica must not go on reconnecting).
     db = tmp_path / "shadow.db"
 
     def future_schema() -> None:

@@ -62,11 +62,23 @@ from otad.errors import BrokerError
 DEVICES = ("dev1", "dev2", "dev3", "dev4")
 
 
+# Below the kernel's ephemeral range (32768-60999): a port picked there can be taken by any
+# outgoing connection on this busy, shared machine before the server binds it.
+_PORTS = (20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing uses right now, outside the ephemeral range."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS} after 200 tries")
 
 
 def identity(cloud: CloudDir, who: str) -> Identity:
