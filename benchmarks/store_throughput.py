@@ -48,11 +48,20 @@ def parse_size(text: str) -> int:
 
 
 def free_port() -> int:
+    """A free loopback port below the ephemeral range (busy machines hand those out fast)."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def write_payload(path: Path, size: int) -> str:
