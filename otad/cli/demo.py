@@ -45,13 +45,21 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Run the end-to-end demo on loopback: broker, cloud, simulated devices, "
         "a rollout in waves with a live table. Needs mosquitto; no network beyond 127.0.0.1.",
     )
-    parser.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
-    parser.add_argument("--fail-health", type=int, default=1, help="devices failing health")
-    parser.add_argument("--fail-boot", type=int, default=1, help="devices whose update panics")
-    parser.add_argument("--waves", default="1,5,50%,100%")
-    parser.add_argument("--max-failure-rate", default="20%")
+    parser.add_argument(
+        "--devices", type=int, default=20, metavar="N", help="simulated devices (default 20)"
+    )
+    parser.add_argument(
+        "--fail-health", type=int, default=1, metavar="N", help="devices failing health (1)"
+    )
+    parser.add_argument(
+        "--fail-boot", type=int, default=1, metavar="N", help="devices whose update panics (1)"
+    )
+    parser.add_argument(
+        "--waves", default="1,5,50%,100%", help="cumulative wave targets (1,5,50%%,100%%)"
+    )
+    parser.add_argument("--max-failure-rate", default="20%", metavar="RATE", help="per wave (20%%)")
     parser.add_argument("--dir", type=Path, help="keep the demo files here (default: a temp dir)")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="which devices fail (7)")
     parser.add_argument(
         "--no-live", action="store_true", help="plain progress lines instead of a live table"
     )

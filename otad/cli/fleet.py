@@ -57,7 +57,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     for action, text in (
         ("pause", "stop starting devices (those in flight finish)"),
         ("resume", "continue a paused rollout (accepts the failures of the current wave)"),
-        ("abort", "end a rollout; devices not yet started are left alone"),
+        ("abort", "end a rollout: devices not yet started never start; those in flight finish"),
     ):
         p = commands.add_parser(action, help=text)
         p.add_argument("dir", type=Path, metavar="DIR")
