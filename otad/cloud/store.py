@@ -75,6 +75,7 @@ log = structlog.get_logger(__name__)
 CHUNK = 1024 * 1024
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 SHUTDOWN_GRACE = 5.0
+INCOMING_MAX_AGE = 24 * 3600.0
 ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
 _DECIMAL = re.compile(r"^[0-9]{1,12}$")
@@ -416,6 +417,26 @@ class ArtifactRepository:
                 continue  # deleted between the listing and the read
         return sorted(infos, key=lambda info: (info.mtime, info.artifact_id))
 
+    def sweep_incoming(self, older_than: float = INCOMING_MAX_AGE) -> int:
+        """Delete upload leftovers of crashed processes; returns how many. Blocking.
+
+        Only files untouched for ``older_than`` seconds: another store process sharing the
+        directory may be receiving an upload right now.
+        """
+        incoming = self.directory / ".incoming"
+        if not incoming.is_dir():
+            return 0
+        removed = 0
+        deadline = time.time() - older_than
+        for leftover in incoming.glob("*.part"):
+            try:
+                if leftover.stat().st_mtime < deadline:
+                    leftover.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def begin(self, keyring: Keyring, max_bytes: int) -> Upload:
         return Upload(self, keyring, max_bytes)
 
@@ -556,6 +577,9 @@ class ArtifactStore:
 
     async def start(self) -> None:
         self.config.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        swept = await asyncio.to_thread(self.repository.sweep_incoming)
+        if swept:
+            log.info("incoming_swept", files=swept)
         # On stop, downloads in flight get a few seconds; a device resumes with Range after.
         # aiohttp waits up to the timeout twice (for handlers to finish, then after cancelling
         # them), hence half.

@@ -682,3 +682,19 @@ async def test_store_stop_does_not_wait_long_for_a_stalled_download(
     await store.stop()
     assert time.monotonic() - started < SHUTDOWN_GRACE + 3
     writer.transport.abort()
+
+
+def test_store_sweeps_only_stale_upload_leftovers(tmp_path: Path) -> None:
+    from otad.cloud.store import ArtifactRepository
+
+    repo = ArtifactRepository(tmp_path)
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    stale, fresh = incoming / "a.part", incoming / "b.part"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    assert repo.sweep_incoming() == 1
+    assert not stale.exists() and fresh.exists()
+    assert ArtifactRepository(tmp_path / "none").sweep_incoming() == 0
