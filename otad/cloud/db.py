@@ -137,16 +137,26 @@ class ShadowStore(Protocol):
 
 
 class SqliteTransaction:
-    """:class:`Transaction` over the writer's connection, with a per-writer document cache."""
+    """:class:`Transaction` over the writer's connection, with a per-writer document cache.
+
+    Writes of a unit are collected and sent to SQLite in two ``executemany`` calls when the unit
+    ends (:meth:`flush`): every ``execute`` releases and takes back the GIL, which measured as
+    a large share of the writer's time when the event loop thread is busy too.
+    """
 
     def __init__(self, connection: sqlite3.Connection, cache: dict[str, ShadowDocument]) -> None:
         self.connection = connection
         self._cache = cache
         # Cache entries a unit replaced, to put back if the unit is rolled back.
         self._undo: dict[str, ShadowDocument | None] = {}
+        self._saves: dict[str, ShadowDocument] = {}
+        self._rows: list[tuple[int, bytes, float]] = []
+        self._next_id = 0  # the last outbox id handed out in this transaction (0: not read yet)
+        self._unit_next_id = 0
 
     def begin_unit(self) -> None:
         self._undo = {}
+        self._unit_next_id = self._next_id
 
     def rollback_unit(self) -> None:
         for device_id, previous in self._undo.items():
@@ -155,6 +165,29 @@ class SqliteTransaction:
             else:
                 self._cache[device_id] = previous
         self._undo = {}
+        self._saves.clear()
+        self._rows.clear()
+        self._next_id = self._unit_next_id
+
+    def flush(self) -> None:
+        """Send the unit's collected writes to SQLite (still inside its transaction)."""
+        try:
+            if self._saves:
+                self.connection.executemany(
+                    "INSERT INTO shadows (device_id, version, document) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device_id) DO UPDATE SET version = excluded.version, "
+                    "document = excluded.document",
+                    [(d, doc.version, doc.to_storage()) for d, doc in self._saves.items()],
+                )
+            if self._rows:
+                self.connection.executemany(
+                    "INSERT INTO outbox (id, messages, created) VALUES (?, ?, ?)", self._rows
+                )
+        except sqlite3.Error as exc:
+            raise ShadowInternal(f"db: cannot store shadows or outbox rows: {exc}") from exc
+        finally:
+            self._saves.clear()
+            self._rows.clear()
 
     def load(self, device_id: str) -> ShadowDocument | None:
         doc = self._cache.get(device_id)
@@ -173,31 +206,27 @@ class SqliteTransaction:
         return doc
 
     def save(self, device_id: str, document: ShadowDocument) -> None:
-        try:
-            self.connection.execute(
-                "INSERT INTO shadows (device_id, version, document) VALUES (?, ?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET version = excluded.version, "
-                "document = excluded.document",
-                (device_id, document.version, document.to_storage()),
-            )
-        except sqlite3.Error as exc:
-            raise ShadowInternal(f"db: cannot store the shadow of {device_id}: {exc}") from exc
         # The cache follows the transaction; a rolled-back unit restores it (rollback_unit).
         if device_id not in self._undo:
             self._undo[device_id] = self._cache.get(device_id)
         self._cache[device_id] = document
+        self._saves[device_id] = document
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
-        # One row per write, not per message: one INSERT instead of three per shadow update.
-        try:
-            cur = self.connection.execute(
-                "INSERT INTO outbox (messages, created) VALUES (?, ?)",
-                (_pack(messages), time.time()),
-            )
-        except sqlite3.Error as exc:
-            raise ShadowInternal(f"db: cannot add to the outbox: {exc}") from exc
-        row = int(cur.lastrowid or 0)
-        return [OutboxMessage(m.topic, m.payload, m.qos, row) for m in messages]
+        # One row per write, not per message. Ids are handed out here (the transaction holds the
+        # write lock, so no other process inserts meanwhile) and never reused: they continue
+        # from AUTOINCREMENT's high-water mark.
+        if not self._next_id:
+            try:
+                self._next_id = self.connection.execute(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'),"
+                    " 0), COALESCE((SELECT MAX(id) FROM outbox), 0))"
+                ).fetchone()[0]
+            except sqlite3.Error as exc:
+                raise ShadowInternal(f"db: cannot read the outbox: {exc}") from exc
+        self._next_id += 1
+        self._rows.append((self._next_id, _pack(messages), time.time()))
+        return [OutboxMessage(m.topic, m.payload, m.qos, self._next_id) for m in messages]
 
 
 def _pack(messages: Sequence[OutboxMessage]) -> bytes:
@@ -422,6 +451,7 @@ class SqliteStore:
                 txn.begin_unit()
                 try:
                     result = unit.work(txn)
+                    txn.flush()
                 except Exception as exc:  # the unit's own failure: undo it alone
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
