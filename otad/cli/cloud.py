@@ -65,13 +65,19 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     revoke.set_defaults(handler=_revoke_device)
 
     broker_cmd = commands.add_parser(
-        "broker", help="run mosquitto with DIR's TLS + ACL config (foreground)"
+        "broker",
+        help="run mosquitto with DIR's TLS + ACL config (foreground)",
+        description="Regenerate broker/mosquitto.conf and broker/acl from otad-cloud.toml, then "
+        "run the system mosquitto in their place (exec): signals go to mosquitto itself.",
     )
     broker_cmd.add_argument("dir", type=Path, metavar="DIR")
     broker_cmd.set_defaults(handler=_broker)
 
     serve_cmd = commands.add_parser(
-        "serve", help="run the replica, the artifact store and the rollout service (foreground)"
+        "serve",
+        help="run the replica, the artifact store and the rollout service (foreground)",
+        description="Run the replica, the artifact store and the rollout service of DIR in one "
+        "process. The first SIGTERM/SIGINT stops it gracefully; a second one exits at once (130).",
     )
     serve_cmd.add_argument("dir", type=Path, metavar="DIR")
     serve_cmd.add_argument(
