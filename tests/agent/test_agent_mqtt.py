@@ -92,7 +92,7 @@ async def session_docs(
     docs: list[Any] = []
     session = ShadowSession(device_config(cloud_dir, broker), docs.append)
     task = asyncio.create_task(session.run())
-    await asyncio.wait_for(session.connected.wait(), 10)
+    await asyncio.wait_for(session.connected.wait(), 30)
     yield session, docs
     assert not task.done(), "the session must never end on its own"
     task.cancel()

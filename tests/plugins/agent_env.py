@@ -43,8 +43,8 @@ from otad.agent.update import DeviceState
 from otad.errors import BrokerError, ShadowNotFound
 
 SLOT_SIZE = 4 * 1024 * 1024
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 20.0
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
 
 
 def _toml_value(value: Any) -> str:
