@@ -56,17 +56,18 @@ async def test_broker_down_during_the_post_reboot_health_check(
     try:
         assert await dev.reboot() == "B"  # the new slot boots; the agent runs the health check
         requests = dev.reboot_requests
-        if policy == "required":
-            await dev.wait_reboot_requested(within=BROKER_TIMEOUT + 20)  # the rollback reboot
-            assert not dev.sim.state().slot("B").bootable
-        else:
-            await asyncio.sleep(BROKER_TIMEOUT + 1)
-            assert dev.reboot_requests == requests  # committed without the broker
-            assert dev.sim.state().slot("B").good
+        # the verdict is journaled before anything is reported: bring the broker back then
+        verdict = "rolling_back" if policy == "required" else "succeeded"
+        await journaled(dev, verdict, within=BROKER_TIMEOUT + 20)
     finally:
         broker.start()
     if policy == "required":
+        await dev.wait_reboot_requested(within=30)  # the rollback reboot
+        assert not dev.sim.state().slot("B").bootable
         assert await dev.reboot() == "A"
+    else:
+        assert dev.sim.state().slot("B").good
+        assert dev.reboot_requests == requests  # committed without the broker
     sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == outcome, within=40)
     assert sw["jobId"] == "hb"
     if policy == "required":
@@ -76,6 +77,17 @@ async def test_broker_down_during_the_post_reboot_health_check(
     else:
         assert sw["slot"] == "B" and sw["version"] == "2.0" and sw.get("error") is None
         assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+
+
+async def journaled(dev: Any, state: str, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        runner = dev.agent.runner if dev.agent is not None else None
+        record = runner.record if runner is not None else None
+        if record is not None and record.state.value == state:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"journal never reached {state}"
+        await asyncio.sleep(0.05)
 
 
 # --- replica down while the device reports -------------------------------------------------------

@@ -186,6 +186,7 @@ async def test_resource_200_failed_downloads_leak_no_fds_tasks_threads_or_memory
     codes = {f["error"]["code"] for f in finals}
     assert codes == {"download_retries_exhausted", "download_not_found"}, codes
     fds, tasks, threads, rss = (a - b for a, b in zip(after, before, strict=True))
+    print(f"200 failed jobs: fds/tasks/threads/RSS KiB before {before} after {after}")
     assert fds <= 0, f"open fds grew by {fds} over {FAILED_JOBS} failed jobs"
     assert tasks <= 0, f"asyncio tasks grew by {tasks}"
     assert threads <= 0, f"threads grew by {threads}"
