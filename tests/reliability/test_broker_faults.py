@@ -1,4 +1,5 @@
-"""Issue 8, broker faults: the broker down during the post-reboot health check (both policies),
+"""Issue 8, broker faults: the device's broker link lost mid-download (re-sync with get), the
+broker down during the post-reboot health check (both policies),
 and the replica down while the device reports (retried with one clientToken, applied once the
 replica is back). The broker restart mid-download is in tests/agent/test_agent_network.py
 (test_agent_broker_restart_mid_download_continues_one_job).
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.agent_env import offer_bundle, wait_reported
-from plugins.cloud_env import mqtt_client
+from plugins.agent_env import FaultProxy, offer_bundle, store_proxy, wait_reported
+from plugins.cloud_env import free_port, mqtt_client
 
 from otad.agent.config import parse
 from otad.agent.mqtt import ShadowSession
@@ -77,6 +78,53 @@ async def test_broker_down_during_the_post_reboot_health_check(
     else:
         assert sw["slot"] == "B" and sw["version"] == "2.0" and sw.get("error") is None
         assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+
+
+async def test_broker_lost_mid_download_resyncs_with_get_and_acts_on_what_it_missed(
+    cloud: Any, cloud_dir: Any, broker: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """The device's broker link drops mid-download; meanwhile the operator replaces the job.
+    The delta for it is never delivered (clean session), yet after the reconnect the device
+    fetches the document with ``get``, cancels the old download and runs the new job."""
+    link_port = free_port()
+    link = await FaultProxy(broker.host, broker.port).start(link_port)
+    store = await store_proxy(cloud).start()
+    dev = make_device("dev1", config={"broker": {"port": link_port}})
+    try:
+        agent = await dev.start()
+        _, first = await offer_bundle(cloud, cloud_dir, tmp_path, proxy=store, publish=False)
+        store.rate = (tmp_path / "j1.otb").stat().st_size / 12
+        await cloud.set_desired("dev1", {"software": first})
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "downloading")
+        await link.close()  # the device's MQTT link is gone; the download goes on
+        assert agent.session is not None
+        await until(lambda: not agent.session.connected.is_set(), 10)
+        image, second = await offer_bundle(
+            cloud, cloud_dir, tmp_path, version="3.0", job="j2", seed=9
+        )
+        await asyncio.sleep(0.5)
+        assert agent.runner is not None and agent.runner.record is not None
+        assert agent.runner.record.job_id == "j1"  # no delta could reach it
+        link = await FaultProxy(broker.host, broker.port).start(link_port)
+        await until(lambda: agent.jobs_started == 2, 30)  # j1 still downloading, slowly
+        store.rate = None
+        await dev.wait_reboot_requested(within=60)
+    finally:
+        await link.close()
+        await store.close()
+    assert agent.session.connects >= 2 and agent.jobs_started == 2
+    assert agent.runner.record.job_id == "j2"
+    assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting")
+    assert sw["jobId"] == "j2" and second["jobId"] == "j2"
+
+
+async def until(check: Any, within: float) -> None:
+    for _ in range(int(within / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {within}s")
 
 
 async def journaled(dev: Any, state: str, within: float) -> None:
