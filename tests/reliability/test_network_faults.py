@@ -34,7 +34,7 @@ DOWNLOAD = {
     "retries": 1,
     "backoff_initial": 0.05,
     "backoff_max": 0.1,
-    "sock_connect": 2.0,
+    "sock_connect": 1.0,
     "sock_read": 0.6,
     "min_rate": 20_000,
     "rate_window": 1.0,
@@ -77,6 +77,12 @@ async def reset_during_tls_handshake(s: RogueServer, r: Any, w: asyncio.StreamWr
     sock = w.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     w.transport.abort()
+
+
+async def stall_in_tls_handshake(s: RogueServer, r: Any, w: asyncio.StreamWriter) -> None:
+    """Plain TCP: take the ClientHello and never answer it (slow loris one layer down)."""
+    await asyncio.wait_for(r.read(512), 10)
+    await asyncio.sleep(60)
 
 
 async def garbage_instead_of_server_hello(s: RogueServer, r: Any, w: asyncio.StreamWriter) -> None:
@@ -129,6 +135,11 @@ FAULTS: dict[str, tuple[Behaviour, bool, set[str]]] = {
     ),
     "reset_during_tls_handshake__fails": (
         reset_during_tls_handshake,
+        False,
+        {"download_retries_exhausted"},
+    ),
+    "stall_in_tls_handshake__times_out": (
+        stall_in_tls_handshake,
         False,
         {"download_retries_exhausted"},
     ),
