@@ -181,6 +181,31 @@ async def test_attack_non_https_source_is_refused(
     untouched(dev)
 
 
+async def test_attack_another_devices_url_is_refused_and_the_device_waits_for_its_own(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """dev1 is handed a URL pre-signed for dev2. The store refuses dev1's certificate for it
+    (403); the device cannot tell that from an expired URL, so it reports
+    download_url_expired and waits for a URL of its own for the same job, writing nothing."""
+    dev = make_device("dev1")
+    await dev.start()
+    image, entry = await offer_bundle(
+        cloud, cloud_dir, tmp_path, publish=False, image_size=MiB, job="x"
+    )
+    artifact = entry["url"].split("/v1/artifacts/")[1].split("?")[0]
+    stolen = {**entry, "url": cloud.presign(artifact, "dev2")}
+    await cloud.set_desired("dev1", {"software": stolen})
+    sw = await wait_reported(
+        cloud, "dev1", lambda s: (s.get("error") or {}).get("code") == "download_url_expired"
+    )
+    assert sw["state"] == "downloading" and sw["jobId"] == "x"
+    assert not dev.sim.state().slot("B").bootable and dev.slot_bytes("B") == dev.factory["B"]
+    untouched(dev)
+    await cloud.set_desired("dev1", {"software": entry})  # its own URL, same job
+    await dev.wait_reboot_requested()
+    assert dev.slot_bytes("B")[: len(image)] == image
+
+
 # --- bundles that must not verify --------------------------------------------------------------
 
 
