@@ -373,6 +373,8 @@ async def test_attack_presigned_query_and_token_never_reach_logs_or_the_shadow(
             await dev.stop()
     finally:
         await proxy.close()
+    # At rest the pre-signed URL lives only in the journal (to resume after a restart): 0600.
+    assert (dev.state_dir / "journal.json").stat().st_mode & 0o077 == 0
     text = "\n".join(repr(event) for event in logs)
     assert "credential_obtained" in text and "download_url_expired" in text  # paths were taken
     for secret in secrets:
