@@ -92,8 +92,10 @@ class DownloadConfig:
     backoff_max: float = 60.0
     sock_connect: float = 30.0
     sock_read: float = 60.0
-    min_rate: int = 0  # bytes/s averaged over rate_window; 0 disables the check
-    rate_window: float = 60.0
+    # bytes/s averaged over rate_window (0: off). A server trickling a byte now and then stays
+    # under sock_read forever (a slow-retrieval attack); no real link is this slow for minutes.
+    min_rate: int = 1024
+    rate_window: float = 300.0
     max_bundle_size: int = 16 * 1024**3
     block_size: int = 1024 * 1024  # bytes handed to the disk thread at once
     queue_chunks: int = 4  # blocks between the network and the disk thread (memory bound)

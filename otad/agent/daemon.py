@@ -155,6 +155,7 @@ class Agent:
         self._job_desired: DesiredSoftware | None = None
         self._last_invalid: str | None = None
         self._last_noop: str | None = None
+        self._not_started: str | None = None
 
     # --- wiring ----------------------------------------------------------------------------------
 
@@ -205,8 +206,10 @@ class Agent:
                 self._job.cancel()
                 with contextlib.suppress(BaseException):
                     await self._job
-            await downloader.close()
-            journal.release()
+            try:
+                await downloader.close()
+            finally:
+                journal.release()
             log.info("agent_stopped", device=config.device_id)
 
     # --- health ----------------------------------------------------------------------------------
@@ -293,6 +296,8 @@ class Agent:
         record = runner.record
         if record is not None and record.job_id == desired.job_id:
             return  # this job ran already (or runs): never twice
+        if desired.job_id == self._not_started:
+            return  # could not even start; a new jobId (or a restart) tries again
         if desired.version == runner.running_version and desired.job_id != self._last_noop:
             self._last_noop = desired.job_id
             log.info("desired_already_installed", job_id=desired.job_id, version=desired.version)
@@ -305,16 +310,20 @@ class Agent:
     def _start_job(self, work: Any, desired: DesiredSoftware | None) -> None:
         self.jobs_started += 1
         self._job_desired = desired
-        self._job = asyncio.create_task(self._job_body(work), name="job")
+        self._job = asyncio.create_task(self._job_body(work, desired), name="job")
 
-    async def _job_body(self, work: Any) -> None:
+    async def _job_body(self, work: Any, desired: DesiredSoftware | None) -> None:
         try:
             await work
         except RebootPending:
             self.rebooting.set()
         except OtadError as exc:
-            # begin() refused or a journal write failed: the job never started for real.
+            # begin() refused (e.g. the data partition is full): the job never started and the
+            # device is untouched. Say so once for this jobId; do not retry it on every document.
             log.error("job_not_started", error=exc.code, reason=exc.message)
+            if desired is not None and self.runner is not None:
+                self._not_started = desired.job_id
+                await self.runner.fail_invalid(desired.job_id, exc)
         except Exception:  # the top of the job task: never let it die silently
             log.exception("job_crashed")
 

@@ -124,7 +124,9 @@ class Downloader:
             )
             self._session = aiohttp.ClientSession(
                 timeout=timeout,
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4),
+                # one long request per bundle: no connection pool a server could poison by
+                # writing past its Content-Length onto a kept-alive connection
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4, force_close=True),
                 auto_decompress=False,  # the bundle is the bytes; never let aiohttp rewrite them
                 read_bufsize=READ_BUFSIZE,
                 raise_for_status=False,
@@ -132,9 +134,16 @@ class Downloader:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the session; best effort, never raises (it runs on the way out of a stop)."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        try:
+            await session.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("download_session_close_failed", error=f"{type(exc).__name__}: {exc}")
 
     def transfer(self, source: Source, *, max_size: int | None = None) -> Transfer:
         limit = self.settings.max_bundle_size
