@@ -12,7 +12,6 @@ live in tests/agent/test_agent_network.py; docs/failure-modes.md maps every faul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import struct
@@ -240,16 +239,10 @@ async def test_network_bytes_past_the_content_length_never_reach_the_caller(
     try:
         assert await fetch(downloader, server.url) == bundle
     finally:
-        with contextlib.suppress(AttributeError):  # see the next test
-            await downloader.close()
+        await downloader.close()
         await server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Downloader.close() raises AttributeError after a server wrote past its Content-Length"
-    " (requests.md RELIABILITY -> AGENT 09:14)",
-)
 async def test_network_downloader_closes_cleanly_after_a_server_wrote_past_its_length(
     cloud_dir: Any, bundle: bytes
 ) -> None:

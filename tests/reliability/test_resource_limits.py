@@ -229,11 +229,6 @@ async def test_resource_target_slot_full_fails_the_job_with_no_space(
     assert dev.slot_bytes("A") == dev.factory["A"] and dev.reboot_requests == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a journal write failing at job start is only logged (job_not_started), never reported,"
-    " and retried on every document (requests.md RELIABILITY -> AGENT 09:18)",
-)
 async def test_resource_full_data_partition_before_a_job_is_reported_and_touches_nothing(
     cloud: Any, cloud_dir: Any, make_device: Any, tiny_tmpfs: Path, tmp_path: Path
 ) -> None:
