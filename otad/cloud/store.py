@@ -26,42 +26,36 @@ or token alone suffices, but a client certificate that is presented must still n
 Bodies are streamed by a plain handler reading large chunks in a worker thread: aiohttp's
 FileResponse over TLS runs at a fraction of the speed. Query strings and tokens are never
 logged; aiohttp's access log is off and the store logs its own ``request_served`` events.
+
+This module is the HTTP service only; it builds on ``store_range`` (Range/If-Range, pure),
+``store_auth`` (pre-signed URLs and tokens, pure) and ``store_files`` (the catalogue on disk).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import email.utils
-import hashlib
-import hmac
-import json
 import os
-import re
-import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Literal
-from urllib.parse import quote, urlencode
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from otad.bundle import Keyring, StreamVerifier, VerifyPolicy
+from otad.bundle import Keyring
 from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICE_PREFIX, validate_device_id
+from otad.cloud.store_auth import ARTIFACT_PATH, Grant, Signer, check_artifact_id
+from otad.cloud.store_files import CHUNK, ArtifactRepository
+from otad.cloud.store_range import ByteRange, if_range_holds, none_match, parse_range
 from otad.errors import (
     ArtifactNotFound,
     ArtifactRejected,
     AuthError,
-    AuthExpired,
     AuthRequired,
-    BundleError,
-    ConfigError,
     OtadError,
     RangeNotSatisfiable,
     StoreBadRequest,
@@ -70,419 +64,32 @@ from otad.errors import (
 
 __layer__ = "service"
 
+# Other modules and tools import these from here.
+__all__ = [
+    "SHUTDOWN_GRACE",
+    "ArtifactRepository",
+    "ArtifactStore",
+    "peer_common_name",
+    "presign",
+]
+
 log = structlog.get_logger(__name__)
 
-CHUNK = 1024 * 1024
-MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 SHUTDOWN_GRACE = 5.0
-INCOMING_MAX_AGE = 24 * 3600.0
-ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
-_ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
-_DECIMAL = re.compile(r"^[0-9]{1,12}$")
-_TOKEN_PREFIX = "otad1"  # noqa: S105 - a format tag, not a secret
-
-
-# --- byte ranges (pure) --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    """A satisfiable byte range: ``start`` inclusive, ``stop`` exclusive."""
-
-    start: int
-    stop: int
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-    def content_range(self, size: int) -> str:
-        return f"bytes {self.start}-{self.stop - 1}/{size}"
-
-
-_RANGE_SPEC = re.compile(r"^([0-9]*)-([0-9]*)$")
-
-
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The single byte range a ``Range`` header asks of a ``size``-byte entity.
-
-    ``None`` means "send the whole entity with 200": no header, another unit, a syntax error
-    (RFC 9110 says to ignore those) or several ranges (allowed; a resuming downloader asks for
-    one). Raises :class:`RangeNotSatisfiable` when the one range lies outside the entity.
-    """
-    if header is None:
-        return None
-    unit, sep, spec = header.partition("=")
-    if not sep or unit.strip().lower() != "bytes":
-        return None
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 1:
-        return None
-    match = _RANGE_SPEC.match(parts[0])
-    if match is None:
-        return None
-    first, last = match.groups()
-    if first:
-        start = int(first)
-        if last:
-            end = int(last)
-            if end < start:
-                return None  # syntactically invalid: ignore
-            stop = min(end + 1, size)
-        else:
-            stop = size
-        if start >= size:
-            raise RangeNotSatisfiable(f"store: range starts at {start}, entity has {size} bytes")
-        return ByteRange(start, stop)
-    if not last:
-        return None  # "bytes=-"
-    suffix = int(last)
-    if suffix == 0 or size == 0:
-        raise RangeNotSatisfiable(f"store: empty suffix range of a {size}-byte entity")
-    return ByteRange(max(0, size - suffix), size)
-
-
-# --- pre-signed URLs and tokens (pure given a secret and a clock) --------------------------------
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What a verified credential allows: this device, this artifact (None: any), until then."""
-
-    device_id: str
-    artifact_id: str | None
-    expires: int
-    kind: Literal["presigned", "token"]
-
-
-def _derive(secret: bytes, purpose: bytes) -> bytes:
-    # One secret file, separate keys: a token MAC can never pass as a URL signature.
-    return hmac.new(secret, b"otad/" + purpose, hashlib.sha256).digest()
-
-
-class Signer:
-    """Issues and checks pre-signed URLs and bearer tokens with the cloud's pre-sign secret."""
-
-    def __init__(self, secret: bytes, base_url: str) -> None:
-        if len(secret) < 32:
-            raise ConfigError("store: the pre-sign secret must be at least 32 bytes")
-        self._url_key = _derive(secret, b"presign-v1")
-        self._token_key = _derive(secret, b"token-v1")
-        self.base_url = base_url.rstrip("/")
-
-    # pre-signed URLs
-
-    def _url_mac(self, method: str, path: str, device_id: str, expires: int) -> str:
-        message = f"{method}\n{path}\n{device_id}\n{expires}".encode()
-        return hmac.new(self._url_key, message, hashlib.sha256).hexdigest()
-
-    def presign(
-        self,
-        artifact_id: str,
-        device_id: str,
-        expires_in: float,
-        *,
-        now: float | None = None,
-        base_url: str | None = None,
-    ) -> str:
-        """A URL that lets ``device_id`` GET the artifact for ``expires_in`` seconds."""
-        check_artifact_id(artifact_id)
-        validate_device_id(device_id)
-        if not 0 < expires_in <= MAX_PRESIGN_SECONDS:
-            raise ConfigError(
-                f"store: pre-signed URL lifetime must be 1 s .. 7 days, not {expires_in}"
-            )
-        expires = int((time.time() if now is None else now) + expires_in)
-        path = ARTIFACT_PATH.format(artifact_id=artifact_id)
-        query = urlencode(
-            {
-                "device": device_id,
-                "expires": str(expires),
-                "signature": self._url_mac("GET", path, device_id, expires),
-            }
-        )
-        return f"{(base_url or self.base_url).rstrip('/')}{path}?{query}"
-
-    def check_presigned(
-        self, path: str, artifact_id: str, query: Mapping[str, str], *, now: float | None = None
-    ) -> Grant | None:
-        """The grant of a pre-signed query; None if the query carries no signature at all."""
-        fields = ("device", "expires", "signature")
-        present = [name for name in fields if name in query]
-        if not present:
-            return None
-        if len(present) != len(fields):
-            raise AuthError("store: pre-signed URL is incomplete")
-        device_id, expires_text, signature = (query[name] for name in fields)
-        if not _DECIMAL.fullmatch(expires_text):
-            raise AuthError("store: pre-signed URL has a malformed expiry")
-        if not (device_id.isascii() and signature.isascii() and path.isascii()):
-            raise AuthError("store: pre-signed URL signature does not match")
-        expires = int(expires_text)
-        expected = self._url_mac("GET", path, device_id, expires)
-        if not hmac.compare_digest(expected.encode(), signature.lower().encode()):
-            raise AuthError("store: pre-signed URL signature does not match")
-        if (time.time() if now is None else now) >= expires:
-            raise AuthExpired("store: pre-signed URL has expired")
-        return Grant(device_id, artifact_id, expires, "presigned")
-
-    # bearer tokens
-
-    def issue_token(
-        self,
-        device_id: str,
-        artifact_id: str | None,
-        ttl: int,
-        *,
-        now: float | None = None,
-    ) -> tuple[str, int]:
-        """(token, expiry unix time) for ``device_id``, optionally limited to one artifact."""
-        expires = int((time.time() if now is None else now) + ttl)
-        claims = {"dev": device_id, "art": artifact_id, "exp": expires, "jti": secrets.token_hex(8)}
-        body = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
-        mac = _b64(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest())
-        return f"{_TOKEN_PREFIX}.{body}.{mac}", expires
-
-    def check_token(self, token: str, *, now: float | None = None) -> Grant:
-        parts = token.split(".")
-        if len(parts) != 3 or parts[0] != _TOKEN_PREFIX or not token.isascii():
-            raise AuthError("store: bearer token is malformed")
-        _, body, mac = parts
-        expected = _b64(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest())
-        if not hmac.compare_digest(expected, mac):
-            raise AuthError("store: bearer token signature does not match")
-        try:
-            claims = json.loads(_unb64(body))
-            device_id, artifact_id, expires = claims["dev"], claims["art"], claims["exp"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AuthError("store: bearer token is malformed") from exc
-        if not isinstance(device_id, str) or type(expires) is not int:
-            raise AuthError("store: bearer token is malformed")
-        if artifact_id is not None and not isinstance(artifact_id, str):
-            raise AuthError("store: bearer token is malformed")
-        if (time.time() if now is None else now) >= expires:
-            raise AuthExpired("store: bearer token has expired")
-        return Grant(device_id, artifact_id, expires, "token")
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def check_artifact_id(artifact_id: str) -> str:
-    if not _ARTIFACT_ID.fullmatch(artifact_id):
-        raise ArtifactNotFound(f"store: {artifact_id[:80]!r} is not an artifact id")
-    return artifact_id
 
 
 def presign(
     config: CloudConfig, artifact_id: str, device_id: str, expires_in: float | None = None
 ) -> str:
     """A pre-signed download URL for ``device_id`` (what a rollout puts in the desired state)."""
-    signer = Signer(config.read_presign_secret(), config.store_public_url)
+    signer = Signer(
+        config.read_presign_secret(),
+        config.store_public_url,
+        check_device=validate_device_id,
+    )
     ttl = config.presign_default_ttl if expires_in is None else expires_in
     return signer.presign(artifact_id, device_id, ttl)
 
-
-# --- artifact files ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    artifact_id: str
-    path: Path
-    size: int
-    mtime: float
-    manifest: dict[str, Any]
-
-    @property
-    def etag(self) -> str:
-        return f'"{self.artifact_id}"'
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.artifact_id, "size": self.size, "manifest": self.manifest}
-
-
-class Upload:
-    """One bundle arriving: written to a temporary file, hashed and verified as it streams.
-
-    Synchronous and CPU-bound (verification decompresses the payload): callers run each method
-    in a worker thread. Nothing becomes visible under an artifact id before :meth:`commit`
-    has checked the signature, both hashes and the size.
-    """
-
-    def __init__(self, repository: ArtifactRepository, keyring: Keyring, max_bytes: int) -> None:
-        self._repo = repository
-        self._max = max_bytes
-        incoming = repository.directory / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        self._tmp = incoming / f"{secrets.token_hex(8)}.part"
-        self._file: BinaryIO | None = self._tmp.open("xb")
-        self._hash = hashlib.sha256()
-        self._verifier = StreamVerifier(keyring, VerifyPolicy(), threaded=False)
-        self.size = 0
-        self.created = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self._file is None:
-            raise StoreError("store: upload already finished")
-        self.size += len(chunk)
-        if self.size > self._max:
-            raise ArtifactRejected(
-                f"store: bundle larger than the limit of {self._max} bytes", status=413
-            )
-        self._file.write(chunk)
-        self._hash.update(chunk)
-        try:
-            for _ in self._verifier.feed(chunk):
-                pass  # the image bytes are only hashed by the verifier
-        except BundleError as exc:
-            raise ArtifactRejected(f"store: bundle rejected: {exc}", reason=exc.code) from exc
-
-    def commit(self, uploader: str, expected_id: str | None = None) -> ArtifactInfo:
-        """Finish verification and publish; ``expected_id`` (PUT) must equal the content hash."""
-        if self._file is None:
-            raise StoreError("store: upload already finished")
-        try:
-            manifest = self._verifier.finish()
-        except BundleError as exc:
-            raise ArtifactRejected(f"store: bundle rejected: {exc}", reason=exc.code) from exc
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        artifact_id = self._hash.hexdigest()
-        if expected_id is not None and expected_id != artifact_id:
-            raise ArtifactRejected(
-                f"store: the bundle's SHA-256 is {artifact_id}, not the {expected_id} named "
-                "in the URL",
-                reason="artifact_id_mismatch",
-            )
-        self.created = not self._repo.bundle_path(artifact_id).exists()
-        meta = {
-            "id": artifact_id,
-            "size": self.size,
-            "uploaded_at": int(time.time()),
-            "uploaded_by": uploader,
-            "manifest": manifest.to_dict(),
-        }
-        return self._repo.publish(self._tmp, artifact_id, meta)
-
-    def abort(self) -> None:
-        self._verifier.close()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._tmp.unlink(missing_ok=True)
-
-
-class ArtifactRepository:
-    """Bundles on disk: ``<dir>/<id>.bundle`` and ``<dir>/<id>.json`` (manifest, size, uploader)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def bundle_path(self, artifact_id: str) -> Path:
-        return self.directory / f"{check_artifact_id(artifact_id)}.bundle"
-
-    def meta_path(self, artifact_id: str) -> Path:
-        return self.directory / f"{check_artifact_id(artifact_id)}.json"
-
-    def info(self, artifact_id: str) -> ArtifactInfo:
-        """Blocking: stat + read the metadata (run in a thread on an event loop)."""
-        path = self.bundle_path(artifact_id)
-        try:
-            st = path.stat()
-            meta = json.loads(self.meta_path(artifact_id).read_text())
-        except FileNotFoundError:
-            raise ArtifactNotFound(f"store: no artifact {artifact_id}") from None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"store: artifact {artifact_id} is unreadable: {exc}") from exc
-        return ArtifactInfo(artifact_id, path, st.st_size, st.st_mtime, meta.get("manifest", {}))
-
-    def ids(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.bundle"))
-
-    def all(self) -> list[ArtifactInfo]:
-        """Every complete artifact, oldest first. Blocking."""
-        infos = []
-        for artifact_id in self.ids():
-            try:
-                infos.append(self.info(artifact_id))
-            except ArtifactNotFound:
-                continue  # deleted between the listing and the read
-        return sorted(infos, key=lambda info: (info.mtime, info.artifact_id))
-
-    def sweep_incoming(self, older_than: float = INCOMING_MAX_AGE) -> int:
-        """Delete upload leftovers of crashed processes; returns how many. Blocking.
-
-        Only files untouched for ``older_than`` seconds: another store process sharing the
-        directory may be receiving an upload right now.
-        """
-        incoming = self.directory / ".incoming"
-        if not incoming.is_dir():
-            return 0
-        removed = 0
-        deadline = time.time() - older_than
-        for leftover in incoming.glob("*.part"):
-            try:
-                if leftover.stat().st_mtime < deadline:
-                    leftover.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
-
-    def begin(self, keyring: Keyring, max_bytes: int) -> Upload:
-        return Upload(self, keyring, max_bytes)
-
-    def import_file(
-        self,
-        bundle: Path,
-        keyring: Keyring,
-        *,
-        uploader: str = "local",
-        max_bytes: int | None = None,
-    ) -> ArtifactInfo:
-        """Verify and store a bundle file (``otad cloud upload``). Blocking."""
-        upload = self.begin(keyring, max_bytes or 2**63)
-        try:
-            with bundle.open("rb") as src:
-                while chunk := src.read(CHUNK):
-                    upload.feed(chunk)
-            return upload.commit(uploader)
-        except OSError as exc:
-            upload.abort()
-            raise StoreError(f"store: cannot read {bundle}: {exc.strerror}") from exc
-        except BaseException:
-            upload.abort()
-            raise
-
-    def publish(self, tmp: Path, artifact_id: str, meta: dict[str, Any]) -> ArtifactInfo:
-        target = self.bundle_path(artifact_id)
-        if target.exists():
-            tmp.unlink()  # content addressed: the same bytes are already here
-        else:
-            meta_tmp = self.meta_path(artifact_id).with_suffix(".json.tmp")
-            meta_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            with meta_tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.replace(meta_tmp, self.meta_path(artifact_id))
-            os.replace(tmp, target)  # the bundle last: its presence means "complete"
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            log.info("artifact_stored", artifact=artifact_id, size=meta["size"])
-        return self.info(artifact_id)
-
-
-# --- HTTP ----------------------------------------------------------------------------------------
 
 _STATUS: list[tuple[type[OtadError], int]] = [
     (AuthRequired, 401),
@@ -568,7 +175,11 @@ class ArtifactStore:
             and (host is not None or port is not None)
             and config.store_public_url == derived
         )
-        self.signer = Signer(config.read_presign_secret(), public_url or config.store_public_url)
+        self.signer = Signer(
+            config.read_presign_secret(),
+            public_url or config.store_public_url,
+            check_device=validate_device_id,
+        )
         self.chunk_size = chunk_size
         self._runner: web.AppRunner | None = None
         self.app = self._make_app()
@@ -818,10 +429,10 @@ class ArtifactStore:
             "Cache-Control": "private, no-transform",
             "Content-Type": "application/octet-stream",
         }
-        if _none_match(request.headers.get("If-None-Match"), info.etag):
+        if none_match(request.headers.get("If-None-Match"), info.etag):
             return web.Response(status=304, headers=headers)
         byte_range: ByteRange | None = None
-        if _if_range_holds(request.headers.get("If-Range"), info, headers["Last-Modified"]):
+        if if_range_holds(request.headers.get("If-Range"), info.etag, headers["Last-Modified"]):
             try:
                 byte_range = parse_range(request.headers.get("Range"), info.size)
             except RangeNotSatisfiable as exc:
@@ -891,29 +502,3 @@ class ArtifactStore:
                 # closes the descriptor (a closed, reused fd must never be read).
                 with contextlib.suppress(Exception):
                     await pending
-
-
-def _none_match(header: str | None, etag: str) -> bool:
-    if header is None:
-        return False
-    if header.strip() == "*":
-        return True
-    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
-    return etag in tags
-
-
-def _if_range_holds(header: str | None, info: ArtifactInfo, last_modified: str) -> bool:
-    """RFC 9110 If-Range: honour Range only if the validator still names this entity."""
-    if header is None:
-        return True
-    value = header.strip()
-    if value.startswith('"'):
-        return value == info.etag  # strong comparison
-    if value.startswith("W/"):
-        return False  # weak tags never match If-Range
-    return value == last_modified
-
-
-def artifact_url(base_url: str, artifact_id: str) -> str:
-    """The unsigned URL of an artifact (token flow: the device gets a token for it)."""
-    return f"{base_url.rstrip('/')}{ARTIFACT_PATH.format(artifact_id=quote(artifact_id))}"

@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otad.cloud.store import ByteRange, Signer, parse_range
-from otad.errors import AuthError, AuthExpired, ConfigError, RangeNotSatisfiable
+from otad.cloud.pki import validate_device_id
+from otad.cloud.store_auth import Signer
+from otad.cloud.store_range import ByteRange, if_range_holds, none_match, parse_range
+from otad.errors import (
+    ArtifactNotFound,
+    AuthError,
+    AuthExpired,
+    ConfigError,
+    RangeNotSatisfiable,
+)
 
 SECRET = b"k" * 32
 ART = "ab" * 32
@@ -209,3 +217,49 @@ def test_store_presigned_expiry_must_be_ascii_digits() -> None:
     )
     with pytest.raises(AuthError, match="malformed expiry"):
         signer.check_presigned(urlsplit(url).path, ART, {**query, "expires": arabic}, now=NOW)
+
+
+ETAG = f'"{ART}"'
+LAST_MODIFIED = "Tue, 01 Jan 2030 00:00:00 GMT"
+
+
+@pytest.mark.parametrize(
+    ("header", "holds"),
+    [
+        (None, True),
+        (ETAG, True),
+        (f" {ETAG} ", True),
+        (f'"{OTHER}"', False),
+        (f"W/{ETAG}", False),  # weak validators never satisfy If-Range
+        (LAST_MODIFIED, True),
+        ("Wed, 02 Jan 2030 00:00:00 GMT", False),
+        ("", False),
+    ],
+)
+def test_store_if_range_honours_only_a_matching_validator(header: str | None, holds: bool) -> None:
+    assert if_range_holds(header, ETAG, LAST_MODIFIED) is holds
+
+
+@pytest.mark.parametrize(
+    ("header", "matches"),
+    [
+        (None, False),
+        ("*", True),
+        (ETAG, True),
+        (f"W/{ETAG}", True),  # If-None-Match compares weakly
+        (f'"{OTHER}", {ETAG}', True),
+        (f'"{OTHER}"', False),
+        ("", False),
+    ],
+)
+def test_store_none_match_compares_weakly(header: str | None, matches: bool) -> None:
+    assert none_match(header, ETAG) is matches
+
+
+def test_store_presign_applies_the_device_rule_and_artifact_id_format() -> None:
+    signer = Signer(SECRET, "https://h", check_device=validate_device_id)
+    for device in ("otad-svc-fleet", "bad/id", ""):
+        with pytest.raises(ConfigError):
+            signer.presign(ART, device, 60, now=NOW)
+    with pytest.raises(ArtifactNotFound):
+        signer.presign("AB" * 32, "dev1", 60, now=NOW)
