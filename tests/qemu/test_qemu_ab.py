@@ -17,7 +17,7 @@ import pytest
 
 from otad.errors import ShadowNotFound
 
-from .conftest import QemuImage
+from .conftest import QemuImage, note
 from .guest import PANIC, Guest
 from .proxy import Relay
 
@@ -107,8 +107,8 @@ async def test_qemu_update_commits_slot_b(cloud: Any, guest: Guest, qemu_image: 
     committed_s = time.monotonic() - desired_at
     assert (sw.get("state"), sw.get("version"), sw.get("slot")) == ("succeeded", "2.0", "B"), sw
     assert sw.get("error") in (None, {}), sw
-    print(
-        f"\nqemu update: desired -> job accepted by the device {accepted_s:.1f} s, "
+    note(
+        f"qemu update: desired -> job accepted by the device {accepted_s:.1f} s, "
         f"desired -> committed on B {committed_s:.1f} s, bundle "
         f"{qemu_image.bundles['update'].stat().st_size / 1e6:.0f} MB"
     )
@@ -200,7 +200,7 @@ async def test_qemu_power_cut_during_write_resumes(
         BOOT_TIMEOUT,
     )
     assert (sw["state"], sw.get("version"), sw.get("slot")) == ("succeeded", "2.0", "B"), sw
-    print(
-        f"\nqemu power cut after {cut_at / 1e6:.0f} of {size / 1e6:.0f} MB relayed "
+    note(
+        f"qemu power cut after {cut_at / 1e6:.0f} of {size / 1e6:.0f} MB relayed "
         f"(reported before the cut: {progress.get('state')} {progress.get('progress')}%)"
     )
