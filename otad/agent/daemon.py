@@ -202,6 +202,9 @@ class Agent:
                 for task in tasks:
                     task.cancel()
         finally:
+            if self.runner is not None:
+                # a job cancelled now is interrupted, not superseded: it resumes on the next start
+                self.runner.stopping = True
             if self._job is not None and not self._job.done():
                 self._job.cancel()
                 with contextlib.suppress(BaseException):

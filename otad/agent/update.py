@@ -16,7 +16,9 @@ and after the reboot (:meth:`UpdateRunner.recover` with the pure decision ``deci
 
 Bad input (every BundleError, an insecure URL, a malformed desired entry) ends the job as
 ``failed`` with the error's wire code; the target stays marked bad and nothing else changes.
-Cancelling the job's task (a new desired state) ends it as ``failed`` / ``job_cancelled``.
+Cancelling the job's task (a new desired state) ends it as ``failed`` / ``job_cancelled``;
+cancelling it with ``stopping`` set (the agent stops) leaves the journal as it is, so the next
+start resumes the job.
 """
 
 from __future__ import annotations
@@ -439,6 +441,8 @@ class UpdateRunner:
         self.heartbeat = time.monotonic()
         self.reboot_requested = asyncio.Event()
         self.cancellable = False
+        # set by the agent before it cancels a job because it stops (not because it was replaced)
+        self.stopping = False
         self.record: JobRecord | None = None
         self._fresh_url: asyncio.Queue[DesiredSoftware] = asyncio.Queue()
         self._last_progress_report = 0.0
@@ -644,6 +648,11 @@ class UpdateRunner:
             )
             await self._verify_slot(record, writer)
         except asyncio.CancelledError:
+            if self.stopping:
+                # The agent stops (restart, shutdown, agent upgrade), nobody superseded the job:
+                # the journal keeps its step and start-up recovery resumes it.
+                log.info("job_interrupted", job_id=record.job_id, reason="agent stopping")
+                raise
             await self._end_failed(JobCancelled("job: cancelled by a new desired state"))
             raise
         except Exception as exc:  # the top of a job: every error becomes a reported failure

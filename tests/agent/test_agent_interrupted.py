@@ -1,0 +1,42 @@
+"""An agent stopped in the middle of a job (restart, shutdown, agent upgrade) resumes it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from plugins.agent_env import offer_bundle, store_proxy, wait_reported
+from structlog.testing import capture_logs
+
+from otad.agent.journal import Journal
+from otad.agent.machine import State
+
+
+async def test_agent_stop_mid_download_resumes_the_job_on_the_next_start(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    proxy = await store_proxy(cloud).start()
+    dev = make_device("dev1")
+    try:
+        await dev.start()
+        image, entry = await offer_bundle(cloud, cloud_dir, tmp_path, proxy=proxy, publish=False)
+        proxy.rate = (tmp_path / "j1.otb").stat().st_size / 10
+        with capture_logs() as logs:
+            await cloud.set_desired("dev1", {"software": entry})
+            await wait_reported(cloud, "dev1", lambda s: s["state"] == "downloading")
+            await dev.stop()
+            record = Journal(dev.state_dir, boot_id=dev.boot_id).load()
+            assert record is not None and record.job_id == "j1"
+            assert record.state == State.DOWNLOADING and record.error is None
+            proxy.rate = None
+            await dev.start()
+            await dev.wait_reboot_requested()
+    finally:
+        await proxy.close()
+    assert not [e for e in logs if e["event"] in ("job_failed", "desired_rejected")]
+    assert [e for e in logs if e["event"] == "job_interrupted"]
+    assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+    assert await dev.reboot() == "B"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded")
+    assert sw["jobId"] == "j1" and sw["version"] == "2.0" and sw.get("error") is None
