@@ -69,13 +69,13 @@ def free_port() -> int:
 async def role_cloud(cloud_path: Path, separate_store: bool) -> None:
     from otad import logs
     from otad.cloud.pki import CloudDir
-    from otad.cloud.rollout_host import LocalCloud
+    from otad.cloud.server import CloudServer
 
     logs.configure(level="warning")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with LocalCloud(CloudDir(cloud_path), serve_store=not separate_store):
+    async with CloudServer(CloudDir(cloud_path), serve_store=not separate_store):
         print("ready", flush=True)
         await stop.wait()
 

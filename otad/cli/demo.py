@@ -103,7 +103,7 @@ async def run_demo(args: argparse.Namespace, root: Path, console: Console) -> in
     from otad.cloud import rollout_plan as plan
     from otad.cloud.broker import BrokerProcess
     from otad.cloud.pki import init_cloud
-    from otad.cloud.rollout_host import LocalCloud
+    from otad.cloud.server import CloudServer
 
     started = time.monotonic()
     ids = [f"dev-{n:02d}" for n in range(1, args.devices + 1)]
@@ -129,7 +129,7 @@ async def run_demo(args: argparse.Namespace, root: Path, console: Console) -> in
     try:
         config = cloud.config()
         step(f"mosquitto on 127.0.0.1:{config.broker_port} (TLS, client certificates, ACL)")
-        async with LocalCloud(cloud) as local:
+        async with CloudServer(cloud) as local:
             step(f"replica, artifact store ({local.store.url}) and rollout service running")
             fleet = make_fleet(
                 cloud,

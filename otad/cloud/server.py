@@ -1,10 +1,15 @@
-"""`otad cloud serve`: the replica, the artifact store and the rollout service in one process.
+"""The cloud side in one process: the replica, the artifact store and the rollout service.
 
-The composition root of the backend. It builds each part from the cloud dir (identities, config),
-runs them as named tasks of one TaskGroup and stops them in reverse order when the stop Event is
-set: the replica and the rollout service finish what they committed, then the HTTPS listener
-closes, then the database. If one part fails, the others are cancelled and the error ends the
-process (a supervisor restarts it; everything acknowledged is durable).
+The one composition root of the backend: `otad cloud serve`, the demo, the fleet tests, the scale
+benchmark and the test fixtures all build it here, so they run the same wiring. It builds each
+part from the cloud dir (identities, config), runs them as named tasks of one TaskGroup and stops
+them in reverse order when the stop Event is set: the replica and the rollout service finish what
+they committed, then the HTTPS listener closes, then the database. If one part fails, the others
+are cancelled and the error ends the process (a supervisor restarts it; everything acknowledged
+is durable).
+
+Two ways to run it: ``await server.run(stop)`` (the CLI, with :func:`serve`), or
+``async with server:`` as tasks of the running loop, returning once every part is serving.
 
 Signals (:func:`serve`): the first SIGTERM/SIGINT sets the stop Event; a second one exits at once
 with status 130, for when a graceful stop hangs.
@@ -27,8 +32,8 @@ from otad.cloud.config import CloudConfig
 from otad.cloud.db import SqliteStore
 from otad.cloud.pki import CloudDir
 from otad.cloud.replica import BrokerSettings, Replica, ShadowClient
-from otad.cloud.rollout import RolloutService
-from otad.cloud.rollout_host import rollout_service
+from otad.cloud.rollout import Presigner, RolloutService
+from otad.cloud.rollout_mqtt import FleetShadow
 from otad.cloud.store import ArtifactStore
 from otad.errors import OtadError
 
@@ -37,6 +42,25 @@ __layer__ = "root"
 log = structlog.get_logger(__name__)
 
 READY_TIMEOUT = 30.0
+# How long ``async with`` waits for a graceful stop before cancelling what is left.
+STOP_TIMEOUT = 30.0
+
+
+def rollout_service(
+    cloud: CloudDir, config: CloudConfig, runner: rollout_db.Runner, presign: Presigner
+) -> RolloutService:
+    """The rollout service of a cloud dir: fleet identity on the broker, tables via ``runner``."""
+    tls = cloud.client_context(cloud.service("fleet"))
+
+    def connect() -> FleetShadow:
+        return FleetShadow(
+            host=config.broker_host,
+            port=config.broker_port,
+            tls_context=tls,
+            topic_template=config.topic_template,
+        )
+
+    return RolloutService(runner, connect, presign)
 
 
 class CloudServer:
@@ -45,6 +69,10 @@ class CloudServer:
     ``store_host``/``store_port`` override the config's listener (port 0 picks a free port; then
     pre-signed URLs point at the real port unless ``public_url`` is given). ``config`` may be a
     modified copy of the cloud dir's config (tests give each run its own database).
+
+    ``serve_store=False``: another process serves the artifacts (pre-signed URLs still point at
+    the configured store address); this one only signs them. ``wrap_presign`` wraps the signer
+    the rollout service uses (tests hand out URLs that are already expired, to see them replaced).
     """
 
     def __init__(
@@ -56,6 +84,8 @@ class CloudServer:
         store_port: int | None = None,
         public_url: str | None = None,
         rollouts: bool = True,
+        serve_store: bool = True,
+        wrap_presign: Callable[[Presigner], Presigner] | None = None,
     ) -> None:
         self.cloud = cloud
         self.config = config or cloud.config()
@@ -73,13 +103,19 @@ class CloudServer:
             self.broker_settings("replica"),
             template=self.config.topic_template,
         )
+        self.serve_store = serve_store
         self.rollouts: RolloutService | None = None
         if rollouts:
+            presign: Presigner = self.store.signer.presign
+            if wrap_presign is not None:
+                presign = wrap_presign(presign)
             # The same SqliteStore: rollout rows ride in the replica writer's group commit.
             self.rollouts = rollout_service(
-                cloud, self.config, rollout_db.store_runner(self.db), self.store.signer.presign
+                cloud, self.config, rollout_db.store_runner(self.db), presign
             )
         self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     def broker_settings(self, service: str) -> BrokerSettings:
         """How the named service identity connects to this cloud dir's broker."""
@@ -99,7 +135,8 @@ class CloudServer:
         self.config.db_path.parent.mkdir(parents=True, exist_ok=True)
         await self.db.start()
         try:
-            await self.store.start()
+            if self.serve_store:
+                await self.store.start()
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(
@@ -119,11 +156,52 @@ class CloudServer:
                     raise first from failure
                 raise
             finally:
-                await self.store.stop()
+                if self.serve_store:
+                    await self.store.stop()
         finally:
             await self.db.close()
             self.ready.clear()
             log.info("cloud_stopped")
+
+    async def __aenter__(self) -> CloudServer:
+        """Start :meth:`run` as a task of this loop; return once every part is serving.
+
+        Raises what ended the server if a part fails while starting, OtadError if it is not
+        serving within READY_TIMEOUT (then it is stopped again).
+        """
+        if self._task is not None:
+            raise OtadError("cloud: this server is already running")
+        self._stop = asyncio.Event()
+        task = asyncio.create_task(self.run(self._stop), name="cloud-server")
+        self._task = task
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            await asyncio.wait({ready, task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        finally:
+            ready.cancel()
+        if task.done():
+            self._task = None
+            task.result()  # raises what stopped it
+            raise OtadError("cloud: the server stopped before it was serving")
+        if not self.ready.is_set():
+            await self.__aexit__(None, None, None)
+            raise OtadError(f"cloud: replica or rollout service not ready within {READY_TIMEOUT} s")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop gracefully; after STOP_TIMEOUT cancel what is left. A part's failure is raised."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+        except TimeoutError:
+            # wait_for has cancelled the task and waited for its finally blocks (store, db).
+            log.warning("cloud_stop_timed_out", timeout=STOP_TIMEOUT)
 
     async def _announce_ready(self, stop: asyncio.Event) -> None:
         async def all_ready() -> None:

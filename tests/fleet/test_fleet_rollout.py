@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from plugins.cloud_env import free_port
 
-from otad import logs
 from otad.bundle import build_bundle, load_private_key
 from otad.cli import main
 from otad.cli.fleet import create_rollout, make_fleet, request_action
@@ -26,8 +26,8 @@ from otad.cloud import rollout_plan as plan
 from otad.cloud.broker import BrokerProcess
 from otad.cloud.pki import CloudDir, init_cloud
 from otad.cloud.rollout import Presigner
-from otad.cloud.rollout_host import LocalCloud
 from otad.cloud.rollout_plan import DeviceState, RolloutState
+from otad.cloud.server import CloudServer
 from otad.fleet.simulator import Fleet
 
 pytestmark = pytest.mark.slow
@@ -92,9 +92,9 @@ async def wait_for(
 @pytest.fixture
 async def running(
     fleet_cloud: tuple[CloudDir, BrokerProcess],
-) -> AsyncIterator[LocalCloud]:
+) -> AsyncIterator[CloudServer]:
     cloud, _ = fleet_cloud
-    async with LocalCloud(cloud) as local:
+    async with CloudServer(cloud) as local:
         yield local
 
 
@@ -105,7 +105,7 @@ def states(devices: dict[str, plan.DeviceRecord]) -> dict[str, str]:
 async def test_rollout_three_waves_complete(
     fleet_cloud: tuple[CloudDir, BrokerProcess],
     bundle: Path,
-    running: LocalCloud,
+    running: CloudServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -140,7 +140,7 @@ async def test_rollout_three_waves_complete(
 
 
 async def test_rollout_pauses_above_threshold_and_resume_continues(
-    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: CloudServer, tmp_path: Path
 ) -> None:
     cloud, _ = fleet_cloud
     ids = DEVICES[:4]
@@ -183,7 +183,7 @@ async def test_rollout_pauses_above_threshold_and_resume_continues(
 
 
 async def test_rollout_abort_stops_new_starts_and_withdraws_unstarted(
-    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: LocalCloud, tmp_path: Path
+    fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: CloudServer, tmp_path: Path
 ) -> None:
     cloud, _ = fleet_cloud
     online, offline = DEVICES[:2], DEVICES[2]
@@ -237,14 +237,14 @@ async def test_rollout_continues_after_a_cloud_restart(
     fleet = fleet_of(cloud, tmp_path / "devices", ids)
     await fleet.start()
     try:
-        async with LocalCloud(cloud):
+        async with CloudServer(cloud):
             rollout = create_rollout(cloud.root, str(bundle), devices=",".join(ids), waves="1,100%")
             await wait_for(cloud, rollout.id, lambda r, _: r.current_wave == 1)
         # The cloud process is gone mid-rollout; devices keep going on their own.
         stopped, _ = await asyncio.to_thread(snapshot, cloud, rollout.id)
         assert stopped.state == RolloutState.RUNNING and stopped.current_wave == 1
         await asyncio.sleep(1.0)
-        async with LocalCloud(cloud):
+        async with CloudServer(cloud):
             rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
     finally:
         await fleet.stop()
@@ -272,7 +272,7 @@ async def test_rollout_replaces_an_expired_url(
     fleet = fleet_of(cloud, tmp_path / "devices", DEVICES[:1])
     await fleet.start()
     try:
-        async with LocalCloud(cloud, wrap_presign=expire_first):
+        async with CloudServer(cloud, wrap_presign=expire_first):
             rollout = create_rollout(cloud.root, str(bundle), devices=DEVICES[0], waves="100%")
             rollout, devices = await wait_for(cloud, rollout.id, lambda r, _: not r.active)
     finally:
@@ -291,8 +291,9 @@ def otad_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
     try:
         code = main(list(args))
     finally:
-        # main() points the logs at this test's captured stderr, which closes after the test.
-        logs.configure(level="warning", stream=sys.__stderr__)
+        # main() points the logs at this test's captured stderr, which closes after the test;
+        # back to structlog's defaults (no level filter), so later tests' capture_logs see all.
+        structlog.reset_defaults()
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -56,7 +56,7 @@ from otad.cloud.broker import BrokerProcess
 from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICES, CloudDir, Identity, init_cloud
 from otad.cloud.replica import ShadowClient
-from otad.cloud.server import READY_TIMEOUT, CloudServer
+from otad.cloud.server import CloudServer
 from otad.errors import BrokerError
 
 DEVICES = ("dev1", "dev2", "dev3", "dev4")
@@ -178,31 +178,17 @@ class CloudEnv:
         )
         self.store = self.server.store
         self.replica = self.server.replica
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._shadows: ShadowClient | None = None
 
     async def __aenter__(self) -> CloudEnv:
-        self._task = asyncio.create_task(self.server.run(self._stop), name="cloud-server")
-        ready = asyncio.ensure_future(self.server.ready.wait())
-        await asyncio.wait(
-            {ready, self._task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED"
-        )
-        if self._task.done():
-            self._task.result()  # raises what stopped it
-        if not ready.done():
-            ready.cancel()
-            await self.__aexit__()
-            raise AssertionError(f"cloud server not ready within {READY_TIMEOUT} s")
+        await self.server.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._shadows is not None:
             await self._shadows.__aexit__(None, None, None)
             self._shadows = None
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, READY_TIMEOUT)
+        await self.server.__aexit__(*exc)
 
     @property
     def store_url(self) -> str:
