@@ -15,7 +15,6 @@ it is still cancellable (before the slot is switched).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import json
 import time
@@ -202,18 +201,27 @@ class Agent:
                 for task in tasks:
                     task.cancel()
         finally:
-            if self.runner is not None:
-                # a job cancelled now is interrupted, not superseded: it resumes on the next start
-                self.runner.stopping = True
-            if self._job is not None and not self._job.done():
-                self._job.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._job
             try:
-                await downloader.close()
+                await self._interrupt_job()
             finally:
-                journal.release()
+                try:
+                    await downloader.close()
+                finally:
+                    journal.release()
             log.info("agent_stopped", device=config.device_id)
+
+    async def _interrupt_job(self) -> None:
+        """Cancel the running job because the agent stops (it resumes on the next start)."""
+        if self.runner is not None:
+            # a job cancelled now is interrupted, not superseded: the journal keeps its step
+            self.runner.stopping = True
+        job = self._job
+        if job is None or job.done():
+            return
+        job.cancel()
+        # asyncio.wait, not `await job`: a cancellation of this task itself must go on up
+        await asyncio.wait([job])
+        _log_job_end(job)
 
     # --- health ----------------------------------------------------------------------------------
 
@@ -340,8 +348,10 @@ class Agent:
             return
         log.info("job_cancelling", reason=why)
         job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
+        # asyncio.wait, not `await job` under suppress(CancelledError): that would also swallow
+        # the cancellation of the supervisor itself (the agent stopping) and hang the stop
+        await asyncio.wait([job])
+        _log_job_end(job)
         self._job = None
 
     # --- systemd watchdog --------------------------------------------------------------------
@@ -363,3 +373,12 @@ class Agent:
                 continue
             starved = False
             self.notifier.watchdog()
+
+
+def _log_job_end(job: asyncio.Task[None]) -> None:
+    """Say how a cancelled job task ended if it did not end cancelled (it caught the cancel)."""
+    if job.cancelled():
+        return
+    error = job.exception()
+    if error is not None:
+        log.error("job_ended_with_error", error=f"{type(error).__name__}: {error}")

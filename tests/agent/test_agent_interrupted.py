@@ -1,7 +1,9 @@
-"""An agent stopped in the middle of a job (restart, shutdown, agent upgrade) resumes it."""
+"""A job interrupted by the agent stopping resumes; a supervisor cancelled while it cancels a
+job ends."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 from plugins.agent_env import offer_bundle, store_proxy, wait_reported
 from structlog.testing import capture_logs
 
+from otad.agent.daemon import Agent
 from otad.agent.journal import Journal
 from otad.agent.machine import State
 
@@ -40,3 +43,30 @@ async def test_agent_stop_mid_download_resumes_the_job_on_the_next_start(
     assert await dev.reboot() == "B"
     sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded")
     assert sw["jobId"] == "j1" and sw["version"] == "2.0" and sw.get("error") is None
+
+
+async def test_agent_cancel_job_passes_its_own_cancellation_on(
+    make_device: Any,
+) -> None:
+    # The supervisor waits in _cancel_job for a job whose clean-up takes a while (a journal
+    # write, a final report); the agent stops meanwhile. The supervisor must end, or stop hangs.
+    dev = make_device("dev1")
+    agent = Agent(dev.config, bootloader=dev.sim, booted_slot="A")
+    release = asyncio.Event()
+
+    async def slow_to_cancel() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(release.wait())
+
+    agent._job = asyncio.create_task(slow_to_cancel())
+    await asyncio.sleep(0)
+    supervisor = asyncio.create_task(agent._cancel_job("a new desired state"))
+    await asyncio.sleep(0.05)
+    supervisor.cancel()
+    await asyncio.wait([supervisor], timeout=5)
+    assert supervisor.done() and supervisor.cancelled()
+    release.set()
+    await asyncio.wait([agent._job], timeout=5)
+    assert agent._job.cancelled()
