@@ -32,9 +32,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "<redacted>", ""))
 
 
+def redact_text(text: str) -> str:
+    """``text`` with the query and fragment of every URL in it dropped.
+
+    For free text that may quote a URL (an exception's message): it may reach a log line or
+    the shadow, and a pre-signed URL carries its credential in the query."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
 def _redact_value(value: Any) -> Any:
-    if isinstance(value, str) and "://" in value:
-        return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), value)
+    if isinstance(value, str):
+        return redact_text(value)
     return value
 
 

@@ -42,7 +42,7 @@ from otad.errors import (
     Truncated,
     UrlExpired,
 )
-from otad.logs import redact_url
+from otad.logs import redact_text, redact_url
 
 __layer__ = "adapter"
 
@@ -201,6 +201,17 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def same_origin(a: str, b: str) -> bool:
+    """Do two URLs share scheme, host and port (RFC 6454)? Unparseable counts as different."""
+    try:
+        pa, pb = urlsplit(a), urlsplit(b)
+        key_a = (pa.scheme.lower(), pa.hostname, pa.port or 443)
+        key_b = (pb.scheme.lower(), pb.hostname, pb.port or 443)
+    except ValueError:
+        return False
+    return key_a == key_b
+
+
 def _translate(exc: BaseException, what: str) -> DownloadError:
     """The one place where aiohttp / TLS / OS errors become otad errors."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
@@ -210,7 +221,10 @@ def _translate(exc: BaseException, what: str) -> DownloadError:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return DownloadProtocolError(f"download: {what}: body cut short")
     if isinstance(exc, aiohttp.ClientError | OSError | ssl.SSLError):
-        return DownloadProtocolError(f"download: {what}: {type(exc).__name__}: {exc}")
+        # the text may quote the URL (aiohttp's InvalidURL does, whole): never its query
+        return DownloadProtocolError(
+            f"download: {what}: {type(exc).__name__}: {redact_text(str(exc))}"
+        )
     return DownloadProtocolError(f"download: {what}: {type(exc).__name__}")
 
 
@@ -320,8 +334,14 @@ class Transfer:
                 ) as resp:
                     if resp.status in (301, 302, 303, 307, 308):
                         location = resp.headers.get("Location", "")
-                        url = urljoin(url, location)
-                        check_https(url)
+                        target = urljoin(url, location)
+                        check_https(target)
+                        if "Authorization" in headers and not same_origin(url, target):
+                            # the store's credential is for the store: a mirror or CDN the
+                            # redirect names must not see it (a pre-signed target needs none)
+                            del headers["Authorization"]
+                            log.info("download_redirect_unauthorised", to=_origin(target))
+                        url = target
                         continue
                     self._check_status(resp)
                     async for item in self._body(resp):
