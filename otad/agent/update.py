@@ -16,6 +16,8 @@ and after the reboot (:meth:`UpdateRunner.recover` with the pure decision ``deci
 
 Bad input (every BundleError, an insecure URL, a malformed desired entry) ends the job as
 ``failed`` with the error's wire code; the target stays marked bad and nothing else changes.
+So does an error of the switch itself (try_once or the journal write after it): the target is
+marked bad again, the job fails, no reboot.
 Cancelling the job's task (a new desired state) ends it as ``failed`` / ``job_cancelled``;
 cancelling it with ``stopping`` set (the agent stops) leaves the journal as it is, so the next
 start resumes the job.
@@ -864,12 +866,30 @@ class UpdateRunner:
         await self._switch_and_reboot(self.record or record)
 
     async def _switch_and_reboot(self, record: JobRecord) -> None:
-        await self._bl("try_once", record.target_slot)
-        self.crash.hit("switched")
-        record = await self._advance(record, Event.REBOOT_REQUESTED)
+        try:
+            await self._bl("try_once", record.target_slot)
+            self.crash.hit("switched")
+            record = await self._advance(record, Event.REBOOT_REQUESTED)
+        except Exception as exc:
+            await self._switch_failed(record, exc)
+            return
         self.report_state("rebooting", job_id=record.job_id, progress=100)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
+
+    async def _switch_failed(self, record: JobRecord, exc: Exception) -> None:
+        """The switch raised (an env or journal write): no reboot. The env may hold the target
+        half-switched, so mark it bad again before the job ends as failed on the old slot."""
+        error = classify(exc)
+        log.error(
+            "slot_switch_failed", job_id=record.job_id, slot=record.target_slot, error=error.code
+        )
+        try:
+            await self._bl("mark_bad", record.target_slot)
+        except Exception as again:
+            # nothing more to do here: recovery on the next start judges the slot that boots
+            log.error("slot_mark_bad_failed", slot=record.target_slot, error=classify(again).code)
+        await self._end_failed(error)
 
     async def _reboot(self) -> None:
         log.info("reboot_requested", booted=self.booted)

@@ -1,5 +1,5 @@
 """A job interrupted by the agent stopping resumes; a supervisor cancelled while it cancels a
-job ends."""
+job ends; a slot switch that fails ends the job as failed on the old slot."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 from plugins.agent_env import offer_bundle, store_proxy, wait_reported
 from structlog.testing import capture_logs
 
+from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.daemon import Agent
 from otad.agent.journal import Journal
 from otad.agent.machine import State
+from otad.errors import BootloaderError
 
 
 async def test_agent_stop_mid_download_resumes_the_job_on_the_next_start(
@@ -70,3 +72,35 @@ async def test_agent_cancel_job_passes_its_own_cancellation_on(
     release.set()
     await asyncio.wait([agent._job], timeout=5)
     assert agent._job.cancelled()
+
+
+class SwitchFails(SimBootloader):
+    """The sim, with an env write that fails half-way through try_once (the first copy landed,
+    the second did not): the target may already be first in the boot order."""
+
+    def try_once(self, slot: str) -> None:
+        super().try_once(slot)
+        raise BootloaderError("sim: the second env copy could not be written (injected)")
+
+
+async def test_agent_switch_error_fails_the_job_and_keeps_the_old_slot(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    dev = make_device("dev1")
+    await dev.start(bootloader=SwitchFails(dev.root / "sim.json", attempts=3))
+    with capture_logs() as logs:
+        await offer_bundle(cloud, cloud_dir, tmp_path)
+        sw = await wait_reported(
+            cloud, "dev1", lambda s: s["state"] == "failed" and s.get("jobId") == "j1"
+        )
+    assert sw["error"]["code"] == "bootloader_error"
+    assert not [e for e in logs if e["event"] == "job_not_started"]
+    assert dev.agent is not None and dev.agent.runner is not None
+    record = dev.agent.runner.record
+    assert record is not None and record.state == State.FAILED
+    assert record.error is not None and record.error["code"] == "bootloader_error"
+    assert dev.reboot_requests == 0
+    assert dev.sim.state().slot("B").bad  # never booted half-switched
+    assert await dev.reboot() == "A"
+    assert dev.agent.runner is not None and dev.agent.runner.record is not None
+    assert dev.agent.runner.record.state == State.FAILED
