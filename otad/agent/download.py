@@ -228,10 +228,6 @@ def _translate(exc: BaseException, what: str) -> DownloadError:
     return DownloadProtocolError(f"download: {what}: {type(exc).__name__}")
 
 
-class _Restart(Exception):
-    """Internal: the server sent the whole entity again; restart at offset 0."""
-
-
 class Transfer:
     """One bundle fetch, resumable within the process."""
 
@@ -306,8 +302,6 @@ class Transfer:
                     reason=exc.message,
                 )
                 await asyncio.sleep(delay)
-            except _Restart:
-                continue
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}
@@ -348,7 +342,7 @@ class Transfer:
                         yield item
                     return
             raise DownloadProtocolError("download: too many redirects")
-        except (DownloadError, _Restart):
+        except DownloadError:
             raise
         except asyncio.CancelledError:
             raise

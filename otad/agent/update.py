@@ -262,7 +262,6 @@ class _DiskPipe:
         self.crash = crash
         self.written = 0
         self.error: BaseException | None = None
-        self.manifest_seen = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(depth)
         self._queue: queue.Queue[object] = queue.Queue()
@@ -344,8 +343,6 @@ class _DiskPipe:
                 percent = self.written * 100 // manifest.image_size
                 while self._marks and percent >= self._marks[0]:
                     self.crash.hit(f"write:{self._marks.pop(0)}")
-        if not had_manifest and self.verifier.manifest is not None:
-            self._loop.call_soon_threadsafe(self.manifest_seen.set)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -441,7 +438,6 @@ class UpdateRunner:
         self._file_version = read_version_file(config.version_file)
         self.progress = Progress()
         self.heartbeat = time.monotonic()
-        self.reboot_requested = asyncio.Event()
         self.cancellable = False
         # set by the agent before it cancels a job because it stops (not because it was replaced)
         self.stopping = False
@@ -842,12 +838,14 @@ class UpdateRunner:
 
     def _check_slot(self, writer: SlotWriter | None, sha: str, size: int) -> None:
         if writer is None:
-            # after a restart: hash what the medium holds (the writer reads it back at open)
+            # after a restart: hash what the medium holds, in one read (finish re-reads it; a
+            # running hash would read it all once more at open)
             with SlotWriter(
                 self.layout.path(self.target),
                 booted=self.layout.path(self.booted),
                 offset=size,
                 slot=self.target,
+                hash_writes=False,
             ) as again:
                 again.finish(sha)
             return
@@ -894,7 +892,6 @@ class UpdateRunner:
     async def _reboot(self) -> None:
         log.info("reboot_requested", booted=self.booted)
         self.notifier.status("rebooting")
-        self.reboot_requested.set()
         result = self.rebooter()
         if inspect.isawaitable(result):
             await result
