@@ -6,11 +6,16 @@ import asyncio
 import hashlib
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from plugins.agent_env import FaultProxy, offer_bundle, store_proxy, wait_reported
+from plugins.agent_env import (
+    FaultProxy,
+    offer_bundle,
+    run_agent_process,
+    store_proxy,
+    wait_reported,
+)
 from structlog.testing import capture_logs
 
 from otad.agent.journal import Journal
@@ -96,21 +101,6 @@ async def test_agent_broker_down_at_start_reconnects(
         await dev.stop()
         await proxy.close()
     assert sw["version"] == "1.0" and agent.session.connects == 1
-
-
-async def run_agent_process(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otad",
-        "--log-json",
-        "agent",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 async def test_agent_killed_mid_download_finishes_the_job_after_restart(

@@ -21,6 +21,8 @@ Helpers
     ``await wait_reported(cloud, device_id, predicate, timeout=...)``: poll the replica until
     ``predicate(reported_software)`` is true, return that entry (AssertionError on timeout).
     ``to_toml(dict) -> str``: the tiny TOML writer the fixture uses.
+    ``await run_agent_process(config_path)``: ``otad agent run`` as a child process (for tests
+    that kill it or that need it to end at a crash point with ``os._exit``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -266,6 +269,22 @@ async def wait_reported(
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"{device_id}: reported software never matched; last: {last}")
+
+
+async def run_agent_process(config: Path) -> asyncio.subprocess.Process:
+    """``otad agent run --config config`` as a child process, its output discarded."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otad",
+        "--log-json",
+        "agent",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture

@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.agent_env import offer_bundle, to_toml, wait_reported
+from plugins.agent_env import offer_bundle, run_agent_process, to_toml, wait_reported
 
 #: the agent process sees the kernel's boot id; read once, it does not change in a test run
 REAL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -94,21 +93,6 @@ PARAMS = [
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-async def run_agent(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otad",
-        "--log-json",
-        "agent",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:
@@ -231,7 +215,7 @@ async def test_crash_matrix(
                 await dev.wait_reboot_requested(within=60)
                 await dev.power_cycle()
         dev.boot_id = REAL_BOOT_ID
-        process = await run_agent(crash_config(dev, tmp_path, case.point))
+        process = await run_agent_process(crash_config(dev, tmp_path, case.point))
         try:
             if not case.boot:
                 await wait_reported(cloud, "dev1", lambda s: s.get("state") is not None)
