@@ -217,31 +217,8 @@ def verify_command(args: argparse.Namespace) -> int:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _print_manifest(document: dict[str, Any]) -> None:
-    for name in (
-        "version",
-        "compatible",
-        "security_version",
-        "created",
-        "expires",
-        "device",
-        "compression",
-        "size",
-        "sha256",
-        "image_size",
-        "image_sha256",
-        "key_ids",
-    ):
-        if name in document:
-            value = document[name]
-            text = ", ".join(value) if isinstance(value, list) else value
-            print(f"{name + ':':<18}{text}")
-    for name in sorted(set(document) - set(_KNOWN_PRINTED)):
-        print(f"{name + ':':<18}{json.dumps(document[name])}")
-
-
-_KNOWN_PRINTED = (
-    "format_version",
+#: the manifest fields ``inspect`` prints first, in this order; others follow as JSON
+_PRINTED_FIRST = (
     "version",
     "compatible",
     "security_version",
@@ -255,6 +232,18 @@ _KNOWN_PRINTED = (
     "image_sha256",
     "key_ids",
 )
+#: printed elsewhere or above, never again as an unknown field
+_KNOWN_PRINTED = ("format_version", *_PRINTED_FIRST)
+
+
+def _print_manifest(document: dict[str, Any]) -> None:
+    for name in _PRINTED_FIRST:
+        if name in document:
+            value = document[name]
+            text = ", ".join(value) if isinstance(value, list) else value
+            print(f"{name + ':':<18}{text}")
+    for name in sorted(set(document) - set(_KNOWN_PRINTED)):
+        print(f"{name + ':':<18}{json.dumps(document[name])}")
 
 
 @contextlib.contextmanager
