@@ -25,6 +25,7 @@ import structlog
 
 from otad.agent.bootloader import Bootloader
 from otad.agent.config import AgentConfig
+from otad.agent.crashpoints import CrashPoints
 from otad.agent.download import Downloader
 from otad.agent.health import HealthChecker
 from otad.agent.journal import Journal
@@ -33,7 +34,6 @@ from otad.agent.mqtt import ShadowSession
 from otad.agent.notify import Notifier, watchdog_interval
 from otad.agent.slots import SlotLayout, SlotSpec, booted_slot
 from otad.agent.update import (
-    CrashPoints,
     DesiredSoftware,
     HealthCheck,
     HealthResult,

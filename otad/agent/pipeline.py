@@ -1,0 +1,177 @@
+"""The disk side of a download: bundle bytes in, verified image bytes written to the slot.
+
+:class:`DiskPipe` runs the streaming verifier and the slot writes in a thread behind a bounded
+queue; :class:`FileTransfer` reads a local bundle the way a download is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from otad.agent.config import DownloadConfig
+from otad.agent.crashpoints import CrashPoints
+from otad.agent.download import Source
+from otad.agent.slots import SlotWriter
+from otad.bundle import Manifest, StreamVerifier
+from otad.errors import DesiredStateInvalid
+
+__layer__ = "adapter"
+
+_END = object()
+_RESET = object()
+
+
+class DiskPipe:
+    """Bundle bytes in (from the event loop), verified image bytes out to the slot (in a thread).
+
+    The event loop hands chunks over through an unbounded ``queue.Queue`` but never has more
+    than ``depth`` chunks in it (an asyncio semaphore released by the thread), so the network is
+    back-pressured by the disk and memory stays bounded. The thread runs ``StreamVerifier.feed``
+    (payload hash + decompression) and the slot writes, so neither ever blocks the loop.
+    """
+
+    def __init__(
+        self,
+        make_verifier: Callable[[], StreamVerifier],
+        make_writer: Callable[[], SlotWriter],
+        writer: SlotWriter,
+        depth: int,
+        crash: CrashPoints,
+        on_manifest: Callable[[Manifest], None],
+    ) -> None:
+        self.on_manifest = on_manifest
+        self.make_verifier = make_verifier
+        self.make_writer = make_writer
+        self.verifier = make_verifier()
+        self.writer: SlotWriter | None = writer
+        self.crash = crash
+        self.written = 0
+        self.error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(depth)
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._abort = threading.Event()
+        self._marks = [25, 50, 75]
+        self._thread_done: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="otad-slot-writer", daemon=True)
+        self._thread.start()
+
+    async def put(self, data: bytes) -> None:
+        await self._slots.acquire()
+        if self.error is not None:
+            self._slots.release()
+            raise self.error
+        self._queue.put(data)
+
+    def reset(self) -> None:
+        """The download restarted at offset 0: start the verifier and the slot over."""
+        self._queue.put(_RESET)
+
+    async def finish(self) -> Manifest:
+        self._queue.put(_END)
+        await asyncio.shield(self._thread_done)
+        if self.error is not None:
+            raise self.error
+        return self.verifier.finish()
+
+    async def abort(self) -> None:
+        self._abort.set()
+        self._queue.put(_END)
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(self._thread_done)
+        self.verifier.close()
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _release(self) -> None:
+        self._loop.call_soon_threadsafe(self._slots.release)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    return
+                if item is _RESET:
+                    self.verifier.close()
+                    self.verifier = self.make_verifier()
+                    self.written = 0
+                    self._close_writer()
+                    continue
+                try:
+                    if self.error is None and not self._abort.is_set():
+                        self._process(item)  # type: ignore[arg-type]
+                except BaseException as exc:
+                    self.error = exc
+                finally:
+                    self._release()
+        finally:
+            self._loop.call_soon_threadsafe(_set_done, self._thread_done)
+
+    def _process(self, data: bytes) -> None:
+        had_manifest = self.verifier.manifest is not None
+        outputs = self.verifier.feed(data)  # the preamble is authenticated before this returns
+        if not had_manifest and self.verifier.manifest is not None:
+            self.on_manifest(self.verifier.manifest)  # before the first byte is written
+        for out in outputs:
+            if self.writer is None:
+                # opened only now: the manifest is verified, nothing was written before this
+                self.writer = self.make_writer()
+            self.writer.write(out)
+            self.written += len(out)
+            manifest = self.verifier.manifest
+            if self._marks and manifest is not None and manifest.image_size:
+                percent = self.written * 100 // manifest.image_size
+                while self._marks and percent >= self._marks[0]:
+                    self.crash.hit(f"write:{self._marks.pop(0)}")
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class FileTransfer:
+    """A local bundle file read like a download (``otad agent install BUNDLE``)."""
+
+    def __init__(self, path: Path, settings: DownloadConfig) -> None:
+        self.path = path
+        self.chunk_size = settings.chunk_size
+        self.offset = 0
+        self.total: int | None = None
+        self.bytes_received = 0
+        self.resumes = 0
+        self.restarts = 0
+
+    def limit(self, size: int) -> None:
+        if self.total is not None and size != self.total:
+            raise DesiredStateInvalid(
+                f"install: {self.path} has {self.total} bytes, its header declares {size}"
+            )
+
+    def replace_source(self, source: Source) -> None:  # pragma: no cover - files do not expire
+        raise DesiredStateInvalid("install: a local bundle has no URL to refresh")
+
+    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+        try:
+            handle = await asyncio.to_thread(open, self.path, "rb")
+        except OSError as exc:
+            raise DesiredStateInvalid(f"install: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            self.total = os.fstat(handle.fileno()).st_size
+            while data := await asyncio.to_thread(handle.read, self.chunk_size):
+                yield self.offset, data
+                self.offset += len(data)
+                self.bytes_received += len(data)
+        finally:
+            handle.close()
