@@ -97,6 +97,9 @@ class DownloadConfig:
     min_rate: int = 1024
     rate_window: float = 300.0
     max_bundle_size: int = 16 * 1024**3
+    # after an expired URL (403) the job waits this long for the cloud to hand out a fresh one,
+    # then fails (download_url_expired): a device must not sit in a job nobody will finish
+    url_refresh_timeout: float = 3600.0
     block_size: int = 1024 * 1024  # bytes handed to the disk thread at once
     queue_chunks: int = 4  # blocks between the network and the disk thread (memory bound)
 
@@ -355,6 +358,9 @@ def _download(t: _Table) -> DownloadConfig:
         min_rate=t.integer("min_rate", d.min_rate, minimum=0),
         rate_window=t.number("rate_window", d.rate_window, minimum=1.0),
         max_bundle_size=t.integer("max_bundle_size", d.max_bundle_size, minimum=1),
+        url_refresh_timeout=t.number(
+            "url_refresh_timeout", d.url_refresh_timeout, minimum=1.0
+        ),
         block_size=t.integer("block_size", d.block_size, minimum=4096, maximum=64 * 1024**2),
         queue_chunks=t.integer("queue_chunks", d.queue_chunks, minimum=1, maximum=64),
     )

@@ -611,7 +611,10 @@ class UpdateRunner:
     async def _wait_for_fresh_url(
         self, record: JobRecord, desired: DesiredSoftware, exc: UrlExpired
     ) -> DesiredSoftware:
-        """Report the expired URL and wait until the desired state carries a different one."""
+        """Report the expired URL and wait until the desired state carries a different one.
+
+        Raises ``exc`` (the job fails as ``download_url_expired``) when no fresh URL came within
+        ``download.url_refresh_timeout``."""
         log.warning("download_url_expired", job_id=record.job_id, url=redact_url(desired.url))
         self.report_state(
             "downloading",
@@ -619,9 +622,10 @@ class UpdateRunner:
             progress=self.progress.percent,
             error=exc.to_wire(),
         )
-        while True:
+        deadline = time.monotonic() + self.config.download.url_refresh_timeout
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                fresh = await asyncio.wait_for(self._fresh_url.get(), 30.0)
+                fresh = await asyncio.wait_for(self._fresh_url.get(), min(30.0, left))
             except TimeoutError:
                 self.beat()  # waiting for the cloud is not a hang: keep the watchdog fed
                 continue
@@ -635,6 +639,12 @@ class UpdateRunner:
                     "downloading", job_id=record.job_id, progress=self.progress.percent
                 )
                 return fresh
+        log.error(
+            "download_url_not_refreshed",
+            job_id=record.job_id,
+            waited=self.config.download.url_refresh_timeout,
+        )
+        raise exc
 
     def _maybe_progress(self, record: JobRecord, transfer: Transfer | FileTransfer) -> None:
         total = transfer.total

@@ -83,6 +83,26 @@ async def test_agent_expired_url_is_refreshed_and_resumed(
     assert dev.agent is not None and dev.agent.jobs_started == 1
 
 
+async def test_agent_expired_url_never_refreshed_fails_the_job(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    # nobody hands out a fresh URL: the job ends, bounded by download.url_refresh_timeout
+    dev = make_device("dev1", config={"download": {"url_refresh_timeout": 2.0}})
+    await dev.start()
+    _image, entry = await offer_bundle(
+        cloud, cloud_dir, tmp_path, publish=False, expires_in=1, image_size=256 * 1024
+    )
+    await asyncio.sleep(1.5)  # the URL has expired before the device sees it
+    await cloud.set_desired("dev1", {"software": entry})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed", within=30)
+    await dev.stop()
+    assert sw["jobId"] == "j1" and sw["error"]["code"] == "download_url_expired"
+    boot = dev.sim.state()
+    assert not boot.slot("B").bootable and boot.next_boot() == "A"
+    assert dev.slot_bytes("A") == dev.factory["A"]
+    assert dev.reboot_requests == 0
+
+
 async def test_agent_broker_down_at_start_reconnects(
     cloud: Any, broker: Any, make_device: Any
 ) -> None:
