@@ -342,12 +342,11 @@ def sim_ids(prefix: str, count: int) -> list[str]:
 
 def ensure_identities(cloud: CloudDir, ids: list[str]) -> int:
     """Issue a device certificate for every id that has none; returns how many were made."""
-    from otad.cloud.pki import add_device
+    from otad.cloud.pki import add_devices
 
     known = set(cloud.device_ids())
     missing = [d for d in ids if d not in known]
-    for device_id in missing:
-        add_device(cloud.root, device_id)
+    add_devices(cloud.root, missing)
     return len(missing)
 
 

@@ -21,6 +21,12 @@
 Private keys and secrets are written with mode 0600 (created that way, never chmod'ed after a
 window in which they were readable). Every file is written to a temporary name, fsync'd and
 renamed, so an interrupted init never leaves a half-written key behind a valid name.
+
+Device identities are issued in batches (:func:`add_devices`, and ``init`` with many devices):
+the CA is loaded once and the files are written as one group (every temp file fsync'd, then all
+renamed, then each directory fsync'd once). One fsync'd rename per file made 10,000 devices take
+minutes here, while the key and certificate take under a millisecond per device (so they are
+made in this process: a pool of two workers would save a few seconds per 10,000).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import pwd
 import re
 import secrets
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +62,8 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CA_DAYS = 3650
 SERVER_DAYS = 825
 CLIENT_DAYS = 1825
+# Concurrent fsyncs of one batch: the file system commits them together.
+_FSYNC_THREADS = 16
 # Certificates start 5 minutes in the past: a device whose clock is slightly behind still
 # accepts them.
 _BACKDATE = dt.timedelta(minutes=5)
@@ -256,8 +265,7 @@ def init_cloud(
     _issue(cloud.server, ca_key, ca_cert, server=True, extra_sans=extra_sans)
     for name in SERVICES:
         _issue(cloud.service(name), ca_key, ca_cert, server=False)
-    for device_id in device_ids:
-        _issue(cloud.device(device_id), ca_key, ca_cert, server=False)
+    _issue_devices(cloud, device_ids, ca_key, ca_cert)
 
     _write_signing_key(cloud, signing_algorithm)
     _write(cloud.presign_secret, secrets.token_hex(32).encode() + b"\n", 0o600)
@@ -334,16 +342,56 @@ def _write_crl(
 
 def add_device(path: Path | str, device_id: str) -> Identity:
     """Issue a client identity for another device; refuse to replace an existing one."""
+    return add_devices(path, [device_id])[0]
+
+
+def add_devices(path: Path | str, device_ids: Sequence[str]) -> list[Identity]:
+    """Issue client identities for many devices in one pass; all or nothing is checked first.
+
+    Every id is validated and checked for an existing identity before the first file is written
+    (a duplicate or an enrolled id refuses the whole batch).
+    """
     cloud = CloudDir(path)
-    identity = cloud.device(device_id)
+    ids = [validate_device_id(d) for d in device_ids]
     if not cloud.config_file.exists():
         raise ConfigError(f"pki: {cloud.root} is not a cloud dir (run `otad cloud init` first)")
-    if identity.cert.exists() or identity.key.exists():
-        raise ConfigError(f"pki: device {device_id!r} already has an identity in {cloud.root}")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("pki: duplicate device id in the batch")
+    taken = [d for d in ids if any(p.exists() for p in (cloud.device(d).cert, cloud.device(d).key))]
+    if taken:
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        raise ConfigError(
+            f"pki: device {', '.join(repr(d) for d in taken[:3])}{more} already has an identity "
+            f"in {cloud.root}"
+        )
     ca_key = _load_private_key(cloud.ca_key)
     ca_cert = x509.load_pem_x509_certificate(cloud.ca_cert.read_bytes())
-    _issue(identity, ca_key, ca_cert, server=False)
-    return identity
+    return _issue_devices(cloud, ids, ca_key, ca_cert)
+
+
+def _issue_devices(
+    cloud: CloudDir,
+    device_ids: Sequence[str],
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+) -> list[Identity]:
+    """Make and write the identities of ``device_ids`` (already validated) as one batch."""
+    if not device_ids:
+        return []
+    made = [_client_pems(d, ca_key, ca_cert) for d in device_ids]
+    identities = [cloud.device(d) for d in device_ids]
+    files: list[tuple[Path, bytes, int]] = []
+    for identity, (key_pem, cert_pem) in zip(identities, made, strict=True):
+        files += [(identity.key, key_pem, 0o600), (identity.cert, cert_pem, 0o644)]
+    _write_many(files)
+    return identities
+
+
+def _client_pems(
+    name: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> tuple[bytes, bytes]:
+    key, cert = _certificate(name, ca_key, ca_cert, server=False)
+    return _private_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 
 _LOOPBACK_SANS: tuple[x509.GeneralName, ...] = (
@@ -413,13 +461,31 @@ def _issue(
     server: bool,
     extra_sans: Iterable[x509.GeneralName] = (),
 ) -> None:
+    key, cert = _certificate(identity.name, ca_key, ca_cert, server=server, extra_sans=extra_sans)
+    _write_many(
+        [
+            (identity.key, _private_pem(key), 0o600),
+            (identity.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        ]
+    )
+
+
+def _certificate(
+    cn: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    server: bool,
+    extra_sans: Iterable[x509.GeneralName] = (),
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and its certificate signed by the CA (nothing is written)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     days = SERVER_DAYS if server else CLIENT_DAYS
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(identity.name))
+        .subject_name(_name(cn))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -456,9 +522,7 @@ def _issue(
             x509.SubjectAlternativeName(list(dict.fromkeys([*_LOOPBACK_SANS, *extra_sans]))),
             critical=False,
         )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    _write_key(identity.key, key)
-    _write(identity.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return key, builder.sign(ca_key, hashes.SHA256())
 
 
 def _write_signing_key(cloud: CloudDir, algorithm: str) -> None:
@@ -478,34 +542,62 @@ def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(path, pem, 0o600)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    _write(path, _private_pem(key), 0o600)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomic write: temp file created with ``mode``, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    _write_many([(path, data, mode)])
+
+
+def _write_many(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Atomic writes of many files as one group.
+
+    Each file goes to a temp name created with its mode, and every temp file is fsync'd (in a
+    few threads: the file system commits concurrent fsyncs together) before any is renamed; then
+    each directory is fsync'd once. After a crash a name holds either its complete new content or
+    nothing new; never a partial file.
+    """
+    for directory in dict.fromkeys(path.parent for path, _, _ in files):
+        directory.mkdir(parents=True, exist_ok=True)
+    tmps: list[tuple[Path, Path]] = []
+    fds: list[int] = []
     try:
-        os.fchmod(fd, mode)  # the umask may have narrowed or the file may have existed
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+            fds.append(fd)
+            os.fchmod(fd, mode)  # the umask may have narrowed or the file may have existed
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            tmps.append((tmp, path))
+        if len(fds) > 2:
+            with ThreadPoolExecutor(min(_FSYNC_THREADS, len(fds))) as pool:
+                list(pool.map(os.fsync, fds))
+        else:
+            for fd in fds:
+                os.fsync(fd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        for fd in fds:
+            os.close(fd)
+    for tmp, path in tmps:
+        os.replace(tmp, path)
+    for directory in dict.fromkeys(path.parent for _, path in tmps):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 # --- broker configuration ----------------------------------------------------------------------
