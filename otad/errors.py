@@ -63,6 +63,7 @@ this tree once, at the adapter edge, keeping the cause with ``raise ... from exc
     │   ├── JobCancelled               job_cancelled
     │   ├── TransitionError            invalid_transition      (a bug: unknown (state, event))
     │   ├── RebootLoop                 reboot_loop
+    │   ├── RebootFailed               reboot_failed           (the reboot command failed or hung)
     │   ├── HealthCheckFailed          health_check_failed
     │   └── BootFailed                 boot_failed
     ├── BrokerError                    broker_unavailable      retryable
@@ -70,7 +71,10 @@ this tree once, at the adapter edge, keeping the cause with ``raise ... from exc
     │   ├── ArtifactNotFound           artifact_not_found
     │   ├── AuthError                  auth_failed
     │   │   ├── AuthRequired           auth_required
-    │   │   └── AuthExpired            auth_expired            (needs a fresh URL/token)
+    │   │   ├── AuthExpired            auth_expired            (needs a fresh URL/token)
+    │   │   ├── AuthWrongDevice        auth_wrong_device       (credential of another device)
+    │   │   ├── AuthWrongArtifact      auth_wrong_artifact     (token scoped to another artifact)
+    │   │   └── ArtifactNotTargeted    artifact_not_targeted   (not in the device's desired state)
     │   ├── ArtifactRejected           artifact_rejected
     │   ├── RangeNotSatisfiable        range_not_satisfiable
     │   └── StoreBadRequest            store_bad_request
@@ -379,6 +383,12 @@ class RebootLoop(JobError):
     code = "reboot_loop"
 
 
+class RebootFailed(JobError):
+    """The reboot command failed, or the system was still up long after it succeeded."""
+
+    code = "reboot_failed"
+
+
 class HealthCheckFailed(JobError):
     code = "health_check_failed"
 
@@ -415,6 +425,24 @@ class AuthExpired(AuthError):
     """The pre-signed URL or token is past its expiry; a fresh one is needed."""
 
     code = "auth_expired"
+
+
+class AuthWrongDevice(AuthError):
+    """A valid URL or token, presented over mTLS by a device it was not issued to."""
+
+    code = "auth_wrong_device"
+
+
+class AuthWrongArtifact(AuthError):
+    """A valid token scoped to one artifact, presented for another."""
+
+    code = "auth_wrong_artifact"
+
+
+class ArtifactNotTargeted(AuthError):
+    """The device's desired state does not name this artifact, so no credential opens it."""
+
+    code = "artifact_not_targeted"
 
 
 class ArtifactRejected(StoreError):

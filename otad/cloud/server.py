@@ -35,6 +35,7 @@ from otad.cloud.replica import BrokerSettings, Replica, ShadowClient
 from otad.cloud.rollout import Presigner, RolloutService
 from otad.cloud.rollout_mqtt import FleetShadow
 from otad.cloud.store import ArtifactStore
+from otad.cloud.store_targets import ShadowTargets
 from otad.errors import OtadError
 
 __layer__ = "root"
@@ -97,6 +98,8 @@ class CloudServer:
             host=store_host,
             port=store_port,
             public_url=public_url,
+            # The replica's own database: a token opens only what the desired state names.
+            targets=ShadowTargets(self.db),
         )
         self.replica = Replica(
             self.db,

@@ -19,6 +19,14 @@ Authorisation of a download is one of:
   and the expiry. The host is not signed, so a URL stays valid behind another public address.
 - ``Authorization: Bearer <token>`` from ``POST /v1/credentials``.
 
+Tokens and targets: a device asks ``POST /v1/credentials`` (over mTLS; the certificate is the
+proof of identity) with ``{"artifact": "<id>", "ttl": <s>}``, both optional. A token for one
+artifact is issued only if the device's desired state names that artifact
+(:mod:`store_targets`), else 403 ``artifact_not_targeted``; it then opens that artifact only
+(403 ``auth_wrong_artifact`` for another). An unscoped token opens whatever artifact the desired
+state names at the time of each request. A scoped token stays valid until it expires even if the
+desired state moves on, like a pre-signed URL (at most ``store.token_ttl``).
+
 Binding (``store.presign_binding``): with ``certificate`` (the default) the request must come over
 mTLS with the client certificate whose CN is the device the URL/token names; with ``id`` the URL
 or token alone suffices, but a client certificate that is presented must still name that device.
@@ -34,9 +42,7 @@ This module is the HTTP service only; it builds on ``store_range`` (Range/If-Ran
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -48,14 +54,25 @@ from aiohttp import web
 from otad.bundle import Keyring
 from otad.cloud.config import CloudConfig
 from otad.cloud.pki import SERVICE_PREFIX, validate_device_id
-from otad.cloud.store_auth import ARTIFACT_PATH, Grant, Signer, check_artifact_id
-from otad.cloud.store_files import CHUNK, ArtifactRepository
+from otad.cloud.store_auth import (
+    ARTIFACT_PATH,
+    MAX_CREDENTIAL_REQUEST,
+    Grant,
+    Signer,
+    check_artifact_id,
+    parse_credential_request,
+)
+from otad.cloud.store_files import CHUNK, ArtifactRepository, BundleReader
 from otad.cloud.store_range import ByteRange, if_range_holds, none_match, parse_range
+from otad.cloud.store_targets import DatabaseTargets, Targets
 from otad.errors import (
     ArtifactNotFound,
+    ArtifactNotTargeted,
     ArtifactRejected,
     AuthError,
     AuthRequired,
+    AuthWrongArtifact,
+    AuthWrongDevice,
     OtadError,
     RangeNotSatisfiable,
     StoreBadRequest,
@@ -76,6 +93,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+# How long stop() waits for reads in worker threads to return and close their files.
+READ_CLOSE_TIMEOUT = 10.0
 
 
 def presign(
@@ -146,6 +165,15 @@ def peer_common_name(request: web.BaseRequest) -> str | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _abandon(read: asyncio.Future[bytes]) -> None:
+    """Drop a read-ahead nobody will use: unstarted it never runs, running its result is lost."""
+    if read.done():
+        if not read.cancelled():
+            read.exception()  # retrieved: a failed read-ahead is not an unhandled error
+    else:
+        read.cancel()
+
+
 class ArtifactStore:
     """The store's aiohttp application plus its HTTPS listener."""
 
@@ -159,6 +187,8 @@ class ArtifactStore:
         port: int | None = None,
         public_url: str | None = None,
         chunk_size: int = CHUNK,
+        targets: Targets | None = None,
+        shutdown_grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self.config = config
         self.repository = ArtifactRepository(config.artifacts_dir)
@@ -181,6 +211,11 @@ class ArtifactStore:
             check_device=validate_device_id,
         )
         self.chunk_size = chunk_size
+        # Who is targeted by what; on its own the store reads the replica's database file.
+        self.targets: Targets = targets or DatabaseTargets(config.db_path)
+        self.shutdown_grace = shutdown_grace
+        # Bundle files of downloads in flight; stop() waits until each descriptor is closed.
+        self._readers: set[BundleReader] = set()
         self._runner: web.AppRunner | None = None
         self.app = self._make_app()
 
@@ -195,7 +230,10 @@ class ArtifactStore:
         # aiohttp waits up to the timeout twice (for handlers to finish, then after cancelling
         # them), hence half.
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE / 2
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_grace / 2,
         )
         await self._runner.setup()
         site = web.TCPSite(
@@ -220,7 +258,29 @@ class ArtifactStore:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            log.info("store_stopped")
+            # Cancelled handlers asked their files to close; a read still running in a worker
+            # thread closes its file when it returns (a chunk from disk: milliseconds).
+            unclosed = await self._wait_readers_closed()
+            await self.targets.close()
+            log.info("store_stopped", unclosed_files=unclosed)
+
+    async def _wait_readers_closed(self) -> int:
+        deadline = time.monotonic() + READ_CLOSE_TIMEOUT
+        for reader in list(self._readers):
+            left = max(0.0, deadline - time.monotonic())
+            if await asyncio.to_thread(reader.wait_closed, left):
+                self._readers.discard(reader)
+        if self._readers:
+            log.warning(
+                "store_files_left_open", files=len(self._readers), waited=READ_CLOSE_TIMEOUT
+            )
+        return len(self._readers)
+
+    @property
+    def open_files(self) -> int:
+        """Bundle descriptors of this store not closed yet (0 once stopped)."""
+        self._readers = {r for r in self._readers if not r.closed}
+        return len(self._readers)
 
     async def __aenter__(self) -> ArtifactStore:
         await self.start()
@@ -307,8 +367,13 @@ class ArtifactStore:
 
     # authorisation
 
-    def authorize(self, request: web.Request, artifact_id: str) -> Grant:
-        """The grant this request carries for ``artifact_id``, or the precise refusal."""
+    async def authorize(self, request: web.Request, artifact_id: str) -> Grant:
+        """The grant this request carries for ``artifact_id``, or the precise refusal.
+
+        Checked in this order, so the error names the first thing wrong: signature and expiry,
+        the device (certificate binding), the token's artifact scope, then - for an unscoped
+        token only - whether the device's desired state names this artifact.
+        """
         grant = self.signer.check_presigned(request.path, artifact_id, request.query)
         auth = request.headers.get("Authorization")
         if grant is None and auth is not None:
@@ -316,12 +381,21 @@ class ArtifactStore:
             if scheme.lower() != "bearer" or not token.strip():
                 raise AuthError("store: only Bearer authorization is accepted")
             grant = self.signer.check_token(token.strip())
-            if grant.artifact_id is not None and grant.artifact_id != artifact_id:
-                raise AuthError("store: bearer token is for another artifact")
         if grant is None:
             raise AuthRequired("store: a pre-signed URL or a Bearer token is required")
         self._check_binding(request, grant.device_id)
+        if grant.kind == "token":
+            if grant.artifact_id is None:
+                await self._check_targeted(grant.device_id, artifact_id)
+            elif grant.artifact_id != artifact_id:
+                raise AuthWrongArtifact("store: bearer token is scoped to another artifact")
         return grant
+
+    async def _check_targeted(self, device_id: str, artifact_id: str) -> None:
+        if artifact_id not in await self.targets.targeted(device_id):
+            raise ArtifactNotTargeted(
+                f"store: the desired state of {device_id} does not name artifact {artifact_id}"
+            )
 
     def _check_binding(self, request: web.Request, device_id: str) -> None:
         peer = peer_common_name(request)
@@ -332,7 +406,7 @@ class ArtifactStore:
                 )
             return
         if peer != device_id:
-            raise AuthError("store: credential was issued to another device")
+            raise AuthWrongDevice("store: credential was issued to another device")
 
     # handlers
 
@@ -342,25 +416,18 @@ class ArtifactStore:
             raise AuthRequired("store: credentials are issued only over mTLS")
         if device_id.startswith(SERVICE_PREFIX):
             raise AuthError("store: credentials are issued to devices only")
-        artifact_id: str | None = None
-        ttl = self.config.token_ttl
-        if request.can_read_body:
-            try:
-                body = await request.json()
-            except ValueError as exc:
-                raise StoreBadRequest("store: credentials request body is not JSON") from exc
-            if not isinstance(body, dict):
-                raise StoreBadRequest("store: credentials request body must be an object")
-            if body.get("artifact") is not None:
-                if not isinstance(body["artifact"], str):
-                    raise StoreBadRequest("store: artifact must be a string")
-                artifact_id = check_artifact_id(body["artifact"])
-                await asyncio.to_thread(self.repository.info, artifact_id)
-            if "ttl" in body:
-                asked = body["ttl"]
-                if type(asked) is not int or asked <= 0:
-                    raise StoreBadRequest("store: ttl must be a positive integer")
-                ttl = min(asked, ttl)
+        declared = request.content_length
+        if declared is not None and declared > MAX_CREDENTIAL_REQUEST:
+            raise StoreBadRequest(
+                f"store: credentials request over {MAX_CREDENTIAL_REQUEST} bytes",
+                reason="body_too_large",
+            )
+        asked = parse_credential_request(await request.read(), self.config.token_ttl)
+        artifact_id, ttl = asked.artifact_id, asked.ttl
+        if artifact_id is not None:
+            # Targets first: a device learns nothing about artifacts that are not its own.
+            await self._check_targeted(device_id, artifact_id)
+            await asyncio.to_thread(self.repository.info, artifact_id)
         token, expires = self.signer.issue_token(device_id, artifact_id, ttl)
         log.info("credential_issued", device=device_id, artifact=artifact_id, ttl=ttl)
         return web.json_response(
@@ -420,7 +487,7 @@ class ArtifactStore:
 
     async def handle_download(self, request: web.Request) -> web.StreamResponse:
         artifact_id = check_artifact_id(request.match_info["artifact_id"])
-        grant = self.authorize(request, artifact_id)
+        grant = await self.authorize(request, artifact_id)
         info = await asyncio.to_thread(self.repository.info, artifact_id)
         headers = {
             "ETag": info.etag,
@@ -446,12 +513,15 @@ class ArtifactStore:
         if request.method == "HEAD":
             await response.prepare(request)
             return response
-        fd = await asyncio.to_thread(os.open, info.path, os.O_RDONLY | os.O_CLOEXEC)
+        reader = await asyncio.to_thread(self.repository.open, info)
+        self._readers.add(reader)
         try:
             await response.prepare(request)
-            sent = await self._send(response, fd, start, stop)
+            sent = await self._send(response, reader, start, stop)
         finally:
-            os.close(fd)
+            reader.close()  # deferred to the read in flight, if any: never blocks, never races
+            if reader.closed:
+                self._readers.discard(reader)
         if sent < stop - start:
             # The client went away (a device losing its link resumes with Range later).
             log.info(
@@ -465,31 +535,30 @@ class ArtifactStore:
         await response.write_eof()
         return response
 
-    async def _send(self, response: web.StreamResponse, fd: int, start: int, stop: int) -> int:
-        """Stream [start, stop) of ``fd``; the next chunk is read while this one is sent.
+    async def _send(
+        self, response: web.StreamResponse, reader: BundleReader, start: int, stop: int
+    ) -> int:
+        """Stream [start, stop) of ``reader``; the next chunk is read while this one is sent.
 
         Returns the bytes handed to the transport; fewer than asked when the client is gone.
+        A cancellation (server stopping) leaves at most one read running in a worker thread;
+        the reader keeps its descriptor open until that read returns.
         """
-        offset = start
+        loop = asyncio.get_running_loop()
         chunk = self.chunk_size
 
-        def read(at: int) -> bytes:
-            return os.pread(fd, min(chunk, stop - at), at)
+        def read_at(at: int) -> asyncio.Future[bytes]:
+            return loop.run_in_executor(None, reader.read, at, min(chunk, stop - at))
 
-        pending: asyncio.Future[bytes] | None = (
-            asyncio.ensure_future(asyncio.to_thread(read, offset)) if offset < stop else None
-        )
+        offset = start
+        pending: asyncio.Future[bytes] | None = read_at(offset) if offset < stop else None
         try:
             while pending is not None:
                 data = await pending
                 if not data:
                     raise StoreError("store: artifact shrank while being sent")
                 following = offset + len(data)
-                pending = (
-                    asyncio.ensure_future(asyncio.to_thread(read, following))
-                    if following < stop
-                    else None
-                )
+                pending = read_at(following) if following < stop else None
                 try:
                     await response.write(data)
                 except ConnectionResetError:
@@ -498,7 +567,4 @@ class ArtifactStore:
             return offset - start
         finally:
             if pending is not None:
-                # A worker thread cannot be cancelled: let its pread finish before the caller
-                # closes the descriptor (a closed, reused fd must never be read).
-                with contextlib.suppress(Exception):
-                    await pending
+                _abandon(pending)

@@ -1,5 +1,14 @@
 """Pre-signed artifact URLs and bearer tokens: issuing and checking them with the pre-sign secret.
 
+Token format (version 1), three dot-separated fields::
+
+    otad1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(token key, second field))>
+
+claims ``{"dev": device id, "art": artifact id or null, "exp": unix expiry, "jti": random}``.
+The prefix is the format version; the token key is derived from the pre-sign secret for tokens
+only, so a token MAC never passes as a URL signature. The MAC is compared in constant time
+before the claims are parsed. Tokens are bearer secrets: never logged, never in error messages.
+
 Pure given a secret and a clock (``now=`` overrides the wall clock): no files, no sockets, so
 the signing rules are tested on their own. Which device ids may be named is the PKI's rule;
 the store passes it in as ``check_device``.
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
 
-from otad.errors import ArtifactNotFound, AuthError, AuthExpired, ConfigError
+from otad.errors import ArtifactNotFound, AuthError, AuthExpired, ConfigError, StoreBadRequest
 
 __layer__ = "pure"
 
@@ -28,6 +37,9 @@ ARTIFACT_PATH = "/v1/artifacts/{artifact_id}"
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
 _DECIMAL = re.compile(r"^[0-9]{1,12}$")
 _TOKEN_PREFIX = "otad1"  # noqa: S105 - a format tag, not a secret
+# A credentials request is a tiny JSON object; anything bigger is not one.
+MAX_CREDENTIAL_REQUEST = 4096
+_CREDENTIAL_FIELDS = frozenset({"artifact", "ttl"})
 
 
 def check_artifact_id(artifact_id: str) -> str:
@@ -164,6 +176,57 @@ class Signer:
         if (time.time() if now is None else now) >= expires:
             raise AuthExpired("store: bearer token has expired")
         return Grant(device_id, artifact_id, expires, "token")
+
+
+@dataclass(frozen=True)
+class CredentialRequest:
+    """What ``POST /v1/credentials`` asks for: one artifact (None: any targeted) and a lifetime."""
+
+    artifact_id: str | None
+    ttl: int
+
+
+def parse_credential_request(body: bytes, max_ttl: int) -> CredentialRequest:
+    """The request in a credentials body (empty: unscoped, ``max_ttl``); the TTL is capped.
+
+    Raises :class:`StoreBadRequest` with a ``reason`` naming what is wrong (``body_too_large``,
+    ``invalid_json``, ``not_an_object``, ``unknown_field``, ``bad_artifact``, ``bad_ttl``).
+    """
+    if len(body) > MAX_CREDENTIAL_REQUEST:
+        raise StoreBadRequest(
+            f"store: credentials request over {MAX_CREDENTIAL_REQUEST} bytes",
+            reason="body_too_large",
+        )
+    if not body.strip():
+        return CredentialRequest(None, max_ttl)
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise StoreBadRequest(
+            "store: credentials request body is not JSON", reason="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise StoreBadRequest(
+            "store: credentials request body must be a JSON object", reason="not_an_object"
+        )
+    unknown = sorted(set(data) - _CREDENTIAL_FIELDS)
+    if unknown:
+        raise StoreBadRequest(
+            f"store: unknown field {unknown[0][:40]!r} in the credentials request",
+            reason="unknown_field",
+        )
+    artifact = data.get("artifact")
+    if artifact is not None and not (
+        isinstance(artifact, str) and _ARTIFACT_ID.fullmatch(artifact)
+    ):
+        raise StoreBadRequest(
+            "store: artifact must be an artifact id (64 lowercase hex digits)",
+            reason="bad_artifact",
+        )
+    ttl = data.get("ttl", max_ttl)
+    if type(ttl) is not int or ttl <= 0:
+        raise StoreBadRequest("store: ttl must be a positive integer of seconds", reason="bad_ttl")
+    return CredentialRequest(artifact, min(ttl, max_ttl))
 
 
 def _b64(data: bytes) -> str:

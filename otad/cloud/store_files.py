@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +46,67 @@ class ArtifactInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.artifact_id, "size": self.size, "manifest": self.manifest}
+
+
+class BundleReader:
+    """An open bundle file read by worker threads; its descriptor outlives every read.
+
+    A download handler reads the next chunk in a worker thread while it sends the current one.
+    When the handler is cancelled (client gone, server stopping) that read may still be running,
+    and a worker thread cannot be interrupted. Closing the descriptor under it would let the
+    read hit a closed - or worse, reused - descriptor. So :meth:`close` never waits and never
+    races: if a read is in flight, the last read to finish closes the descriptor; a read that
+    starts after :meth:`close` is refused. ``pread`` is the read primitive (a test slows it).
+    """
+
+    def __init__(self, path: Path, *, pread: Callable[[int, int, int], bytes] = os.pread) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # blocking: call in a thread
+        self._pread = pread
+        self._lock = threading.Lock()
+        self._reading = 0
+        self._closing = False
+        self._closed = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        """True once the descriptor itself is closed (not merely asked to close)."""
+        return self._closed.is_set()
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``. Blocking: run it in a worker thread."""
+        with self._lock:
+            if self._closing:
+                raise StoreError(f"store: {self.path.name} was closed before this read")
+            self._reading += 1
+        try:
+            return self._pread(self._fd, size, offset)
+        finally:
+            with self._lock:
+                self._reading -= 1
+                last = self._closing and self._reading == 0
+            if last:
+                self._close_fd()
+
+    def close(self) -> None:
+        """Close now if idle, else as soon as the read in flight returns. Never blocks."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._reading == 0
+        if idle:
+            self._close_fd()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Blocking: wait until the descriptor is closed; False if ``timeout`` passed first."""
+        return self._closed.wait(timeout)
+
+    def _close_fd(self) -> None:
+        try:
+            os.close(self._fd)
+        finally:
+            self._closed.set()
 
 
 class Upload:
@@ -127,6 +190,17 @@ class ArtifactRepository:
 
     def bundle_path(self, artifact_id: str) -> Path:
         return self.directory / f"{check_artifact_id(artifact_id)}.bundle"
+
+    def open(self, info: ArtifactInfo) -> BundleReader:
+        """Blocking: open an artifact for reading (the handler closes the reader)."""
+        try:
+            return BundleReader(info.path)
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"store: no artifact {info.artifact_id}") from None
+        except OSError as exc:
+            raise StoreError(
+                f"store: artifact {info.artifact_id} is unreadable: {exc.strerror}"
+            ) from exc
 
     def meta_path(self, artifact_id: str) -> Path:
         return self.directory / f"{check_artifact_id(artifact_id)}.json"

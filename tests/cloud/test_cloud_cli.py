@@ -146,7 +146,7 @@ def test_cloud_cli_serve_upload_presign_download(
         status, body = get(url, cloud.client_context(cloud.device("gamma")))
         assert status == 200 and body == bundle.read_bytes()
         status, body = get(url, cloud.client_context(cloud.device("alpha")))
-        assert status == 403 and json.loads(body)["error"]["code"] == "auth_failed"
+        assert status == 403 and json.loads(body)["error"]["code"] == "auth_wrong_device"
     finally:
         assert stop(serve) == 0, (tmp / "serve.log").read_text()
         log.close()

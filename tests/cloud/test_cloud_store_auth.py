@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -10,14 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otad.cloud.pki import validate_device_id
-from otad.cloud.store_auth import Signer
+from otad.cloud.store_auth import (
+    MAX_CREDENTIAL_REQUEST,
+    CredentialRequest,
+    Signer,
+    parse_credential_request,
+)
 from otad.cloud.store_range import ByteRange, if_range_holds, none_match, parse_range
+from otad.cloud.store_targets import targeted_artifacts
 from otad.errors import (
     ArtifactNotFound,
     AuthError,
     AuthExpired,
     ConfigError,
     RangeNotSatisfiable,
+    StoreBadRequest,
 )
 
 SECRET = b"k" * 32
@@ -263,3 +272,115 @@ def test_store_presign_applies_the_device_rule_and_artifact_id_format() -> None:
             signer.presign(ART, device, 60, now=NOW)
     with pytest.raises(ArtifactNotFound):
         signer.presign("AB" * 32, "dev1", 60, now=NOW)
+
+
+# --- credential requests and targets --------------------------------------------------------------
+
+
+def test_store_credential_request_examples() -> None:
+    assert parse_credential_request(b"", 900) == CredentialRequest(None, 900)
+    assert parse_credential_request(b"  \n", 900) == CredentialRequest(None, 900)
+    assert parse_credential_request(b"{}", 900) == CredentialRequest(None, 900)
+    body = json.dumps({"artifact": ART, "ttl": 60}).encode()
+    assert parse_credential_request(body, 900) == CredentialRequest(ART, 60)
+    assert parse_credential_request(b'{"ttl": 5000, "artifact": null}', 900) == CredentialRequest(
+        None, 900
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{", "invalid_json"),
+        (b"\xff", "invalid_json"),
+        (b"[" * 100_000, "body_too_large"),
+        (b"[" * 4000, "invalid_json"),  # deeply nested but small: refused, not a crash
+        (b'"x"', "not_an_object"),
+        (b'{"artifact": "AB' + b"0" * 62 + b'"}', "bad_artifact"),
+        (b'{"artifact": ["x"]}', "bad_artifact"),
+        (b'{"ttl": 0}', "bad_ttl"),
+        (b'{"ttl": 1.5}', "bad_ttl"),
+        (b'{"ttl": false}', "bad_ttl"),
+        (b'{"scope": "all"}', "unknown_field"),
+    ],
+)
+def test_store_credential_request_refusals_name_the_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(StoreBadRequest) as info:
+        parse_credential_request(body, 900)
+    assert info.value.details["reason"] == reason
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+
+
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
+@given(
+    body=st.one_of(
+        st.binary(max_size=MAX_CREDENTIAL_REQUEST + 10),
+        st.dictionaries(st.sampled_from(["artifact", "ttl", "x"]), json_values).map(
+            lambda d: json.dumps(d).encode()
+        ),
+    )
+)
+def test_store_credential_request_garbage_is_a_bad_request_or_a_valid_request(
+    body: bytes,
+) -> None:
+    got: CredentialRequest | None = None
+    reason = None
+    try:
+        got = parse_credential_request(body, 900)
+    except StoreBadRequest as exc:
+        reason = exc.details["reason"]
+    if got is None:
+        assert reason in {
+            "body_too_large",
+            "invalid_json",
+            "not_an_object",
+            "unknown_field",
+            "bad_artifact",
+            "bad_ttl",
+        }
+        return
+    assert 0 < got.ttl <= 900
+    assert got.artifact_id is None or re.fullmatch("[0-9a-f]{64}", got.artifact_id)
+
+
+@pytest.mark.parametrize(
+    ("desired", "expected"),
+    [
+        ({"software": {"url": f"/v1/artifacts/{ART}"}}, {ART}),
+        ({"software": {"url": f"https://h:8443/v1/artifacts/{ART}?device=d&signature=x"}}, {ART}),
+        ({"software": {"url": f"https://h/ota/v1/artifacts/{ART}"}}, {ART}),  # behind a prefix
+        ({"software": {"url": f"/v1/artifacts/{ART}/manifest"}}, set()),
+        ({"software": {"url": f"/v1/artifacts/{ART.upper()}"}}, set()),
+        ({"software": {"url": f"/v2/artifacts/{ART}"}}, set()),
+        ({"software": {"url": f"https://h/x?u=/v1/artifacts/{ART}"}}, set()),  # not the path
+        ({"software": {"url": 7}}, set()),
+        ({"software": f"/v1/artifacts/{ART}"}, set()),
+        ({"other": {"url": f"/v1/artifacts/{ART}"}}, set()),
+        ({}, set()),
+    ],
+)
+def test_store_targets_are_the_artifact_of_the_desired_software_url(
+    desired: dict[str, Any], expected: set[str]
+) -> None:
+    assert targeted_artifacts(desired) == expected
+
+
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
+@given(desired=st.dictionaries(st.sampled_from(["software", "x"]), json_values))
+def test_store_targets_garbage_names_nothing_or_an_artifact_id(desired: dict[str, Any]) -> None:
+    got = targeted_artifacts(desired)
+    assert len(got) <= 1
+    assert all(re.fullmatch("[0-9a-f]{64}", a) for a in got)
+
+
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
+@given(url=st.text(max_size=200))
+def test_store_targets_any_url_text_never_crashes(url: str) -> None:
+    got = targeted_artifacts({"software": {"url": url}})
+    assert got <= {url[-64:]}
