@@ -126,6 +126,8 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/otad")
     keyring: Path = Path("/etc/otad/keyring")
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+    # the system still up this long after a reboot command that succeeded: the reboot failed
+    reboot_timeout: float = 600.0
     progress_interval: float = 1.0
     version_file: Path | None = None  # e.g. /etc/os-release (VERSION_ID=) of the running rootfs
     config_dir: Path | None = None  # where relative paths were resolved from
@@ -358,9 +360,7 @@ def _download(t: _Table) -> DownloadConfig:
         min_rate=t.integer("min_rate", d.min_rate, minimum=0),
         rate_window=t.number("rate_window", d.rate_window, minimum=1.0),
         max_bundle_size=t.integer("max_bundle_size", d.max_bundle_size, minimum=1),
-        url_refresh_timeout=t.number(
-            "url_refresh_timeout", d.url_refresh_timeout, minimum=1.0
-        ),
+        url_refresh_timeout=t.number("url_refresh_timeout", d.url_refresh_timeout, minimum=1.0),
         block_size=t.integer("block_size", d.block_size, minimum=4096, maximum=64 * 1024**2),
         queue_chunks=t.integer("queue_chunks", d.queue_chunks, minimum=1, maximum=64),
     )
@@ -430,6 +430,7 @@ def parse(data: Mapping[str, Any], *, base: Path | None = None) -> AgentConfig:
         state_dir=top.path("state_dir", Path("/var/lib/otad")),
         keyring=top.path("keyring", Path("/etc/otad/keyring")),
         reboot_command=reboot_command,
+        reboot_timeout=top.number("reboot_timeout", 600.0, minimum=1.0),
         progress_interval=top.number("progress_interval", 1.0, minimum=0.0),
         version_file=top.path("version_file"),
         config_dir=base,

@@ -42,7 +42,7 @@ from otad.agent.update import (
     UpdateRunner,
 )
 from otad.bundle import Keyring
-from otad.errors import BootloaderError, OtadError
+from otad.errors import BootloaderError, OtadError, RebootFailed
 
 __layer__ = "root"
 
@@ -107,11 +107,15 @@ def command_rebooter(command: tuple[str, ...]) -> Callable[[], Awaitable[None]]:
     """A rebooter that runs ``command`` (default ``systemctl reboot``)."""
 
     async def reboot() -> None:
-        log.info("reboot_command_started", command=" ".join(command))
-        proc = await asyncio.create_subprocess_exec(*command)
+        shown = " ".join(command)
+        log.info("reboot_command_started", command=shown)
+        try:
+            proc = await asyncio.create_subprocess_exec(*command)
+        except OSError as exc:
+            raise RebootFailed(f"reboot: cannot run {shown!r}: {exc.strerror}") from exc
         code = await proc.wait()
         if code != 0:
-            log.error("reboot_command_failed", command=" ".join(command), code=code)
+            raise RebootFailed(f"reboot: {shown!r} exited with status {code}")
 
     return reboot
 
@@ -269,9 +273,20 @@ class Agent:
                 await self._wait_for_power_off()
 
     async def _wait_for_power_off(self) -> None:
+        """The reboot command succeeded: wait for the power to go, at most ``reboot_timeout``."""
         self.rebooting.set()
-        log.info("waiting_for_reboot")
-        await asyncio.Event().wait()
+        timeout = self.config.reboot_timeout
+        log.info("waiting_for_reboot", within=timeout)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 30.0))
+            if self.runner is not None:
+                self.runner.beat()  # a shutdown takes a while; that is not a hung job
+        self.rebooting.clear()
+        if self.runner is not None:
+            await self.runner.reboot_failed(
+                RebootFailed(f"reboot: the system was still up {timeout:.0f} s after the command")
+            )
 
     async def _act(self, runner: UpdateRunner, document: Mapping[str, Any]) -> None:
         state = document.get("state")
@@ -327,7 +342,7 @@ class Agent:
         try:
             await work
         except RebootPending:
-            self.rebooting.set()
+            await self._wait_for_power_off()
         except OtadError as exc:
             # begin() refused (e.g. the data partition is full): the job never started and the
             # device is untouched. Say so once for this jobId; do not retry it on every document.
@@ -369,6 +384,13 @@ class Agent:
             if runner is not None and busy and time.monotonic() - runner.heartbeat > stall_limit:
                 if not starved:
                     log.error("watchdog_starved", stalled_for=time.monotonic() - runner.heartbeat)
+                starved = True
+                continue
+            if runner is not None and runner.stuck is not None:
+                # on a slot marked bad that cannot reboot: let systemd restart the agent, whose
+                # recovery tries the rollback's reboot again
+                if not starved:
+                    log.error("watchdog_withheld", reason=runner.stuck.message)
                 starved = True
                 continue
             starved = False

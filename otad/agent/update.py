@@ -62,6 +62,7 @@ from otad.errors import (
     HealthCheckFailed,
     JobCancelled,
     OtadError,
+    RebootFailed,
     SlotVerifyFailed,
     UrlExpired,
 )
@@ -262,6 +263,8 @@ class UpdateRunner:
         self.cancellable = False
         # set by the agent before it cancels a job because it stops (not because it was replaced)
         self.stopping = False
+        # set when a rollback cannot reboot off the failed target (see reboot_failed)
+        self.stuck: RebootFailed | None = None
         self.record: JobRecord | None = None
         self._fresh_url: asyncio.Queue[DesiredSoftware] = asyncio.Queue()
         self._last_progress_report = 0.0
@@ -700,19 +703,23 @@ class UpdateRunner:
             self.crash.hit("switched")
             record = await self._advance(record, Event.REBOOT_REQUESTED)
         except Exception as exc:
-            await self._switch_failed(record, exc)
+            error = classify(exc)
+            log.error(
+                "slot_switch_failed",
+                job_id=record.job_id,
+                slot=record.target_slot,
+                error=error.code,
+            )
+            await self._take_switch_back(record, error)
             return
         self.report_state("rebooting", job_id=record.job_id, progress=100)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
 
-    async def _switch_failed(self, record: JobRecord, exc: Exception) -> None:
-        """The switch raised (an env or journal write): no reboot. The env may hold the target
-        half-switched, so mark it bad again before the job ends as failed on the old slot."""
-        error = classify(exc)
-        log.error(
-            "slot_switch_failed", job_id=record.job_id, slot=record.target_slot, error=error.code
-        )
+    async def _take_switch_back(self, record: JobRecord, error: OtadError) -> None:
+        """No reboot into the target (the switch raised, or the reboot failed). The env may hold
+        the target (half-)switched, so mark it bad again before the job ends as failed on the
+        old slot."""
         try:
             await self._bl("mark_bad", record.target_slot)
         except Exception as again:
@@ -721,12 +728,40 @@ class UpdateRunner:
         await self._end_failed(error)
 
     async def _reboot(self) -> None:
+        """Run the rebooter; raises RebootPending once it succeeded (the power goes next)."""
         log.info("reboot_requested", booted=self.booted)
         self.notifier.status("rebooting")
-        result = self.rebooter()
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self.rebooter()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            await self.reboot_failed(exc)
+            return
         raise RebootPending()
+
+    async def reboot_failed(self, cause: BaseException) -> None:
+        """The reboot did not happen: the command failed, or the system stayed up too long.
+
+        Into the target (``rebooting``): the switch is taken back (target marked bad) and the
+        job ends ``failed`` / ``reboot_failed`` on the old slot. Out of a target that failed
+        its health check (``rolling_back``): only a reboot gets off it, so the error is reported
+        and :attr:`stuck` set (the daemon stops feeding the watchdog, systemd restarts the
+        agent, and recovery tries the rollback's reboot again).
+        """
+        error = cause if isinstance(cause, RebootFailed) else RebootFailed(f"reboot: {cause}")
+        record = self.record
+        if record is None or record.final:
+            return
+        log.error(
+            "reboot_failed", job_id=record.job_id, state=record.state.value, reason=error.message
+        )
+        if record.state == State.REBOOTING:
+            await self._take_switch_back(record, error)
+            return
+        self.stuck = error
+        self.report_state("verifying", job_id=record.job_id, error=error.to_wire())
+        self.notifier.status(f"stuck: {error.message}")
 
     # --- after the reboot ----------------------------------------------------------------------
 
