@@ -77,6 +77,7 @@ class ShadowSession:
         self._pending: dict[str, Any] | None = None
         self._seq = 0  # bumped by every report()
         self._acked = 0  # highest seq known to be accepted (or given up on)
+        self._rejected = 0  # highest seq given up on because the replica rejected it
         self._changed = asyncio.Event()
         self._acked_cond = asyncio.Condition()
         self._waiters: dict[str, asyncio.Future[tuple[bool, dict[str, Any]]]] = {}
@@ -95,7 +96,10 @@ class ShadowSession:
         return self._seq
 
     async def flush(self, within: float) -> bool:
-        """Wait until every report queued so far was accepted; False on timeout."""
+        """Wait until every report queued so far was answered; True only if it was accepted.
+
+        False on timeout, and when the replica rejected the latest report for good (so that a
+        final state is not journaled as delivered when it was not)."""
         target = self._seq
 
         async def done() -> None:
@@ -106,7 +110,7 @@ class ShadowSession:
             await asyncio.wait_for(done(), within)
         except TimeoutError:
             return False
-        return True
+        return self._rejected < target
 
     async def _mark_acked(self, seq: int) -> None:
         async with self._acked_cond:
@@ -156,6 +160,7 @@ class ShadowSession:
                 token = None
                 continue
             # A rejected report will not become acceptable by resending it: give up on it.
+            self._rejected = max(self._rejected, sent_seq)
             await self._mark_acked(sent_seq)
             token = None
 

@@ -49,6 +49,7 @@ class Peer:
         self.updates: list[dict[str, Any]] = []
         self.gets = 0
         self.drop_updates = 0
+        self.reject_updates: list[int] = []  # codes of the next rejections, in order
 
     async def run(self) -> None:
         await self.client.subscribe([("state/dev1/update", 1), ("state/dev1/get", 1)])
@@ -61,6 +62,14 @@ class Peer:
             self.updates.append(body)
             if self.drop_updates:
                 self.drop_updates -= 1
+                continue
+            if self.reject_updates:
+                code = self.reject_updates.pop(0)
+                await self.client.publish(
+                    "state/dev1/update/rejected",
+                    json.dumps({"code": code, "message": "no", "clientToken": body["clientToken"]}),
+                    qos=1,
+                )
                 continue
             await self.client.publish(
                 "state/dev1/update/accepted",
@@ -131,6 +140,28 @@ async def test_mqtt_report_is_resent_with_the_same_token_until_accepted(
     tokens = {u["clientToken"] for u in peer.updates}
     assert len(tokens) == 1 and len(next(iter(tokens))) <= 64  # idempotent retries
     assert peer.updates[-1]["state"]["reported"]["software"]["progress"] == 5
+
+
+async def test_mqtt_flush_is_false_when_the_report_was_rejected(
+    peer: Peer, session_docs: Any
+) -> None:
+    session, _ = session_docs
+    peer.reject_updates = [413]
+    session.report({"software": {"state": "succeeded"}})
+    assert not await session.flush(10)  # given up on, not accepted: never journaled as reported
+    assert len(peer.updates) == 1
+    session.report({"software": {"state": "succeeded"}})
+    assert await session.flush(10)  # a later report that is accepted says so
+
+
+async def test_mqtt_report_rejected_as_throttled_is_retried_until_accepted(
+    peer: Peer, session_docs: Any
+) -> None:
+    session, _ = session_docs
+    peer.reject_updates = [429]
+    session.report({"software": {"state": "succeeded"}})
+    assert await session.flush(15)
+    assert len(peer.updates) == 2
 
 
 async def test_mqtt_reports_coalesce_to_the_latest_state(peer: Peer, session_docs: Any) -> None:
