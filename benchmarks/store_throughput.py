@@ -1,17 +1,24 @@
 """Download throughput of the artifact store over TLS next to nginx serving the same file.
 
 One run, same machine, same certificate (ECDSA P-256 from a fresh cloud dir), same file, same
-client: ``curl --cacert ... -o /dev/null`` (a separate process, so the server's event loop has
-its own core as far as the machine allows). Reps alternate store / nginx so a noisy neighbour
-hits both. The store is measured as devices use it: mTLS with the device certificate and a
-pre-signed URL. nginx (nginx-light, one worker, TLS on loopback, no client certificate) is the
-reference. The file is incompressible random data and hot in the page cache.
+client: ``curl --cacert ... -o /dev/null`` in its own process. The store is measured as devices
+use it: mTLS with the device certificate and a pre-signed URL. nginx (nginx-light, one worker,
+TLS on loopback, no client certificate, ``sendfile on`` - which TLS cannot use without kernel
+TLS) is the reference. The file is incompressible random data, hot in the page cache, and the
+very same inode for both servers.
 
-Prints MiB/s min / median / max per server and the ratio of medians (goal: store >= 0.8x nginx),
-and each server's CPU seconds per GiB served (wall time swings with the load of the shared
-machine; CPU per byte much less, so it shows the efficiency gap on its own)::
+Steadiness on a shared 2-core machine, where other work changes wall time by 2x between runs:
 
-    .venv/bin/python benchmarks/store_throughput.py [--size 1G] [--reps 5] [--chunk 1M]
+- reps are interleaved ABBA (store, nginx, nginx, store, ...) after an untimed warm-up of both;
+- min / median / max per server, the ratio of the medians (the goal: store >= 0.8x nginx) and
+  the paired ratio of each store rep to the nginx rep next to it;
+- CPU seconds per GiB of each server (all its threads) and of curl: CPU per byte hardly moves
+  with the machine's load, so it shows the efficiency gap on its own, and equal client CPU
+  shows both servers sent the same kind of TLS stream.
+
+::
+
+    .venv/bin/python benchmarks/store_throughput.py [--size 1G] [--reps 7] [--chunk 1M] [--json]
 
 nginx comes from the nginx-light Debian package (``apt-get install nginx-light``); the benchmark
 says so and stops if it is missing.
@@ -24,13 +31,16 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from otad.bundle import Keyring
 from otad.cloud import pki
@@ -104,30 +114,58 @@ http {{
 """
 
 
+@dataclass
+class Sample:
+    """One download: wall seconds, server CPU seconds and client (curl) CPU seconds."""
+
+    server: str
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+
+
 def curl(url: str, cloud: pki.CloudDir, client_cert: bool) -> float:
-    """Seconds for one full download to /dev/null (checked: HTTP 200 and the full size)."""
+    """Wall seconds of one full download to /dev/null (checked: HTTP 200, a body).
+
+    curl runs in its own process so the server under test never shares an event loop or the
+    GIL with the client; its CPU time shows in RUSAGE_CHILDREN once it is reaped.
+    """
     cmd = ["curl", "-sS", "--fail", "--cacert", str(cloud.ca_cert), "-o", "/dev/null"]
     if client_cert:
         device = cloud.device("bench")
         cmd += ["--cert", str(device.cert), "--key", str(device.key)]
     cmd += ["-w", "%{size_download} %{http_code}", url]
     start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"curl failed on {url.split('?')[0]}: {out.stderr.strip()}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     elapsed = time.perf_counter() - start
-    size, code = out.stdout.split()
+    if proc.returncode != 0:
+        raise RuntimeError(f"curl failed on {url.split('?')[0]}: {err.strip()}")
+    size, code = out.split()
     if code != "200":
         raise RuntimeError(f"curl got HTTP {code} from {url.split('?')[0]}")
-    return elapsed if int(size) else float("nan")
+    if not int(size):
+        raise RuntimeError(f"curl got an empty body from {url.split('?')[0]}")
+    return elapsed
 
 
-def summary(rates: list[float]) -> str:
-    return f"{min(rates):8.0f} / {statistics.median(rates):8.0f} / {max(rates):8.0f}"
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stats(values: list[float], digits: int = 0) -> str:
+    """min / median / max, aligned."""
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{low:8.{digits}f} / {mid:8.{digits}f} / {high:8.{digits}f}"
 
 
 def process_cpu(pids: list[int]) -> float:
-    """User + system CPU seconds of the given processes (from /proc/<pid>/stat)."""
+    """User + system CPU seconds of the given processes, all threads (/proc/<pid>/stat)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
@@ -147,33 +185,80 @@ async def measure(
     artifact_id: str,
     nginx_url: str,
     nginx_pid: int,
-    size: int,
     reps: int,
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Start the store in this loop, then alternate curl downloads from both servers.
+) -> list[Sample]:
+    """Start the store in this loop, then download from both servers, interleaved.
 
-    Returns MiB/s per download and the server's CPU seconds per GiB served (load on the
-    shared machine changes wall time a lot, CPU per byte much less).
+    Rep i runs store then nginx when i is even, nginx then store when odd (ABBA), so a load
+    change on the shared machine that lasts a rep or two hits both servers alike, and neither
+    always runs right after the other's page-cache or frequency effects. The store runs in this
+    process: its CPU is this process's (every thread) minus nothing - the driver only waits.
     """
     await store.start()
     try:
         store_url = store.signer.presign(artifact_id, "bench", 3600)
-        # Warm-up: page cache, TLS code paths, both servers.
-        await asyncio.to_thread(curl, store_url, cloud, True)
-        await asyncio.to_thread(curl, nginx_url, cloud, False)
         workers = nginx_workers(nginx_pid)
-        rates: dict[str, list[float]] = {"store": [], "nginx": []}
-        cpu: dict[str, list[float]] = {"store": [], "nginx": []}
-        for _ in range(reps):
-            for name, url, cert in (("store", store_url, True), ("nginx", nginx_url, False)):
-                pids = [os.getpid()] if name == "store" else workers
-                before = process_cpu(pids)
+        urls = {"store": (store_url, True, [os.getpid()]), "nginx": (nginx_url, False, workers)}
+        # Warm-up, untimed: page cache, TLS code paths, both servers.
+        for name in ("store", "nginx"):
+            await asyncio.to_thread(curl, urls[name][0], cloud, urls[name][1])
+        samples: list[Sample] = []
+        for rep in range(reps):
+            order = ("store", "nginx") if rep % 2 == 0 else ("nginx", "store")
+            for name in order:
+                url, cert, pids = urls[name]
+                server_before, client_before = process_cpu(pids), children_cpu()
                 seconds = await asyncio.to_thread(curl, url, cloud, cert)
-                cpu[name].append((process_cpu(pids) - before) / (size / (1 << 30)))
-                rates[name].append(size / MIB / seconds)
-        return rates, cpu
+                samples.append(
+                    Sample(
+                        name,
+                        seconds,
+                        process_cpu(pids) - server_before,
+                        children_cpu() - client_before,
+                    )
+                )
+        return samples
     finally:
         await store.stop()
+
+
+def report(samples: list[Sample], size: int, reps: int, chunk: int) -> dict[str, Any]:
+    gib = size / (1 << 30)
+    by: dict[str, list[Sample]] = {
+        name: [s for s in samples if s.server == name] for name in ("store", "nginx")
+    }
+    rates = {name: [size / MIB / s.seconds for s in group] for name, group in by.items()}
+    server_cpu = {name: [s.server_cpu / gib for s in group] for name, group in by.items()}
+    client_cpu = {name: [s.client_cpu / gib for s in group] for name, group in by.items()}
+    # Each store rep against the nginx rep next to it: drift between reps cancels out.
+    paired = [a / b for a, b in zip(rates["store"], rates["nginx"], strict=True)]
+    ratio = statistics.median(rates["store"]) / statistics.median(rates["nginx"])
+    load = os.getloadavg()
+    print(
+        f"file {size / MIB:.0f} MiB, {reps} reps per server (ABBA interleaved), store chunk "
+        f"{chunk // 1024} KiB, curl over TLS 1.3 on loopback; load avg {load[0]:.2f} {load[1]:.2f}"
+    )
+    print(f"{'':22} {'min':>8} / {'median':>8} / {'max':>8}")
+    for name in ("store", "nginx"):
+        print(f"{name + ' MiB/s':22} {stats(rates[name])}")
+    for name in ("store", "nginx"):
+        print(f"{name + ' server CPU s/GiB':22} {stats(server_cpu[name], 2)}")
+    for name in ("store", "nginx"):
+        print(f"{'curl CPU s/GiB (' + name + ')':22} {stats(client_cpu[name], 2)}")
+    print(f"{'paired store/nginx':22} {stats(paired, 2)}")
+    verdict = "meets" if ratio >= 0.8 else "BELOW"
+    print(f"ratio of medians store/nginx: {ratio:.2f}x ({verdict} the goal >= 0.80x)")
+    return {
+        "size": size,
+        "reps": reps,
+        "chunk": chunk,
+        "rates": rates,
+        "server_cpu_per_gib": server_cpu,
+        "client_cpu_per_gib": client_cpu,
+        "paired": paired,
+        "ratio": ratio,
+        "loadavg": load,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         print("nginx not found: install the nginx-light package", file=sys.stderr)
         return 2
     size = parse_size(args.size)
+    chunk = parse_size(args.chunk)
     with tempfile.TemporaryDirectory(prefix="otad-store-bench-", dir=args.dir) as tmp:
         base = Path(tmp)
         base.chmod(0o755)  # nginx workers run as an unprivileged user and must reach www/
@@ -199,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             ssl_context=cloud.server_context(),
             host="127.0.0.1",
             port=0,
-            chunk_size=parse_size(args.chunk),
+            chunk_size=chunk,
         )
         info = store.repository.publish(
             repo_tmp, artifact_id, {"id": artifact_id, "size": size, "manifest": {}}
@@ -224,36 +310,22 @@ def run(args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.05)
             nginx_url = f"https://127.0.0.1:{port}/artifact.bin"
-            rates, cpu = asyncio.run(
-                measure(store, cloud, artifact_id, nginx_url, nginx.pid, size, args.reps)
+            samples = asyncio.run(
+                measure(store, cloud, artifact_id, nginx_url, nginx.pid, args.reps)
             )
         finally:
             nginx.terminate()
             nginx.wait(10)
-    ratio = statistics.median(rates["store"]) / statistics.median(rates["nginx"])
-    print(f"file {size / MIB:.0f} MiB, {args.reps} reps, curl over TLS on loopback, MiB/s")
-    print(f"{'server':<8} {'min':>8} / {'median':>8} / {'max':>8}")
-    print(f"{'store':<8} {summary(rates['store'])}")
-    print(f"{'nginx':<8} {summary(rates['nginx'])}")
-    print(f"ratio store/nginx (medians): {ratio:.2f}x (goal >= 0.80x)")
-    cpu_store, cpu_nginx = statistics.median(cpu["store"]), statistics.median(cpu["nginx"])
-    print(
-        f"server CPU per GiB (medians): store {cpu_store:.2f} s, nginx {cpu_nginx:.2f} s "
-        f"(nginx/store efficiency {cpu_nginx / cpu_store:.2f}x)"
-    )
+    figures = report(samples, size, args.reps, chunk)
     if args.json:
-        print(
-            json.dumps(
-                {"size": size, "reps": args.reps, "rates": rates, "ratio": ratio, "cpu": cpu}
-            )
-        )
+        print(json.dumps(figures))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", help="file size (default 1G)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7, help="downloads per server (default 7)")
     parser.add_argument("--chunk", default="1M", help="store read/write chunk (default 1M)")
     parser.add_argument("--dir", default=None, help="where to put the temporary files")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
