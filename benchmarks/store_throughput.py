@@ -124,7 +124,7 @@ class Sample:
     client_cpu: float
 
 
-def curl(url: str, cloud: pki.CloudDir, client_cert: bool) -> float:
+def curl(url: str, cloud: pki.CloudDir, client_cert: bool, cpu: int | None = None) -> float:
     """Wall seconds of one full download to /dev/null (checked: HTTP 200, a body).
 
     curl runs in its own process so the server under test never shares an event loop or the
@@ -136,6 +136,8 @@ def curl(url: str, cloud: pki.CloudDir, client_cert: bool) -> float:
         cmd += ["--cert", str(device.cert), "--key", str(device.key)]
     cmd += ["-w", "%{size_download} %{http_code}", url]
     start = time.perf_counter()
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=600)
@@ -186,6 +188,7 @@ async def measure(
     nginx_url: str,
     nginx_pid: int,
     reps: int,
+    client_cpu: int | None,
 ) -> list[Sample]:
     """Start the store in this loop, then download from both servers, interleaved.
 
@@ -201,14 +204,14 @@ async def measure(
         urls = {"store": (store_url, True, [os.getpid()]), "nginx": (nginx_url, False, workers)}
         # Warm-up, untimed: page cache, TLS code paths, both servers.
         for name in ("store", "nginx"):
-            await asyncio.to_thread(curl, urls[name][0], cloud, urls[name][1])
+            await asyncio.to_thread(curl, urls[name][0], cloud, urls[name][1], client_cpu)
         samples: list[Sample] = []
         for rep in range(reps):
             order = ("store", "nginx") if rep % 2 == 0 else ("nginx", "store")
             for name in order:
                 url, cert, pids = urls[name]
                 server_before, client_before = process_cpu(pids), children_cpu()
-                seconds = await asyncio.to_thread(curl, url, cloud, cert)
+                seconds = await asyncio.to_thread(curl, url, cloud, cert, client_cpu)
                 samples.append(
                     Sample(
                         name,
@@ -222,7 +225,7 @@ async def measure(
         await store.stop()
 
 
-def report(samples: list[Sample], size: int, reps: int, chunk: int) -> dict[str, Any]:
+def report(samples: list[Sample], size: int, reps: int, chunk: int, pinned: bool) -> dict[str, Any]:
     gib = size / (1 << 30)
     by: dict[str, list[Sample]] = {
         name: [s for s in samples if s.server == name] for name in ("store", "nginx")
@@ -238,6 +241,8 @@ def report(samples: list[Sample], size: int, reps: int, chunk: int) -> dict[str,
         f"file {size / MIB:.0f} MiB, {reps} reps per server (ABBA interleaved), store chunk "
         f"{chunk // 1024} KiB, curl over TLS 1.3 on loopback; load avg {load[0]:.2f} {load[1]:.2f}"
     )
+    if pinned:
+        print("pinned: both servers on CPU 0, curl on CPU 1")
     print(f"{'':22} {'min':>8} / {'median':>8} / {'max':>8}")
     for name in ("store", "nginx"):
         print(f"{name + ' MiB/s':22} {stats(rates[name])}")
@@ -248,6 +253,13 @@ def report(samples: list[Sample], size: int, reps: int, chunk: int) -> dict[str,
     print(f"{'paired store/nginx':22} {stats(paired, 2)}")
     verdict = "meets" if ratio >= 0.8 else "BELOW"
     print(f"ratio of medians store/nginx: {ratio:.2f}x ({verdict} the goal >= 0.80x)")
+    # Bytes per CPU-second does not depend on how much CPU the shared machine left each server.
+    efficiency = statistics.median(server_cpu["nginx"]) / statistics.median(server_cpu["store"])
+    print(
+        f"CPU efficiency store/nginx (nginx s/GiB / store s/GiB, medians): {efficiency:.2f}x; "
+        f"store {1024 / statistics.median(server_cpu['store']):.0f} MiB per CPU-second, "
+        f"nginx {1024 / statistics.median(server_cpu['nginx']):.0f}"
+    )
     return {
         "size": size,
         "reps": reps,
@@ -257,7 +269,9 @@ def report(samples: list[Sample], size: int, reps: int, chunk: int) -> dict[str,
         "client_cpu_per_gib": client_cpu,
         "paired": paired,
         "ratio": ratio,
+        "cpu_efficiency": efficiency,
         "loadavg": load,
+        "pinned": pinned,
     }
 
 
@@ -268,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     size = parse_size(args.size)
     chunk = parse_size(args.chunk)
+    pin = ["taskset", "-c", "0"] if args.pin else []
+    if args.pin:
+        # Before any thread exists: the store's loop and reader threads all inherit CPU 0.
+        os.sched_setaffinity(0, {0})
     with tempfile.TemporaryDirectory(prefix="otad-store-bench-", dir=args.dir) as tmp:
         base = Path(tmp)
         base.chmod(0o755)  # nginx workers run as an unprivileged user and must reach www/
@@ -300,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         (base / "nginx.conf").write_text(nginx_conf(base, port, cloud, www))
         nginx = subprocess.Popen(
-            [nginx_bin, "-p", str(base), "-c", str(base / "nginx.conf")],
+            [*pin, nginx_bin, "-p", str(base), "-c", str(base / "nginx.conf")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -311,12 +329,20 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             nginx_url = f"https://127.0.0.1:{port}/artifact.bin"
             samples = asyncio.run(
-                measure(store, cloud, artifact_id, nginx_url, nginx.pid, args.reps)
+                measure(
+                    store,
+                    cloud,
+                    artifact_id,
+                    nginx_url,
+                    nginx.pid,
+                    args.reps,
+                    1 if args.pin else None,
+                )
             )
         finally:
             nginx.terminate()
             nginx.wait(10)
-    figures = report(samples, size, args.reps, chunk)
+    figures = report(samples, size, args.reps, chunk, args.pin)
     if args.json:
         print(json.dumps(figures))
     return 0
@@ -329,6 +355,11 @@ def main() -> int:
     parser.add_argument("--chunk", default="1M", help="store read/write chunk (default 1M)")
     parser.add_argument("--dir", default=None, help="where to put the temporary files")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on CPU 0, curl on CPU 1 (same placement for both servers; fewer migrations)",
+    )
     args = parser.parse_args()
     import structlog
 
