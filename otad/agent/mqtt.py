@@ -35,6 +35,8 @@ __layer__ = "adapter"
 log = structlog.get_logger(__name__)
 
 MAX_PAYLOAD = 64 * 1024  # a shadow document is at most 8 KiB; anything far larger is hostile
+# how long a stopping agent waits for its DISCONNECT to go out before it drops the connection
+DISCONNECT_TIMEOUT = 2.0
 DocumentHandler = Callable[[dict[str, Any]], None]
 
 
@@ -261,11 +263,21 @@ class ShadowSession:
                         )
                         for task in done:
                             task.result()  # re-raise the MqttError that ended the connection
+                    except asyncio.CancelledError:
+                        # stopping: the graceful DISCONNECT on the way out must not hold it up
+                        client.timeout = DISCONNECT_TIMEOUT
+                        raise
                     finally:
                         for task in [*helpers, reader]:
                             task.cancel()
                         await asyncio.gather(*helpers, reader, return_exceptions=True)
             except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # the DISCONNECT of a stopping session failed (a socket already closed,
+                    # no answer in time) and its error replaced the cancellation: stop anyway,
+                    # or the agent would reconnect and never finish stopping
+                    raise asyncio.CancelledError() from exc
                 # aiomqtt wraps most connection errors, but not every path (a TLS or socket
                 # error while the broker restarts): all of them mean "disconnected, retry".
                 attempt += 1

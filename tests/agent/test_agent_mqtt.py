@@ -213,3 +213,32 @@ async def test_mqtt_probe_broker(cloud_dir: Any, broker: Any, tmp_path: Path) ->
     await probe_broker(device_config(cloud_dir, broker), 5)
     with pytest.raises(BrokerError):
         await probe_broker(device_config(cloud_dir, broker, port=1), 2)
+
+
+class _GoodbyeFails(aiomqtt.Client):
+    """A real client whose DISCONNECT fails the way aiomqtt reports it when the socket is gone
+    or the broker does not answer in time (``MqttError: Operation timed out``)."""
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await super().__aexit__(*exc_info)
+        raise aiomqtt.MqttError("Operation timed out")
+
+
+async def test_mqtt_stop_is_not_swallowed_by_a_failing_disconnect(
+    cloud_dir: Any, broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = ShadowSession(device_config(cloud_dir, broker), lambda doc: None)
+    real = session._client_for
+
+    def client_for() -> aiomqtt.Client:
+        client = real()
+        client.__class__ = _GoodbyeFails
+        return client
+
+    monkeypatch.setattr(session, "_client_for", client_for)
+    task = asyncio.create_task(session.run())
+    await asyncio.wait_for(session.connected.wait(), 30)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert task in done, "the session reconnected instead of stopping"
+    assert task.cancelled() and session.connects == 1
