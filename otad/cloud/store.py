@@ -42,6 +42,7 @@ This module is the HTTP service only; it builds on ``store_range`` (Range/If-Ran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import ssl
 import time
@@ -532,7 +533,9 @@ class ArtifactStore:
                 expected=stop - start,
             )
             return response
-        await response.write_eof()
+        # Every byte was handed over; a client that left before the last flush is not an error.
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return response
 
     async def _send(
@@ -561,7 +564,9 @@ class ArtifactStore:
                 pending = read_at(following) if following < stop else None
                 try:
                     await response.write(data)
-                except ConnectionResetError:
+                except ConnectionError:
+                    # Reset while writing, or "Connection lost" from the drain waiter: aiohttp
+                    # raises either, depending on where the peer's reset is noticed.
                     return offset - start
                 offset = following
             return offset - start
