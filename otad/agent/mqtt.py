@@ -272,8 +272,8 @@ class ShadowSession:
                             task.cancel()
                         await asyncio.gather(*helpers, reader, return_exceptions=True)
             except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
                     # the DISCONNECT of a stopping session failed (a socket already closed,
                     # no answer in time) and its error replaced the cancellation: stop anyway,
                     # or the agent would reconnect and never finish stopping

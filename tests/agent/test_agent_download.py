@@ -169,6 +169,16 @@ async def test_download_token_flow(
 ) -> None:
     artifact, data = uploaded
     url = f"{cloud.store_url}/v1/artifacts/{artifact}"
+    # the store hands a token only for an artifact the device's desired state names
+    with pytest.raises(DownloadForbidden):
+        await collect(downloader.transfer(Source(url, auth="token")))
+    software = {
+        "version": "2.0",
+        "jobId": "jt",
+        "url": f"/v1/artifacts/{artifact}",
+        "auth": "token",
+    }
+    await cloud.set_desired("dev1", {"software": software})
     assert await collect(downloader.transfer(Source(url, auth="token"))) == data
 
 
