@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -127,10 +128,44 @@ def start_worker(mode: str, cloud: CloudDir, db: Path, log: Path) -> subprocess.
     return proc
 
 
+def _stat_cpu(path: str) -> float:
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a running process (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds of a running process.
+
+    For a replica the other threads are the SQLite writer (and asyncio's short-lived helpers):
+    the split shows which side of the GIL the time goes to.
+    """
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            seconds = _stat_cpu(str(task / "stat"))
+            if int(task.name) == pid:
+                main += seconds
+            else:
+                other += seconds
+    return main, other
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (the load generator tools)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_idle() -> tuple[float, float]:
+    """(idle, total) CPU seconds of the whole machine so far (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (fields[3] + fields[4]) / tick, sum(fields[:8]) / tick
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -182,8 +217,10 @@ def run_once(
             stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # the subscription is in place (no ready signal from mosquitto_sub)
-        startup_cpu = sum(cpu_seconds(w.pid) for w in workers)
+        startup_threads = [thread_cpu(w.pid) for w in workers]
         broker_cpu = cpu_seconds(broker_pid)
+        load_cpu = children_cpu()
+        idle0, total0 = machine_idle()
         if sub.poll() is not None:
             raise SystemExit(f"mosquitto_sub failed: {sub.stderr.read() if sub.stderr else ''}")
         t0 = time.monotonic()
@@ -214,10 +251,14 @@ def run_once(
             sub.kill()
             raise SystemExit(f"{mode}: not every accepted arrived within the time limit") from None
         t1 = time.monotonic()
-        cpu = sum(cpu_seconds(w.pid) for w in workers) - startup_cpu
+        threads = [thread_cpu(w.pid) for w in workers]
+        main_cpu = sum(t[0] - s[0] for t, s in zip(threads, startup_threads, strict=True))
+        other_cpu = sum(t[1] - s[1] for t, s in zip(threads, startup_threads, strict=True))
         broker_cpu = cpu_seconds(broker_pid) - broker_cpu
+        idle1, total1 = machine_idle()
         for pub in pubs:
             pub.wait(30)
+        load_cpu = children_cpu() - load_cpu  # mosquitto_sub and every mosquitto_pub
     finally:
         for worker in workers:
             stop_worker(worker)
@@ -225,8 +266,13 @@ def run_once(
     result = {
         "rate": total / (t1 - t0),
         "seconds": t1 - t0,
-        "cpu_us": cpu / total * 1e6,
+        "cpu_us": (main_cpu + other_cpu) / total * 1e6,
+        "main_us": main_cpu / total * 1e6,
+        "writer_us": other_cpu / total * 1e6,
         "broker_cpu_us": broker_cpu / total * 1e6,
+        "load_cpu_us": load_cpu / total * 1e6,
+        "idle": (idle1 - idle0) / max(total1 - total0, 1e-9),
+        "loadavg": os.getloadavg()[0],
     }
     if kind == "replica":
         with sqlite3.connect(db) as conn:
@@ -236,6 +282,15 @@ def run_once(
             raise SystemExit(f"replica stored {stored} versions, expected {total}")
         result["outbox_left"] = outbox
     return result
+
+
+CPU_KEYS = {
+    "cpu_us": "under test",
+    "main_us": "main thread",
+    "writer_us": "other threads",
+    "broker_cpu_us": "broker",
+    "load_cpu_us": "load generator",
+}
 
 
 def main() -> None:
@@ -270,8 +325,11 @@ def main() -> None:
                 r = run_once(mode, cloud, devices, args.per_device, work, rep, broker.pid)
                 results.setdefault(mode, []).append(r)
                 print(
-                    f"rep {rep} {mode:10s} {r['rate']:9.0f} updates/s  ({r['seconds']:.2f} s, "
-                    f"{r['cpu_us']:.0f} us CPU/update, broker {r['broker_cpu_us']:.0f} us)",
+                    f"rep {rep} {mode:10s} {r['rate']:7.0f} updates/s ({r['seconds']:.2f} s)  "
+                    f"CPU us/update: under test {r['cpu_us']:.0f} (main {r['main_us']:.0f}, "
+                    f"threads {r['writer_us']:.0f}), broker {r['broker_cpu_us']:.0f}, "
+                    f"load generator {r['load_cpu_us']:.0f}; machine idle {r['idle']:.0%}, "
+                    f"load average {r['loadavg']:.1f}",
                     flush=True,
                 )
     finally:
@@ -285,10 +343,11 @@ def main() -> None:
     for mode, runs in results.items():
         rates = sorted(r["rate"] for r in runs)
         summary[mode] = statistics.median(rates)
-        cpu = statistics.median(r["cpu_us"] for r in runs)
+        cpu = {k: statistics.median(r[k] for r in runs) for k in CPU_KEYS}
         print(
             f"{mode:10s} updates/s min/median/max: {rates[0]:.0f} / "
-            f"{statistics.median(rates):.0f} / {rates[-1]:.0f}   CPU/update median {cpu:.0f} us"
+            f"{statistics.median(rates):.0f} / {rates[-1]:.0f}   CPU us/update medians: "
+            + ", ".join(f"{name} {cpu[k]:.0f}" for k, name in CPU_KEYS.items())
         )
     for mode in summary:
         if mode != "echo" and "echo" in summary:

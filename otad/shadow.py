@@ -29,11 +29,12 @@ Errors are :class:`otad.errors.ShadowError` subclasses whose ``status`` is the w
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias, cast
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
 from otad.errors import (
     ShadowBadRequest,
@@ -273,6 +274,13 @@ def merge_metadata(
     metadata: Mapping[str, JsonValue], patch: Mapping[str, JsonValue], timestamp: int
 ) -> JsonObject:
     """The metadata of a section after ``patch`` was merged into it (same shape as the state)."""
+    return _merge_metadata(metadata, patch, {"timestamp": timestamp})
+
+
+def _merge_metadata(
+    metadata: Mapping[str, JsonValue], patch: Mapping[str, JsonValue], leaf: JsonObject
+) -> JsonObject:
+    # Every leaf an update sets shares one ``leaf`` object: documents are never modified.
     out: JsonObject = dict(metadata)
     for key, value in patch.items():
         if value is None:
@@ -281,13 +289,13 @@ def merge_metadata(
             current = out.get(key)
             # A leaf's metadata ({"timestamp": T}) is not an object of per-key metadata.
             nested = current if isinstance(current, dict) and not _is_leaf_meta(current) else {}
-            merged = merge_metadata(nested, value, timestamp)
+            merged = _merge_metadata(nested, value, leaf)
             if merged:
                 out[key] = merged
             else:
                 out.pop(key, None)
         else:
-            out[key] = {"timestamp": timestamp}
+            out[key] = leaf
     return out
 
 
@@ -332,14 +340,22 @@ ABSENT: Final = Absent()
 SectionPatch: TypeAlias = "JsonObject | Absent | None"
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpdateRequest:
-    """A parsed update: each section is a patch, ``None`` (delete the section) or ABSENT."""
+    """A parsed update: each section is a patch, ``None`` (delete the section) or ABSENT.
+
+    Not modified once built (not frozen: a frozen dataclass costs microseconds per request).
+
+    ``texts`` holds the compact JSON of the sections as validated by :func:`parse_update`
+    (``None`` when built in code): the replica reuses them for the ``accepted`` message and the
+    clientToken fingerprint instead of encoding the same values again.
+    """
 
     desired: SectionPatch = ABSENT
     reported: SectionPatch = ABSENT
     version: int | None = None
     client_token: str | None = None
+    texts: tuple[str | None, str | None] | None = field(default=None, compare=False, repr=False)
 
     def to_payload(self) -> JsonObject:
         state: JsonObject = {}
@@ -362,6 +378,15 @@ class UpdateRequest:
             raise _bad(f"update cannot be encoded as JSON: {exc}", self.client_token) from exc
         parse_update(raw)
         return raw
+
+    def section_texts(self) -> tuple[str | None, str | None]:
+        """Compact JSON of (desired, reported); None for a section the request does not name."""
+        if self.texts is not None:
+            return self.texts
+        return (
+            None if isinstance(self.desired, Absent) else compact_json(self.desired),
+            None if isinstance(self.reported, Absent) else compact_json(self.reported),
+        )
 
 
 @dataclass(frozen=True)
@@ -393,11 +418,11 @@ def _decode(payload: bytes, *, allow_empty: bool, limit: int = MAX_REQUEST_BYTES
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # in C; a key given twice makes the dict shorter than the list
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {key!r}")
     return out
 
 
@@ -407,6 +432,11 @@ def _no_constant(name: str) -> Any:
 
 # Built once: json.dumps/json.loads with options construct a new encoder/decoder per call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# For values that cannot hold a cycle (parsed JSON and documents built from it): without the
+# circular-reference bookkeeping per container, which metadata (one object per leaf) is full of.
+_TREE_ENCODER: Final = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+)
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
 
 
@@ -428,13 +458,15 @@ def _client_token(doc: Mapping[str, Any]) -> str | None:
     return token
 
 
-def _check_value(value: JsonObject, where: str, token: str | None) -> None:
+def _check_value(value: JsonObject, where: str, token: str | None) -> str:
     """Reject what JSON text cannot round-trip (lone surrogates, huge floats) and deep nesting.
 
     One compact encode checks every string and number in C; the walk visits containers only.
+    Returns the compact JSON text (the replica reuses it).
     """
     try:
-        compact_json(value).encode("utf-8")
+        text = _TREE_ENCODER.encode(value)
+        text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise _bad(f"{where} holds a string that is not valid Unicode", token) from exc
     except ValueError as exc:
@@ -446,6 +478,7 @@ def _check_value(value: JsonObject, where: str, token: str | None) -> None:
             raise _bad(f"{where} is nested deeper than {MAX_DEPTH} levels", token)
         items = container.values() if type(container) is dict else container
         stack.extend((item, depth + 1) for item in items if type(item) in (dict, list))
+    return text
 
 
 def parse_update(payload: bytes) -> UpdateRequest:
@@ -454,16 +487,16 @@ def parse_update(payload: bytes) -> UpdateRequest:
     if not isinstance(doc, dict):
         raise _bad("update must be a JSON object", None)
     token = _client_token(doc)
-    unknown = sorted(set(doc) - _UPDATE_FIELDS)
-    if unknown:
+    if not doc.keys() <= _UPDATE_FIELDS:
+        unknown = sorted(set(doc) - _UPDATE_FIELDS)
         raise _bad(f"unexpected field {unknown[0]!r} in update", token)
     if "state" not in doc:
         raise _bad("missing required node: state", token)
     state = doc["state"]
     if not isinstance(state, dict):
         raise _bad("state must be a JSON object", token)
-    unknown = sorted(set(state) - _STATE_FIELDS)
-    if unknown:
+    if not state.keys() <= _STATE_FIELDS:
+        unknown = sorted(set(state) - _STATE_FIELDS)
         raise _bad(f"state node may hold only desired and reported, not {unknown[0]!r}", token)
     if not state:
         raise _bad("state must name desired or reported", token)
@@ -471,21 +504,22 @@ def parse_update(payload: bytes) -> UpdateRequest:
     if version is not None and (type(version) is not int or version < 0):
         raise _bad("version must be a non-negative integer", token)
     sections: dict[str, SectionPatch] = {}
+    texts: dict[str, str | None] = {}
     for name in ("desired", "reported"):
         if name not in state:
-            sections[name] = ABSENT
+            sections[name], texts[name] = ABSENT, None
             continue
         section = state[name]
         if section is not None and not isinstance(section, dict):
             raise _bad(f"state.{name} must be a JSON object or null", token)
-        if section is not None:
-            _check_value(section, f"state.{name}", token)
+        texts[name] = "null" if section is None else _check_value(section, f"state.{name}", token)
         sections[name] = section
     return UpdateRequest(
         desired=sections["desired"],
         reported=sections["reported"],
         version=version,
         client_token=token,
+        texts=(texts["desired"], texts["reported"]),
     )
 
 
@@ -514,43 +548,138 @@ def parse_get(payload: bytes) -> GetRequest:
 
 # --- documents ---------------------------------------------------------------------------------
 
+# How many accepted updates with a clientToken a shadow remembers, to answer a retry of one of
+# them from memory (see apply_update). Kept in the stored row, so it survives restarts.
+MAX_REMEMBERED_UPDATES: Final = 8
 
-@dataclass(frozen=True)
+# The C string encoder of the json module: '"..."' with JSON escapes, non-ASCII kept (the same
+# output as _ENCODER for a str). Used to build texts without building dicts first.
+_encode_string: Final = json.encoder.encode_basestring
+
+
+class RememberedUpdate(NamedTuple):
+    """An accepted update the shadow remembers by its clientToken."""
+
+    client_token: str
+    fingerprint: str  # of the request's content (sections and version): see _fingerprint
+    version: int  # the version the update created
+    timestamp: int  # its time: the metadata timestamps of its accepted message
+
+    def text(self) -> str:
+        token = _encode_string(self.client_token)
+        return f'[{token},"{self.fingerprint}",{self.version},{self.timestamp}]'
+
+
 class ShadowDocument:
-    """The stored shadow of one device."""
+    """The stored shadow of one device. Never modified once built: an update builds a new one.
 
-    desired: JsonObject
-    reported: JsonObject
-    metadata_desired: JsonObject
-    metadata_reported: JsonObject
-    version: int
-    timestamp: int
+    The compact JSON texts of its four parts (desired, reported and their metadata) are made
+    once, when first needed, and a document built by an update takes over the texts of the
+    parts the update did not touch: a reported update encodes only the reported side again.
+    Storage, the size check, the ``documents`` message and ``get`` answers are put together
+    from these texts.
+    """
 
-    # The JSON texts are cached: the replica encodes a document once and reuses the text for
-    # the size check, storage and the ``documents`` message (documents are never mutated).
-    @functools.cached_property
+    __slots__ = (
+        "_delta",
+        "_snapshot",
+        "_texts",
+        "_token_texts",
+        "desired",
+        "metadata_desired",
+        "metadata_reported",
+        "remembered",
+        "reported",
+        "timestamp",
+        "version",
+    )
+
+    def __init__(
+        self,
+        desired: JsonObject,
+        reported: JsonObject,
+        metadata_desired: JsonObject,
+        metadata_reported: JsonObject,
+        version: int,
+        timestamp: int,
+        remembered: tuple[RememberedUpdate, ...] = (),
+        *,
+        texts: list[str | None] | None = None,
+        token_texts: tuple[str, ...] | None = None,
+    ) -> None:
+        self.desired = desired
+        self.reported = reported
+        self.metadata_desired = metadata_desired
+        self.metadata_reported = metadata_reported
+        self.version = version
+        self.timestamp = timestamp
+        self.remembered = remembered
+        self._texts: list[str | None] = texts if texts is not None else [None, None, None, None]
+        self._token_texts = token_texts
+        self._snapshot: str | None = None
+        self._delta: JsonObject | None = None
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.desired,
+            self.reported,
+            self.metadata_desired,
+            self.metadata_reported,
+            self.version,
+            self.timestamp,
+            self.remembered,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShadowDocument):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts
+
+    def __repr__(self) -> str:
+        return f"ShadowDocument(version={self.version}, state={self.state_json})"
+
+    def _part(self, index: int) -> str:
+        text = self._texts[index]
+        if text is None:
+            parts = (self.desired, self.reported, self.metadata_desired, self.metadata_reported)
+            text = self._texts[index] = _TREE_ENCODER.encode(parts[index])
+        return text
+
+    @property
     def delta(self) -> JsonObject:
-        return compute_delta(self.desired, self.reported)
+        if self._delta is None:
+            self._delta = compute_delta(self.desired, self.reported) if self.desired else {}
+        return self._delta
 
-    @functools.cached_property
+    @property
     def state_json(self) -> str:
-        return compact_json(self.state())
+        return _sections(
+            self._part(0) if self.desired else None, self._part(1) if self.reported else None
+        )
 
-    @functools.cached_property
+    @property
     def metadata_json(self) -> str:
-        return compact_json(self.metadata())
+        return _sections(
+            self._part(2) if self.metadata_desired else None,
+            self._part(3) if self.metadata_reported else None,
+        )
 
-    @functools.cached_property
+    @property
     def snapshot_json(self) -> str:
         """``{"state": .., "metadata": .., "version": N}`` as in the ``documents`` message."""
-        return (
-            f'{{"state":{self.state_json},"metadata":{self.metadata_json},'
-            f'"version":{self.version}}}'
-        )
+        if self._snapshot is None:
+            self._snapshot = (
+                f'{{"state":{self.state_json},"metadata":{self.metadata_json},'
+                f'"version":{self.version}}}'
+            )
+        return self._snapshot
 
     def state_size(self) -> int:
         """Bytes of compact JSON of the state (desired + reported), bounded by 8 KiB."""
-        return len(self.state_json.encode("utf-8"))
+        text = self.state_json
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
 
     def state(self) -> JsonObject:
         out: JsonObject = {}
@@ -568,9 +697,16 @@ class ShadowDocument:
             out["reported"] = self.metadata_reported
         return out
 
+    def token_texts(self) -> tuple[str, ...]:
+        if self._token_texts is None:
+            self._token_texts = tuple(entry.text() for entry in self.remembered)
+        return self._token_texts
+
     def to_storage(self) -> str:
         """The JSON text a store keeps (round-trips through :meth:`from_storage`)."""
-        return f'{self.snapshot_json[:-1]},"timestamp":{self.timestamp}}}'
+        tokens = self.token_texts()
+        remembered = f',"clientTokens":[{",".join(tokens)}]' if tokens else ""
+        return f'{self.snapshot_json[:-1]},"timestamp":{self.timestamp}{remembered}}}'
 
     @classmethod
     def from_storage(cls, text: str) -> ShadowDocument:
@@ -580,31 +716,62 @@ class ShadowDocument:
             version, timestamp = doc["version"], doc["timestamp"]
             desired, reported = state.get("desired", {}), state.get("reported", {})
             meta_desired, meta_reported = meta.get("desired", {}), meta.get("reported", {})
+            remembered = tuple(RememberedUpdate(*entry) for entry in doc.get("clientTokens", ()))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ShadowInternal(f"shadow: stored document is corrupt: {exc}") from exc
         parts = (desired, reported, meta_desired, meta_reported)
-        if not all(isinstance(p, dict) for p in parts) or not (
-            type(version) is int and type(timestamp) is int
+        if (
+            not all(isinstance(p, dict) for p in parts)
+            or not (type(version) is int and type(timestamp) is int)
+            or not all(_is_remembered(entry) for entry in remembered)
         ):
             raise ShadowInternal("shadow: stored document has fields of the wrong type")
-        return cls(desired, reported, meta_desired, meta_reported, version, timestamp)
+        return cls(desired, reported, meta_desired, meta_reported, version, timestamp, remembered)
 
     def get_response(self, client_token: str | None) -> JsonObject:
         """The ``get/accepted`` payload: state with delta, metadata, version, timestamp."""
-        state = self.state()
+        return cast(JsonObject, json.loads(self.get_payload(client_token)))
+
+    def get_payload(self, client_token: str | None) -> bytes:
+        """:meth:`get_response` as the message payload, put together from the cached texts."""
         delta = self.delta
-        if delta:
-            state["delta"] = delta
-        out: JsonObject = {
-            "state": state,
-            "metadata": self.metadata(),
-            "version": self.version,
-            "timestamp": self.timestamp,
-        }
-        return _with_token(out, client_token)
+        state = _sections(
+            self._part(0) if self.desired else None,
+            self._part(1) if self.reported else None,
+            _TREE_ENCODER.encode(delta) if delta else None,
+        )
+        return (
+            f'{{"state":{state},"metadata":{self.metadata_json},"version":{self.version},'
+            f'"timestamp":{self.timestamp}{_token_field(client_token)}}}'
+        ).encode()
 
     def snapshot(self) -> JsonObject:
         return {"state": self.state(), "metadata": self.metadata(), "version": self.version}
+
+
+def _is_remembered(entry: RememberedUpdate) -> bool:
+    return (
+        type(entry.client_token) is str
+        and type(entry.fingerprint) is str
+        and type(entry.version) is int
+        and type(entry.timestamp) is int
+    )
+
+
+def _sections(desired: str | None, reported: str | None, delta: str | None = None) -> str:
+    """``{"desired":..,"reported":..,"delta":..}`` from texts, leaving out the absent ones."""
+    parts = []
+    if desired is not None:
+        parts.append(f'"desired":{desired}')
+    if reported is not None:
+        parts.append(f'"reported":{reported}')
+    if delta is not None:
+        parts.append(f'"delta":{delta}')
+    return "{" + ",".join(parts) + "}"
+
+
+def _token_field(client_token: str | None) -> str:
+    return "" if client_token is None else f',"clientToken":{_encode_string(client_token)}'
 
 
 def _with_token(doc: JsonObject, client_token: str | None) -> JsonObject:
@@ -613,26 +780,34 @@ def _with_token(doc: JsonObject, client_token: str | None) -> JsonObject:
     return doc
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpdateOutcome:
-    """What an accepted update produces: the new document and the messages to publish."""
+    """What an accepted update produces: the new document and the payloads to publish.
+
+    A *replay* (a retry of an update the shadow remembers, see :func:`apply_update`) changes
+    nothing: ``document`` is the current one, and only the ``accepted`` message is sent again.
+    """
 
     document: ShadowDocument
     previous: ShadowDocument | None
-    accepted: JsonObject
-    documents: JsonObject
-    delta: JsonObject | None  # the update/delta message, or None when nothing is to be sent
+    accepted_payload: bytes
+    documents_payload: bytes | None  # None for a replay
+    delta_payload: bytes | None  # None when no delta message is to be sent
+    replayed: bool = False
 
-    def documents_payload(self) -> bytes:
-        """``encode(self.documents)``, built from the documents' cached JSON texts."""
-        parts = []
-        if self.previous is not None:
-            parts.append(f'"previous":{self.previous.snapshot_json}')
-        parts.append(f'"current":{self.document.snapshot_json}')
-        parts.append(f'"timestamp":{self.documents["timestamp"]}')
-        if "clientToken" in self.documents:
-            parts.append(f'"clientToken":{compact_json(self.documents["clientToken"])}')
-        return ("{" + ",".join(parts) + "}").encode("utf-8")
+    @property
+    def accepted(self) -> JsonObject:
+        return cast(JsonObject, json.loads(self.accepted_payload))
+
+    @property
+    def documents(self) -> JsonObject | None:
+        payload = self.documents_payload
+        return None if payload is None else cast(JsonObject, json.loads(payload))
+
+    @property
+    def delta(self) -> JsonObject | None:
+        payload = self.delta_payload
+        return None if payload is None else cast(JsonObject, json.loads(payload))
 
 
 def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: int) -> UpdateOutcome:
@@ -640,8 +815,29 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
 
     Raises ShadowVersionConflict (409) or ShadowTooLarge (413) with the clientToken attached;
     never a partial result.
+
+    **Retries.** A request whose clientToken and content (sections and ``version``) equal one
+    of the last MAX_REMEMBERED_UPDATES accepted updates of this shadow, and whose state the
+    shadow still holds, is a retry of that update (its ``accepted`` was lost): the outcome is a
+    replay with the same ``accepted`` payload as the first time (same version and timestamps)
+    and nothing else. A clientToken seen with other content, or whose values were changed
+    since, is a new update (devices may reuse tokens, e.g. a counter that restarts at boot).
     """
     token = request.client_token
+    desired_text, reported_text = request.section_texts()
+    fingerprint = ""
+    seen = -1  # where the token is among the remembered updates
+    if token is not None:
+        fingerprint = _fingerprint(desired_text, reported_text, request.version)
+        if current is not None:
+            seen = _find_token(current.remembered, token)
+            if seen >= 0:
+                entry = current.remembered[seen]
+                if entry.fingerprint == fingerprint and _holds(current, request):
+                    accepted = _accepted_payload(
+                        request, desired_text, reported_text, entry.version, entry.timestamp
+                    )
+                    return UpdateOutcome(current, current, accepted, None, None, replayed=True)
     version = current.version if current is not None else 0
     if request.version is not None and request.version != version:
         raise ShadowVersionConflict(
@@ -649,13 +845,42 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
             client_token=token,
         )
     base = current or ShadowDocument({}, {}, {}, {}, 0, now)
-    desired, meta_desired = _apply_section(
-        base.desired, base.metadata_desired, request.desired, now
+    texts = list(base._texts)  # parts the update does not touch keep their JSON text
+    leaf: JsonObject = {"timestamp": now}
+    desired, meta_desired = base.desired, base.metadata_desired
+    patch = request.desired
+    if patch is None:
+        desired, meta_desired = {}, {}
+        texts[0] = texts[2] = None
+    elif not isinstance(patch, Absent):
+        desired = merge_state(desired, patch)
+        meta_desired = _merge_metadata(meta_desired, patch, leaf)
+        texts[0] = texts[2] = None
+    reported, meta_reported = base.reported, base.metadata_reported
+    patch = request.reported
+    if patch is None:
+        reported, meta_reported = {}, {}
+        texts[1] = texts[3] = None
+    elif not isinstance(patch, Absent):
+        reported = merge_state(reported, patch)
+        meta_reported = _merge_metadata(meta_reported, patch, leaf)
+        texts[1] = texts[3] = None
+    remembered, token_texts = base.remembered, base._token_texts
+    if token is not None:
+        remembered, token_texts = _remember(
+            base, seen, RememberedUpdate(token, fingerprint, version + 1, now)
+        )
+    new = ShadowDocument(
+        desired,
+        reported,
+        meta_desired,
+        meta_reported,
+        version + 1,
+        now,
+        remembered,
+        texts=texts,
+        token_texts=token_texts,
     )
-    reported, meta_reported = _apply_section(
-        base.reported, base.metadata_reported, request.reported, now
-    )
-    new = ShadowDocument(desired, reported, meta_desired, meta_reported, version + 1, now)
     size = new.state_size()
     if size > MAX_STATE_BYTES:
         raise ShadowTooLarge(
@@ -663,58 +888,119 @@ def apply_update(current: ShadowDocument | None, request: UpdateRequest, now: in
             f"{MAX_STATE_BYTES}-byte limit",
             client_token=token,
         )
-    request_state = cast(JsonObject, request.to_payload()["state"])
-    request_meta: JsonObject = {}
-    for name in ("desired", "reported"):
-        section = request_state.get(name, ABSENT)
-        if isinstance(section, dict):
-            request_meta[name] = metadata_for(section, now)
-        elif section is None:
-            request_meta[name] = {"timestamp": now}
-    accepted = _with_token(
-        {
-            "state": request_state,
-            "metadata": request_meta,
+    accepted = _accepted_payload(request, desired_text, reported_text, new.version, now)
+    previous = f'"previous":{current.snapshot_json},' if current is not None else ""
+    documents = (
+        f'{{{previous}"current":{new.snapshot_json},"timestamp":{now}{_token_field(token)}}}'
+    ).encode()
+    delta_payload: bytes | None = None
+    new_delta = new.delta
+    if new_delta and not json_equal(new_delta, current.delta if current is not None else {}):
+        delta_message: JsonObject = {
+            "state": new_delta,
+            "metadata": restrict_metadata(new.metadata_desired, new_delta),
             "version": new.version,
             "timestamp": now,
-        },
-        token,
-    )
-    previous = {} if current is None else {"previous": current.snapshot()}
-    documents = _with_token({**previous, "current": new.snapshot(), "timestamp": now}, token)
-    old_delta = current.delta if current is not None else {}
-    new_delta = new.delta
-    delta_message: JsonObject | None = None
-    if new_delta and not json_equal(new_delta, old_delta):
-        delta_message = _with_token(
-            {
-                "state": new_delta,
-                "metadata": restrict_metadata(new.metadata_desired, new_delta),
-                "version": new.version,
-                "timestamp": now,
-            },
-            token,
-        )
-    return UpdateOutcome(new, current, accepted, documents, delta_message)
+        }
+        delta_payload = encode(_with_token(delta_message, token))
+    return UpdateOutcome(new, current, accepted, documents, delta_payload)
 
 
-def _apply_section(
-    state: JsonObject, metadata: JsonObject, patch: SectionPatch, now: int
-) -> tuple[JsonObject, JsonObject]:
-    if isinstance(patch, Absent):
-        return state, metadata
-    if patch is None:
-        return {}, {}
-    return merge_state(state, patch), merge_metadata(metadata, patch, now)
+def _find_token(remembered: tuple[RememberedUpdate, ...], token: str) -> int:
+    for index in range(len(remembered) - 1, -1, -1):
+        if remembered[index].client_token == token:
+            return index
+    return -1
+
+
+def _fingerprint(desired: str | None, reported: str | None, version: int | None) -> str:
+    """A digest of what an update asks for, to tell a retry from a new update."""
+    content = f"{desired}\0{reported}\0{version}".encode()
+    return hashlib.blake2b(content, digest_size=12).hexdigest()
+
+
+def _holds(current: ShadowDocument, request: UpdateRequest) -> bool:
+    """Whether applying ``request`` again would leave the state exactly as it is."""
+    for patch, section in (
+        (request.desired, current.desired),
+        (request.reported, current.reported),
+    ):
+        if isinstance(patch, Absent):
+            continue
+        if patch is None:
+            if section:
+                return False
+        elif not json_equal(merge_state(section, patch), section):
+            return False
+    return True
+
+
+def _remember(
+    base: ShadowDocument, seen: int, entry: RememberedUpdate
+) -> tuple[tuple[RememberedUpdate, ...], tuple[str, ...]]:
+    """``base``'s remembered updates with ``entry`` added (one entry per token, newest last).
+
+    ``seen`` is the index of an older entry with the same token (dropped), or -1.
+    """
+    remembered, texts = base.remembered, base.token_texts()
+    if seen >= 0:
+        remembered = remembered[:seen] + remembered[seen + 1 :]
+        texts = texts[:seen] + texts[seen + 1 :]
+    keep = MAX_REMEMBERED_UPDATES - 1
+    return (*remembered[-keep:], entry), (*texts[-keep:], entry.text())
+
+
+def _accepted_payload(
+    request: UpdateRequest,
+    desired_text: str | None,
+    reported_text: str | None,
+    version: int,
+    now: int,
+) -> bytes:
+    """``update/accepted``: the request's state, metadata for the keys it named, version, time.
+
+    Built from the section texts; a section set to null gets one timestamp for itself.
+    """
+    stamp = f'{{"timestamp":{now}}}'
+    state, meta = [], []
+    for name, patch, text in (
+        ("desired", request.desired, desired_text),
+        ("reported", request.reported, reported_text),
+    ):
+        if text is None:
+            continue
+        state.append(f'"{name}":{text}')
+        meta_text = _metadata_text(patch, stamp) if isinstance(patch, dict) else stamp
+        meta.append(f'"{name}":{meta_text}')
+    return (
+        f'{{"state":{{{",".join(state)}}},"metadata":{{{",".join(meta)}}},'
+        f'"version":{version},"timestamp":{now}{_token_field(request.client_token)}}}'
+    ).encode()
+
+
+def _metadata_text(patch: Mapping[str, JsonValue], stamp: str) -> str:
+    """The JSON text of ``metadata_for(patch, T)``, ``stamp`` being ``{"timestamp":T}``."""
+    parts = []
+    for key, value in patch.items():
+        if isinstance(value, dict) and value:
+            parts.append(f"{_encode_string(key)}:{_metadata_text(value, stamp)}")
+        else:
+            parts.append(f"{_encode_string(key)}:{stamp}")
+    return "{" + ",".join(parts) + "}"
 
 
 def get_document(current: ShadowDocument | None, request: GetRequest, device_id: str) -> JsonObject:
     """The ``get/accepted`` payload, or ShadowNotFound (404) for a shadow never written."""
+    return cast(JsonObject, json.loads(get_payload(current, request, device_id)))
+
+
+def get_payload(current: ShadowDocument | None, request: GetRequest, device_id: str) -> bytes:
+    """:func:`get_document` as the message payload (built from the document's cached texts)."""
     if current is None:
         raise ShadowNotFound(
             f"shadow: no shadow exists for {device_id!r}", client_token=request.client_token
         )
-    return current.get_response(request.client_token)
+    return current.get_payload(request.client_token)
 
 
 # --- rejections --------------------------------------------------------------------------------

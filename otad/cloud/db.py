@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
 
@@ -82,8 +82,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 MAX_BATCH = 2000
 
 
-@dataclass(frozen=True)
-class OutboxMessage:
+class OutboxMessage(NamedTuple):
     """A message that must reach the broker because a write committed.
 
     The messages of one :meth:`Transaction.add_outbox` call share one row and one ``id``; the
@@ -104,7 +103,9 @@ class Transaction(Protocol):
 
     def save(self, device_id: str, document: ShadowDocument) -> None: ...
 
-    def add_outbox(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]: ...
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> int:
+        """Store the messages of one write as one outbox row; return the row's id."""
+        ...
 
 
 class ShadowStore(Protocol):
@@ -212,7 +213,7 @@ class SqliteTransaction:
         self._cache[device_id] = document
         self._saves[device_id] = document
 
-    def add_outbox(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> int:
         # One row per write, not per message. Ids are handed out here (the transaction holds the
         # write lock, so no other process inserts meanwhile) and never reused: they continue
         # from AUTOINCREMENT's high-water mark.
@@ -226,7 +227,7 @@ class SqliteTransaction:
                 raise ShadowInternal(f"db: cannot read the outbox: {exc}") from exc
         self._next_id += 1
         self._rows.append((self._next_id, _pack(messages), time.time()))
-        return [OutboxMessage(m.topic, m.payload, m.qos, self._next_id) for m in messages]
+        return self._next_id
 
 
 def _pack(messages: Sequence[OutboxMessage]) -> bytes:

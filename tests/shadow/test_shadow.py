@@ -336,7 +336,7 @@ def test_apply_update_versions_and_delta_follow_the_state(
     except ShadowTooLarge:
         return
     doc = second.document
-    assert json.loads(second.documents_payload()) == second.documents
+    assert json.loads(second.documents_payload) == second.documents
     assert ShadowDocument.from_storage(doc.to_storage()) == doc
     assert doc.version == 2
     assert doc.reported == merge_state(merge_state({}, state), reported)
@@ -403,7 +403,7 @@ def test_apply_update_metadata_timestamps_are_per_key() -> None:
     assert third.document.metadata_reported == {"b": {"timestamp": 200}}
     assert third.document.timestamp == 300
     assert third.documents["previous"]["version"] == 2
-    assert json.loads(third.documents_payload()) == third.documents
+    assert json.loads(third.documents_payload) == third.documents
     assert third.documents["current"]["state"] == {"reported": {"b": 3}}
 
 
