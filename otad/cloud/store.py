@@ -280,8 +280,13 @@ class ArtifactStore:
     @property
     def open_files(self) -> int:
         """Bundle descriptors of this store not closed yet (0 once stopped)."""
-        self._readers = {r for r in self._readers if not r.closed}
+        self._forget_closed_readers()
         return len(self._readers)
+
+    def _forget_closed_readers(self) -> None:
+        # A reader whose close was deferred to its last read is closed later, by that thread;
+        # the set holds the downloads in flight plus those few, so this stays small.
+        self._readers = {r for r in self._readers if not r.closed}
 
     async def __aenter__(self) -> ArtifactStore:
         await self.start()
@@ -521,8 +526,7 @@ class ArtifactStore:
             sent = await self._send(response, reader, start, stop)
         finally:
             reader.close()  # deferred to the read in flight, if any: never blocks, never races
-            if reader.closed:
-                self._readers.discard(reader)
+            self._forget_closed_readers()
         if sent < stop - start:
             # The client went away (a device losing its link resumes with Range later).
             log.info(
