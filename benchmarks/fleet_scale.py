@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,11 @@ from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMPATIBLE = "otad-bench"
+# How long a device process waits for all its agents to hold a broker connection.
+CONNECT_WAIT = 600.0
+# Warnings in the device logs that show the system under more load than it can take.
+PREFIX = "otad-fleet-bench-"
+TROUBLE = ("download_retrying", "broker_disconnected", "job_failed", "sim_device")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -66,6 +72,34 @@ def free_port() -> int:
 # --- roles run in child processes ----------------------------------------------------------------
 
 
+async def watch_loop(out: Path, stop: asyncio.Event, period: float = 1.0) -> None:
+    """Write, once a ``period``, this process's CPU seconds and the event loop's worst lag.
+
+    A loop that is late by seconds (blocked by synchronous work, or starved of CPU) shows up
+    here while the averages of the whole run hide it. One JSON line per period.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with out.open("w") as f:
+        while not stop.is_set():
+            cpu0, t0, worst = time.process_time(), loop.time(), 0.0
+            while loop.time() - t0 < period and not stop.is_set():
+                before = loop.time()
+                await asyncio.sleep(0.05)
+                worst = max(worst, loop.time() - before - 0.05)
+            f.write(
+                json.dumps(
+                    {
+                        "t": round(t0 - start, 1),
+                        "cpu": round((time.process_time() - cpu0) / (loop.time() - t0), 2),
+                        "lag": round(worst, 3),
+                    }
+                )
+                + "\n"
+            )
+            f.flush()
+
+
 async def role_cloud(cloud_path: Path, separate_store: bool) -> None:
     from otad import logs
     from otad.cloud.pki import CloudDir
@@ -76,8 +110,10 @@ async def role_cloud(cloud_path: Path, separate_store: bool) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with CloudServer(CloudDir(cloud_path), serve_store=not separate_store):
+        watch = asyncio.create_task(watch_loop(cloud_path.parent / "cloud-loop.jsonl", stop))
         print("ready", flush=True)
         await stop.wait()
+        await watch
 
 
 async def role_store(cloud_path: Path) -> None:
@@ -99,12 +135,12 @@ async def role_store(cloud_path: Path) -> None:
         await stop.wait()
 
 
-async def role_devices(cloud_path: Path, state: Path, ids: list[str]) -> None:
+async def role_devices(cloud_path: Path, state: Path, log_path: Path, ids: list[str]) -> None:
     from otad import logs
     from otad.cli.fleet import make_fleet
     from otad.cloud.pki import CloudDir
 
-    log_file = (state.parent / f"{state.name}.log").open("w")
+    log_file = log_path.open("w")
     logs.configure(level="warning", stream=log_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,10 +154,13 @@ async def role_devices(cloud_path: Path, state: Path, ids: list[str]) -> None:
         compatible=COMPATIBLE,
         progress_interval=5.0,
     )
+    watch = asyncio.create_task(watch_loop(log_path.with_suffix(".loop.jsonl"), stop))
     await fleet.start(parallel=64)
     broken = sum(d.error is not None for d in fleet.devices)
-    print(f"ready {len(ids)} {broken}", flush=True)
+    connected = await fleet.wait_connected(CONNECT_WAIT)
+    print(f"ready {len(ids)} {broken} {connected}", flush=True)
     await stop.wait()
+    await watch
     await fleet.stop()
     log_file.close()
 
@@ -169,8 +208,27 @@ def stop_all(procs: list[subprocess.Popen[str]]) -> None:
             proc.wait()
 
 
+def trouble_counts(logs: list[Path]) -> dict[str, int]:
+    """How often each TROUBLE event appears in the device processes' logs."""
+    counts = dict.fromkeys(TROUBLE, 0)
+    for path in logs:
+        if not path.exists():
+            continue
+        with path.open(errors="replace") as f:
+            for line in f:
+                for event in TROUBLE:
+                    if event in line:
+                        counts[event] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
 def run_one(
-    n: int, per_process: int, root: Path, separate_store: bool, max_wait: float
+    n: int,
+    per_process: int,
+    root: Path,
+    state_root: Path,
+    separate_store: bool,
+    max_wait: float,
 ) -> dict[str, Any]:
     from otad.bundle import build_bundle, load_private_key
     from otad.cli.fleet import create_rollout
@@ -203,26 +261,6 @@ def run_one(
         procs.append(cloud_proc)
         wait_ready(cloud_proc, "cloud", 60)
         device_procs_from = len(procs)
-        t1 = time.monotonic()
-        groups = [ids[i : i + per_process] for i in range(0, n, per_process)]
-        for k, group in enumerate(groups):
-            procs.append(
-                spawn(
-                    "--role",
-                    "devices",
-                    "--cloud",
-                    str(cloud.root),
-                    "--state",
-                    str(root / f"devices-{k}"),
-                    "--ids",
-                    f"{group[0]}:{len(group)}",
-                )
-            )
-        broken = 0
-        for proc in procs[device_procs_from:]:
-            broken += int(wait_ready(proc, "devices", 60 + n / 20).split()[2])
-        connect_time = time.monotonic() - t1
-        assert broker.pid is not None
 
         def cpu() -> dict[str, float]:
             assert broker.pid is not None
@@ -233,6 +271,32 @@ def run_one(
                 "devices": sum(cpu_seconds(p.pid) for p in procs[device_procs_from:]),
             }
 
+        t1 = time.monotonic()
+        cpu_start = cpu()
+        groups = [ids[i : i + per_process] for i in range(0, n, per_process)]
+        states = [state_root / f"devices-{k}" for k in range(len(groups))]
+        logs = [root / f"devices-{k}.log" for k in range(len(groups))]
+        for state, log, group in zip(states, logs, groups, strict=True):
+            procs.append(
+                spawn(
+                    "--role",
+                    "devices",
+                    "--cloud",
+                    str(cloud.root),
+                    "--state",
+                    str(state),
+                    "--log",
+                    str(log),
+                    "--ids",
+                    f"{group[0]}:{len(group)}",
+                )
+            )
+        broken = connected = 0
+        for proc in procs[device_procs_from:]:
+            _, _, not_started, up = wait_ready(proc, "devices", 60 + CONNECT_WAIT).split()
+            broken += int(not_started)
+            connected += int(up)
+        connect_time = time.monotonic() - t1
         cpu0 = cpu()
         t2 = time.monotonic()
         rollout = create_rollout(
@@ -246,6 +310,7 @@ def run_one(
         store = db.RolloutDB(cloud.config().db_path)
         deadline = t2 + max_wait
         samples = []
+        last_cpu, last_t = cpu0, t2
         while time.monotonic() < deadline:
             r = store.run(lambda c: db.load_rollout(c, rollout.id))
             if not r.active:
@@ -259,7 +324,10 @@ def run_one(
                     ).fetchall()
                 )
             )
-            samples.append((round(time.monotonic() - t2, 1), counts))
+            now, now_cpu = time.monotonic(), cpu()
+            shares = {k: round((now_cpu[k] - last_cpu[k]) / (now - last_t), 2) for k in now_cpu}
+            last_cpu, last_t = now_cpu, now
+            samples.append((round(now - t2, 1), counts, shares))
             time.sleep(1.0)
         converge = time.monotonic() - t2
         cpu1 = cpu()
@@ -271,19 +339,33 @@ def run_one(
         return {
             "devices": n,
             "device_processes": len(groups),
+            "state_root": str(state_root),
             "pki_setup_s": round(setup_pki, 1),
             "connect_s": round(connect_time, 1),
             "devices_not_started": broken,
+            "devices_connected": connected,
             "converge_s": round(converge, 1),
             "rollout_state": r.state.value,
             "outcome": outcome,
             "separate_store": separate_store,
+            # share of one core over the convergence window
             **{f"{k}_cpu_share": round((cpu1[k] - cpu0[k]) / converge, 3) for k in cpu0},
+            # CPU milliseconds per device: connecting (start + TLS + first report) and updating
+            **{f"{k}_connect_cpu_ms": round((cpu0[k] - cpu_start[k]) / n * 1000, 1) for k in cpu0},
+            **{f"{k}_update_cpu_ms": round((cpu1[k] - cpu0[k]) / n * 1000, 1) for k in cpu0},
+            "load_average": [round(x, 1) for x in os.getloadavg()],
+            "trouble": trouble_counts(logs),
             "progress": samples[:: max(1, len(samples) // 12)],
         }
     finally:
         stop_all(procs)
         broker.stop()
+
+
+def default_state_root() -> Path | None:
+    """tmpfs when there is one: the devices' flash is not what this benchmark measures."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def main() -> int:
@@ -296,6 +378,13 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, help="keep the files here (default: temp dir)")
     parser.add_argument(
+        "--state-root",
+        type=Path,
+        default=default_state_root(),
+        help="where the simulated devices' dirs go (default /dev/shm: tmpfs); the cloud dir "
+        "and the replica's database stay in the work dir",
+    )
+    parser.add_argument(
         "--separate-store",
         action="store_true",
         help="serve artifacts from their own process (the replica keeps its event loop)",
@@ -303,6 +392,7 @@ def main() -> int:
     parser.add_argument("--role", choices=["cloud", "store", "devices"])
     parser.add_argument("--cloud", type=Path)
     parser.add_argument("--state", type=Path)
+    parser.add_argument("--log", type=Path)
     parser.add_argument("--ids")
     args = parser.parse_args()
     raise_fd_limit()
@@ -316,18 +406,36 @@ def main() -> int:
         first, count = args.ids.split(":")
         start = int(first[1:])
         ids = [f"b{i:05d}" for i in range(start, start + int(count))]
-        asyncio.run(role_devices(args.cloud, args.state, ids))
+        profile = os.environ.get("OTAD_BENCH_PROFILE")
+        if profile:
+            import cProfile
+
+            cProfile.runctx(
+                "asyncio.run(role_devices(args.cloud, args.state, args.log, ids))",
+                globals(),
+                {"args": args, "ids": ids},
+                f"{profile}/{args.state.name}.prof",
+            )
+        else:
+            asyncio.run(role_devices(args.cloud, args.state, args.log, ids))
         return 0
     results = []
     for n in args.devices:
         per_process = min(args.per_process, max(250, math.ceil(n / 2)))
-        if args.workdir is not None:
-            work = args.workdir / f"n{n}"
-            work.mkdir(parents=True, exist_ok=False)
-            result = run_one(n, per_process, work, args.separate_store, args.max_wait)
-        else:
-            with tempfile.TemporaryDirectory(prefix="otad-fleet-bench-") as tmp:
-                result = run_one(n, per_process, Path(tmp), args.separate_store, args.max_wait)
+        with contextlib.ExitStack() as stack:
+            if args.workdir is not None:
+                work = args.workdir / f"n{n}"
+                work.mkdir(parents=True, exist_ok=False)
+            else:
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=PREFIX)))
+            state_root = work / "sim"
+            if args.state_root is not None:
+                state_root = Path(
+                    stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix=PREFIX, dir=args.state_root)
+                    )
+                )
+            result = run_one(n, per_process, work, state_root, args.separate_store, args.max_wait)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
     if args.json:

@@ -45,6 +45,12 @@ log = structlog.get_logger(__name__)
 
 # How often the service looks for operator requests and wave timeouts when no report arrives.
 TICK = 0.5
+# Advancing the rollouts (timeouts, thresholds, next wave) looks at every device of a rollout:
+# about 6 ms for 10,000 devices here. Done after every batch of reports it took most of the
+# service's CPU in a large wave, so it runs at most this often (seconds) - and at once when a
+# rollout or an operator request arrives. No device is told anything between two steps, so a
+# wave over its threshold still pauses before another device starts.
+STEP_INTERVAL = 0.25
 # Desired-state updates in flight at once: enough to start a 10,000-device wave in seconds,
 # few enough not to flood the replica's queue.
 MAX_PARALLEL_SETS = 64
@@ -164,16 +170,21 @@ class RolloutService:
         # Commands run in the background: a 10,000-device wave takes a while to set, and the
         # reports of devices that already started must be folded in meanwhile.
         running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
         try:
             next_poll = 0.0
+            next_step = 0.0
             while not stop.is_set():
-                first = await shadows.next_report(TICK)
+                first = await shadows.next_report(min(TICK, STEP_INTERVAL))
                 reports = ([first] if first else []) + shadows.pending_reports()
                 self._apply_reports(reports)
+                news = False
                 if self._clock() >= next_poll:
-                    await self._poll_database()
+                    news = await self._poll_database()
                     next_poll = self._clock() + TICK
-                self._step_all()
+                if news or loop.time() >= next_step:
+                    self._step_all()
+                    next_step = loop.time() + STEP_INTERVAL
                 await self._flush()
                 for command in self._due_commands():
                     task = asyncio.create_task(self._one_kept(shadows, command))
@@ -222,7 +233,8 @@ class RolloutService:
             for command in commands:
                 self._unsent[command.device_id] = command
 
-    async def _poll_database(self) -> None:
+    async def _poll_database(self) -> bool:
+        """Adopt new rollouts, answer operator requests; True if there was any."""
         known = set(self._live)
 
         def poll(
@@ -249,6 +261,7 @@ class RolloutService:
             # Persist the rollouts the requests changed before saying "done" to the operator.
             await self._flush()
             await self._run_db(finish)
+        return bool(fresh or results)
 
     def _handle_request(self, request: db.Request) -> str:
         live = self._live.get(request.rollout_id)

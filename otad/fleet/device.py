@@ -143,6 +143,17 @@ class SimulatedDevice:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def connected(self) -> bool:
+        """Its agent runs and holds a broker connection (it would see a new desired state)."""
+        agent = self._agent
+        return (
+            self.running
+            and agent is not None
+            and agent.session is not None
+            and agent.session.connected.is_set()
+        )
+
     async def start(self) -> None:
         """Power on: the sim bootloader picks a slot, an agent starts on it."""
         if self.running:

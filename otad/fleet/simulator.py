@@ -3,6 +3,12 @@
 Devices are started a few at a time (each opens a TLS connection: a thousand handshakes at once
 would only make the broker and this process fight over the CPU) and run until ``stop``. Which
 devices fail is decided up front from a seed, so a run can be repeated.
+
+The agents share the event loop's default thread pool, which each agent uses for its blocking
+steps: journal and slot writes, and the MQTT connect (aiomqtt runs paho's blocking connect and
+TLS handshake in it). asyncio sizes that pool for one program (CPUs + 4 threads); hundreds of
+agents queued behind six threads, each held for a whole handshake round trip with a busy broker,
+stall every reboot of the fleet. :meth:`Fleet.start` gives the loop a pool sized for the fleet.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,16 @@ __layer__ = "root"
 log = structlog.get_logger(__name__)
 
 START_PARALLEL = 32
+# Threads of the shared pool: one per this many devices, within the bounds below. Threads mostly
+# wait (for the broker's TLS answer, for the disk), so more threads than CPUs is the point.
+DEVICES_PER_THREAD = 8
+MIN_THREADS = 8
+MAX_THREADS = 256
+
+
+def pool_size(devices: int) -> int:
+    """Threads of the default executor for ``devices`` agents in one process."""
+    return max(MIN_THREADS, min(MAX_THREADS, -(-devices // DEVICES_PER_THREAD)))
 
 
 @dataclass(frozen=True)
@@ -81,8 +98,14 @@ class Fleet:
             for device_id in device_ids
         ]
         self.faults = faults
+        self._pool: ThreadPoolExecutor | None = None
 
     async def start(self, parallel: int = START_PARALLEL) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                pool_size(len(self.devices)), thread_name_prefix="otad-sim"
+            )
+            asyncio.get_running_loop().set_default_executor(self._pool)
         gate = asyncio.Semaphore(parallel)
 
         async def one(device: SimulatedDevice) -> None:
@@ -92,6 +115,21 @@ class Fleet:
         await asyncio.gather(*(one(d) for d in self.devices))
         broken = [d.device_id for d in self.devices if d.error is not None]
         log.info("sim_fleet_started", devices=len(self.devices), broken=len(broken))
+
+    async def wait_connected(self, within: float, poll: float = 0.2) -> int:
+        """Wait until every device holds a broker connection, at most ``within`` seconds.
+
+        A started agent is ready before it has connected (it recovers its journal first): a
+        rollout measured from "started" would also time the connection storm. Returns how many
+        devices are connected at the end.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            count = sum(d.connected for d in self.devices)
+            if count == len(self.devices) or loop.time() >= deadline:
+                return count
+            await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
 
     async def stop(self) -> None:
         await asyncio.gather(*(d.stop() for d in self.devices))
