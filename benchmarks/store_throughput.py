@@ -88,7 +88,11 @@ def write_payload(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def nginx_conf(prefix: Path, port: int, cloud: pki.CloudDir, root: Path) -> str:
+def nginx_conf(
+    prefix: Path, port: int, cloud: pki.CloudDir, root: Path, output_buffers: str | None
+) -> str:
+    # nginx reads a file into output_buffers (default 2 x 32k) and writes TLS records from them.
+    buffers = f"output_buffers {output_buffers};" if output_buffers else ""
     return f"""
 worker_processes 1;
 daemon off;
@@ -103,6 +107,7 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     sendfile on;
+    {buffers}
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {cloud.server.cert};
@@ -316,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         info.path.chmod(0o644)
 
         port = free_port()
-        (base / "nginx.conf").write_text(nginx_conf(base, port, cloud, www))
+        (base / "nginx.conf").write_text(nginx_conf(base, port, cloud, www, args.nginx_buffers))
         nginx = subprocess.Popen(
             [*pin, nginx_bin, "-p", str(base), "-c", str(base / "nginx.conf")],
             stdout=subprocess.DEVNULL,
@@ -342,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             nginx.terminate()
             nginx.wait(10)
+    print(f"nginx output_buffers: {args.nginx_buffers or 'default (2 32k)'}")
     figures = report(samples, size, args.reps, chunk, args.pin)
     if args.json:
         print(json.dumps(figures))
@@ -355,6 +361,11 @@ def main() -> int:
     parser.add_argument("--chunk", default="1M", help="store read/write chunk (default 1M)")
     parser.add_argument("--dir", default=None, help="where to put the temporary files")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    parser.add_argument(
+        "--nginx-buffers",
+        default=None,
+        help='nginx output_buffers, e.g. "2 1m" (default: nginx\'s own, 2 32k)',
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
