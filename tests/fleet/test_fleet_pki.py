@@ -4,6 +4,8 @@ and a bad batch must leave nothing behind."""
 
 from __future__ import annotations
 
+import os
+import resource
 import ssl
 import stat
 import subprocess
@@ -14,6 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from otad.cli.fleet import ensure_identities
+from otad.cloud import pki
 from otad.cloud.pki import CloudDir, add_device, add_devices, init_cloud
 from otad.errors import ConfigError
 
@@ -118,3 +121,20 @@ def test_fleet_ensure_identities_issues_only_the_missing(cloud: CloudDir) -> Non
     assert ensure_identities(cloud, ["a1", "m1", "m2"]) == 2
     assert ensure_identities(cloud, ["a1", "m1", "m2"]) == 0
     assert cloud.device_ids() == ["a1", "m1", "m2"]
+
+
+def test_pki_add_devices_keeps_few_files_open(
+    cloud: CloudDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 10,000 devices are 20,000 files: a batch must not hold a descriptor per file.
+    monkeypatch.setattr(pki, "_OPEN_AT_ONCE", 16)
+    in_use = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 48, hard))
+    try:
+        identities = add_devices(cloud.root, [f"many-{n}" for n in range(100)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(identities) == 100
+    assert all(i.cert.exists() and i.key.exists() for i in identities)
+    assert leftovers(cloud) == []
