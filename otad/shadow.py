@@ -583,6 +583,7 @@ class ShadowDocument:
     __slots__ = (
         "_delta",
         "_snapshot",
+        "_state",
         "_texts",
         "_token_texts",
         "desired",
@@ -616,6 +617,7 @@ class ShadowDocument:
         self.remembered = remembered
         self._texts: list[str | None] = texts if texts is not None else [None, None, None, None]
         self._token_texts = token_texts
+        self._state: str | None = None
         self._snapshot: str | None = None
         self._delta: JsonObject | None = None
 
@@ -655,9 +657,11 @@ class ShadowDocument:
 
     @property
     def state_json(self) -> str:
-        return _sections(
-            self._part(0) if self.desired else None, self._part(1) if self.reported else None
-        )
+        if self._state is None:
+            self._state = _sections(
+                self._part(0) if self.desired else None, self._part(1) if self.reported else None
+            )
+        return self._state
 
     @property
     def metadata_json(self) -> str:

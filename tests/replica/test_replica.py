@@ -81,6 +81,34 @@ async def test_replica_version_conflict_is_rejected_409(
     assert doc["state"]["reported"] == {"a": 3} and doc["version"] == 2
 
 
+async def test_replica_retry_with_same_client_token__same_accepted_no_new_version(
+    cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
+) -> None:
+    """A device that missed its accepted and retries (same token, same content) gets the same
+    accepted again: no second version, no second delta or documents message."""
+    async with device(cloud_dir, broker, "dev3") as dev:
+        report = {"state": {"reported": {"fw": "1.0", "temp": 20}}, "clientToken": "dev3-r1"}
+        first = await dev.request("update", report, "update/accepted")
+        again = await dev.request("update", report, "update/accepted")
+        assert again == first and first["version"] == 1
+        # An operator's update in between does not make the retry a new update.
+        await fleet.update_desired("dev3", {"fw": "1.1"})
+        late = await dev.request("update", report, "update/accepted")
+        assert late == first
+        # The same token with other content is a new update (a token counter that restarted).
+        changed = {"state": {"reported": {"fw": "1.1"}}, "clientToken": "dev3-r1"}
+        new = await dev.request("update", changed, "update/accepted")
+        assert new["version"] == 3
+        # Documents go out before their accepted on one connection: all of them are here.
+        versions = [d["current"]["version"] for d in dev.of("update/documents")]
+        assert versions == [1, 2, 3]
+        assert [d["version"] for d in dev.of("update/delta")] == [2]
+        document = await fleet.get("dev3")
+    assert document["version"] == 3
+    assert document["state"]["reported"] == {"fw": "1.1", "temp": 20}
+    assert replica.stats.replayed == 2 and replica.stats.accepted == 3
+
+
 @pytest.mark.parametrize(
     ("payload", "code", "token"),
     [

@@ -116,6 +116,37 @@ async def test_replica_killed_in_committed__outbox_republishes_on_restart(
                 await asyncio.sleep(0.05)
 
 
+async def test_replica_killed_in_committed__retry_with_same_token_is_applied_once(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path
+) -> None:
+    """Kill -9 between the durable write and the publish; the device retries with the same
+    clientToken after the restart: one version, the outbox's accepted and the retry's answer are
+    the same message, one delta, no documents."""
+    db = tmp_path / "shadow.db"
+    request = {"state": {"desired": {"led": "off"}}, "clientToken": "dev1-job-7"}
+    async with device(cloud_dir, broker, "dev1") as dev:
+        with replica_process(cloud_dir, db, "--kill-at", "committed") as proc:
+            await dev.publish("update", request)
+            assert await asyncio.to_thread(wait_exit, proc) == -signal.SIGKILL
+        assert stored(db, "dev1") == (1, 1)  # durable, in the outbox, never published
+        with replica_process(cloud_dir, db) as proc:
+            republished = (await dev.wait_for("update/accepted"))[0]
+            # The device's timeout fired before the republish reached it: it retries.
+            await dev.publish("update", request)
+            accepted = await dev.wait_for("update/accepted", count=2)
+            await dev.wait_for("update/delta")
+            deadline = time.monotonic() + 10
+            while stored(db, "dev1")[1] != 0:  # the outbox row closes on the PUBACK
+                assert time.monotonic() < deadline, "outbox not emptied"
+                await asyncio.sleep(0.05)
+        assert accepted == [republished, republished]
+        assert republished["version"] == 1 and republished["clientToken"] == "dev1-job-7"
+        assert stored(db, "dev1") == (1, 0)
+        assert len(dev.of("update/delta")) == 1
+        assert dev.of("update/documents") == []
+        assert proc.stats == {**proc.stats, "replayed": 1, "accepted": 0}  # type: ignore[attr-defined]
+
+
 async def test_replica_killed_in_received__nothing_stored_nothing_acknowledged(
     cloud_dir: CloudDir, broker: Any, tmp_path: Path
 ) -> None:

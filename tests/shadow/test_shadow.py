@@ -507,3 +507,192 @@ def test_client_token_of_is_best_effort() -> None:
     assert shadow.client_token_of(b'{"clientToken": "a", "state": 5}') == "a"
     assert shadow.client_token_of(b"garbage") is None
     assert shadow.client_token_of(b'{"clientToken": 1}') is None
+
+
+# --- payloads built from texts match the documents they stand for ------------------------------
+
+
+def reference_accepted(request: UpdateRequest, version: int, now: int) -> dict[str, Any]:
+    """The accepted message as the protocol defines it, built from dicts."""
+    state = request.to_payload()["state"]
+    meta: dict[str, Any] = {}
+    for name, section in state.items():
+        meta[name] = {"timestamp": now} if section is None else shadow.metadata_for(section, now)
+    out: dict[str, Any] = {"state": state, "metadata": meta, "version": version, "timestamp": now}
+    if request.client_token is not None:
+        out["clientToken"] = request.client_token
+    return out
+
+
+@given(states, patches, patches, st.one_of(st.none(), st.text(max_size=8)))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_apply_update_payloads_are_the_compact_json_of_the_protocol_documents(
+    state: dict[str, Any], desired: dict[str, Any], reported: dict[str, Any], token: str | None
+) -> None:
+    first = update(None, {"state": {"reported": state}})
+    payload: dict[str, Any] = {"state": {"desired": desired or None, "reported": reported}}
+    if token is not None:
+        payload["clientToken"] = token
+    request = parse_update(json.dumps(payload).encode())
+    try:
+        out = apply_update(first.document, request, NOW + 1)
+    except ShadowTooLarge:
+        return
+    doc = out.document
+    assert out.accepted == reference_accepted(request, 2, NOW + 1)
+    expected_documents: dict[str, Any] = {
+        "previous": first.document.snapshot(),
+        "current": doc.snapshot(),
+        "timestamp": NOW + 1,
+    }
+    if token is not None:
+        expected_documents["clientToken"] = token
+    assert out.documents == expected_documents
+    got = json.loads(doc.get_payload("g"))
+    expected_state = doc.state()
+    if doc.delta:
+        expected_state["delta"] = doc.delta
+    assert got == {
+        "state": expected_state,
+        "metadata": doc.metadata(),
+        "version": 2,
+        "timestamp": NOW + 1,
+        "clientToken": "g",
+    }
+    # Byte for byte the compact encoding (key order included), as the dict path produced it.
+    for raw in (out.accepted_payload, out.documents_payload, doc.get_payload(None)):
+        assert raw is not None
+        assert raw.decode() == shadow.compact_json(json.loads(raw))
+    assert doc.to_storage() == shadow.compact_json(json.loads(doc.to_storage()))
+
+
+# --- retries (clientToken) ---------------------------------------------------------------------
+
+
+def test_apply_update_retry_with_same_token_and_content__replays_the_accepted() -> None:
+    first = update(None, {"state": {"desired": {"led": "on"}}, "clientToken": "t1"})
+    retry = update(first.document, {"state": {"desired": {"led": "on"}}, "clientToken": "t1"})
+    assert retry.replayed
+    assert retry.accepted_payload == first.accepted_payload  # same version, same timestamps
+    assert retry.document is first.document  # nothing changed, nothing to store
+    assert retry.documents_payload is None and retry.delta_payload is None
+    assert first.delta is not None  # the first one had a delta; the retry sends none
+
+
+def test_apply_update_retry_after_other_updates__still_replayed() -> None:
+    first = update(None, {"state": {"reported": {"fw": "1.0"}}, "clientToken": "a"})
+    other = update(first.document, {"state": {"desired": {"fw": "2.0"}}, "clientToken": "b"})
+    retry = update(
+        other.document, {"state": {"reported": {"fw": "1.0"}}, "clientToken": "a"}, NOW + 5
+    )
+    assert retry.replayed and retry.accepted["version"] == 1
+    assert retry.accepted["metadata"] == {"reported": {"fw": {"timestamp": NOW}}}
+    assert retry.document.version == 2
+
+
+def test_apply_update_retry_with_the_original_version__replayed_instead_of_409() -> None:
+    first = update(None, {"state": {"reported": {"a": 1}}, "version": 0, "clientToken": "v"})
+    retry = update(
+        first.document, {"state": {"reported": {"a": 1}}, "version": 0, "clientToken": "v"}
+    )
+    assert retry.replayed and retry.accepted["version"] == 1
+    with pytest.raises(ShadowVersionConflict):  # another token with that version conflicts
+        update(first.document, {"state": {"reported": {"a": 1}}, "version": 0, "clientToken": "w"})
+
+
+def test_apply_update_same_token_other_content__is_a_new_update() -> None:
+    first = update(None, {"state": {"reported": {"a": 1}}, "clientToken": "boot-1"})
+    # A device whose token counter restarted at boot: same token, other values.
+    second = update(first.document, {"state": {"reported": {"a": 2}}, "clientToken": "boot-1"})
+    assert not second.replayed and second.document.version == 2
+    assert second.document.reported == {"a": 2}
+    # One entry per token: the token now stands for the second update.
+    assert [(e.client_token, e.version) for e in second.document.remembered] == [("boot-1", 2)]
+    again = update(second.document, {"state": {"reported": {"a": 2}}, "clientToken": "boot-1"})
+    assert again.replayed and again.accepted["version"] == 2
+
+
+def test_apply_update_same_token_and_content_but_state_changed_since__is_applied() -> None:
+    first = update(None, {"state": {"reported": {"a": 1}}, "clientToken": "t"})
+    changed = update(first.document, {"state": {"reported": {"a": 5}}, "clientToken": "u"})
+    # Answering from memory would leave a=5 where the request asks for a=1: apply it.
+    again = update(changed.document, {"state": {"reported": {"a": 1}}, "clientToken": "t"})
+    assert not again.replayed and again.document.reported == {"a": 1}
+    assert again.document.version == 3
+
+
+def test_apply_update_without_token__never_replayed_and_not_remembered() -> None:
+    first = update(None, {"state": {"reported": {"a": 1}}})
+    second = update(first.document, {"state": {"reported": {"a": 1}}})
+    assert not second.replayed and second.document.version == 2
+    assert second.document.remembered == ()
+
+
+def test_apply_update_remembers_the_last_updates_only() -> None:
+    doc = update(None, {"state": {"reported": {"k": "first"}}, "clientToken": "old"}).document
+    for i in range(shadow.MAX_REMEMBERED_UPDATES):
+        doc = update(doc, {"state": {"reported": {f"n{i}": i}}, "clientToken": f"t{i}"}).document
+    assert len(doc.remembered) == shadow.MAX_REMEMBERED_UPDATES
+    assert "old" not in {e.client_token for e in doc.remembered}
+    # Out of the window: the retry is applied again (a new version, same values).
+    late = update(doc, {"state": {"reported": {"k": "first"}}, "clientToken": "old"})
+    assert not late.replayed and late.document.version == doc.version + 1
+    recent = update(doc, {"state": {"reported": {"n7": 7}}, "clientToken": "t7"})
+    assert recent.replayed
+
+
+def test_apply_update_null_section_retry_and_text_reset() -> None:
+    first = update(None, {"state": {"desired": {"a": 1}, "reported": {"b": 2}}})
+    deleted = update(first.document, {"state": {"desired": None}, "clientToken": "d"})
+    assert deleted.document.state() == {"reported": {"b": 2}}
+    assert json.loads(deleted.document.to_storage())["state"] == {"reported": {"b": 2}}
+    assert update(deleted.document, {"state": {"desired": None}, "clientToken": "d"}).replayed
+
+
+def test_storage_keeps_remembered_updates_and_reads_rows_without_them() -> None:
+    doc = update(None, {"state": {"reported": {"a": 1}}, "clientToken": 'x\u00e9"y'}).document
+    back = ShadowDocument.from_storage(doc.to_storage())
+    assert back == doc and back.remembered == doc.remembered
+    assert update(back, {"state": {"reported": {"a": 1}}, "clientToken": 'x\u00e9"y'}).replayed
+    legacy = (
+        '{"state":{"reported":{"a":1}},"metadata":{"reported":{"a":{"timestamp":1}}},'
+        '"version":1,"timestamp":1}'
+    )
+    assert ShadowDocument.from_storage(legacy).remembered == ()
+    for bad in ('[["t", "f", 1]]', '[["t", "f", "1", 2]]', "[5]", '"x"'):
+        text = legacy[:-1] + f',"clientTokens":{bad}}}'
+        with pytest.raises(ShadowInternal):
+            ShadowDocument.from_storage(text)
+
+
+tokens = st.sampled_from(["t0", "t1", "t2", None])
+
+
+@given(st.lists(st.tuples(tokens, patches, st.booleans()), min_size=1, max_size=12))
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_apply_update_retries_never_change_the_outcome_of_a_sequence(
+    steps: list[tuple[str | None, dict[str, Any], bool]],
+) -> None:
+    """Sending a request twice in a row ends in the same state as sending it once, and the
+    retry's answer is the first answer."""
+    once: ShadowDocument | None = None
+    twice: ShadowDocument | None = None
+    for token, patch, retried in steps:
+        payload: dict[str, Any] = {"state": {"reported": patch}}
+        if token is not None:
+            payload["clientToken"] = token
+        try:
+            a = update(once, payload)
+        except ShadowTooLarge:
+            return
+        once = a.document
+        b = update(twice, payload)
+        twice = b.document
+        if retried:
+            again = update(twice, payload)
+            if token is not None:
+                assert again.replayed and again.accepted_payload == b.accepted_payload
+                assert again.document is twice
+            else:
+                twice = again.document  # no token: applied again, same values
+        assert twice.reported == once.reported
