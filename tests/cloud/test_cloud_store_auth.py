@@ -193,6 +193,20 @@ def test_store_token_round_trip_expiry_and_tampering() -> None:
 
 
 @settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
+@given(data=st.data(), artifact=st.sampled_from([ART, None]))
+def test_store_token_any_changed_character_is_refused(
+    data: st.DataObject, artifact: str | None
+) -> None:
+    signer = Signer(SECRET, "https://h")
+    token, _ = signer.issue_token("dev1", artifact, 60, now=NOW)
+    at = data.draw(st.integers(0, len(token) - 1))
+    char = data.draw(st.characters(codec="ascii").filter(lambda c: c != token[at]))
+    with pytest.raises(AuthError) as info:
+        signer.check_token(token[:at] + char + token[at + 1 :], now=NOW)
+    assert not isinstance(info.value, AuthExpired)
+
+
+@settings(deadline=None)  # shared CI machine: no per-example wall-clock limit
 @given(st.text(max_size=200))
 def test_store_check_token_garbage_only_raises_auth_error(text: str) -> None:
     with pytest.raises(AuthError):
