@@ -80,6 +80,7 @@ class ShadowSession:
         self._seq = 0  # bumped by every report()
         self._acked = 0  # highest seq known to be accepted (or given up on)
         self._rejected = 0  # highest seq given up on because the replica rejected it
+        self._named: tuple[int, str] | None = None  # (seq, clientToken) the caller chose
         self._changed = asyncio.Event()
         self._acked_cond = asyncio.Condition()
         self._waiters: dict[str, asyncio.Future[tuple[bool, dict[str, Any]]]] = {}
@@ -90,10 +91,15 @@ class ShadowSession:
 
     # --- reports -------------------------------------------------------------------------------
 
-    def report(self, reported: Mapping[str, Any]) -> int:
-        """Queue ``reported`` (merged with anything not yet sent); returns its sequence number."""
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
+        """Queue ``reported`` (merged with anything not yet sent); returns its sequence number.
+
+        ``client_token`` names this report for the replica (the same token in another process
+        is the same update); without one, or once a later report is merged in, the session
+        makes one up."""
         self._pending = merge_reported(self._pending or {}, reported)
         self._seq += 1
+        self._named = (self._seq, client_token) if client_token else None
         self._changed.set()
         return self._seq
 
@@ -131,8 +137,12 @@ class ShadowSession:
                 await self._changed.wait()
                 continue
             if token is None or sent_seq != self._seq:
-                token = f"{self._token_prefix}-{next(self._tokens)}"
                 sent_seq = self._seq
+                named = self._named
+                if named is not None and named[0] == sent_seq:
+                    token = named[1]
+                else:
+                    token = f"{self._token_prefix}-{next(self._tokens)}"
             snapshot = self._pending
             future: asyncio.Future[tuple[bool, dict[str, Any]]] = (
                 asyncio.get_running_loop().create_future()

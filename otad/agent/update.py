@@ -26,6 +26,7 @@ start resumes the job.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import json
 import time
@@ -193,7 +194,7 @@ def read_version_file(path: Path | None) -> str | None:
 
 
 class Reporter(Protocol):
-    def report(self, reported: Mapping[str, Any]) -> int: ...
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int: ...
 
     async def flush(self, within: float) -> bool: ...
 
@@ -297,13 +298,15 @@ class UpdateRunner:
             }
         }
 
-    def report_state(self, state: str, **fields: Any) -> int:
+    def report_state(self, state: str, *, client_token: str | None = None, **fields: Any) -> int:
         """Update the reported software entry (and the systemd STATUS= line)."""
         self.progress = Progress(
             state, fields.get("progress") or 0, fields.get("job_id"), time.monotonic()
         )
         self.notifier.status(_status_line(state, fields.get("progress"), fields.get("job_id")))
-        return self.reporter.report(self.software_report(state, **fields))
+        return self.reporter.report(
+            self.software_report(state, **fields), client_token=client_token
+        )
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -322,12 +325,17 @@ class UpdateRunner:
         self.beat()
 
     async def _final_report(self, record: JobRecord) -> JobRecord:
-        """Report a final state, and once accepted store ``reported`` in the journal."""
+        """Report a final state, and once accepted store ``reported`` in the journal.
+
+        The report's clientToken is derived from the device, the job and the final state, so
+        every send of it (a retry, or a restart after a crash before the journal said
+        ``reported``) is the same update to the replica, which applies it once."""
         state = reported_state(record.state)
         extra: dict[str, Any] = {"job_id": record.job_id, "error": record.error}
         if record.state == State.SUCCEEDED:
             extra["progress"] = 100
-        self.report_state(state, **extra)
+        token = final_report_token(self.config.device_id, record.job_id, state)
+        self.report_state(state, client_token=token, **extra)
         if await self.reporter.flush(_FINAL_REPORT_WAIT):
             self.crash.hit(f"reported:{state}")
             record = await asyncio.to_thread(self.journal.update, record, reported=True)
@@ -381,10 +389,13 @@ class UpdateRunner:
         step = action.step
         if record is None or step == Step.NONE:
             if record is not None and record.final:
-                # nothing to do, but say the truth about the last job again (idempotent)
+                # nothing to do, but say the truth about the last job again: as the same update
+                # as its final report, which the replica does not apply twice
                 progress = 100 if record.state == State.SUCCEEDED else None
+                state = reported_state(record.state)
                 self.report_state(
-                    reported_state(record.state),
+                    state,
+                    client_token=final_report_token(self.config.device_id, record.job_id, state),
                     job_id=record.job_id,
                     progress=progress,
                     error=record.error,
@@ -802,6 +813,12 @@ class UpdateRunner:
         self.report_state("verifying", job_id=record.job_id, error=record.error)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
+
+
+def final_report_token(device_id: str, job_id: str, state: str) -> str:
+    """The clientToken of a job's final report: the same in every process (at most 64 bytes)."""
+    digest = hashlib.sha256(f"{device_id}\0{job_id}\0{state}".encode()).hexdigest()
+    return f"final-{digest[:40]}"
 
 
 def _status_line(state: str, progress: int | None, job_id: str | None) -> str:

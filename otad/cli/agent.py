@@ -277,7 +277,7 @@ class _ProgressReporter:
         self.last: Mapping[str, Any] = {}
         self._seq = 0
 
-    def report(self, reported: Mapping[str, Any]) -> int:
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
         software = reported.get("software") or {}
         self.last = software
         state = software.get("state", "?")

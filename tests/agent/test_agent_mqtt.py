@@ -164,6 +164,32 @@ async def test_mqtt_report_rejected_as_throttled_is_retried_until_accepted(
     assert len(peer.updates) == 2
 
 
+async def test_mqtt_named_report_keeps_its_token_across_retries_and_sessions(
+    peer: Peer, session_docs: Any, cloud_dir: Any, broker: Any
+) -> None:
+    session, _ = session_docs
+    peer.drop_updates = 1
+    session.report({"software": {"state": "succeeded"}}, client_token="final-abc")
+    assert await session.flush(10)
+    assert [u["clientToken"] for u in peer.updates] == ["final-abc", "final-abc"]
+    # a report merged in after it is another update: it gets a token of its own
+    session.report({"software": {"state": "succeeded"}}, client_token="final-abc")
+    session.report({"software": {"progress": 100}})
+    assert await session.flush(10)
+    assert peer.updates[-1]["clientToken"] != "final-abc"
+    # another session (a restart) sends the same named report under the same token
+    other = ShadowSession(device_config(cloud_dir, broker, client_id="dev1-again"), lambda d: None)
+    task = asyncio.create_task(other.run())
+    try:
+        other.report({"software": {"state": "succeeded"}}, client_token="final-abc")
+        assert await other.flush(10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert peer.updates[-1]["clientToken"] == "final-abc"
+
+
 async def test_mqtt_reports_coalesce_to_the_latest_state(peer: Peer, session_docs: Any) -> None:
     session, _ = session_docs
     peer.drop_updates = 1

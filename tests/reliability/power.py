@@ -167,7 +167,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
 
-    def report(self, reported: Mapping[str, Any]) -> int:
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
         self.reports.append(dict(reported["software"]))
         return len(self.reports)
 

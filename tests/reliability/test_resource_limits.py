@@ -48,7 +48,7 @@ class ListReporter:
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
 
-    def report(self, reported: Mapping[str, Any]) -> int:
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
         self.reports.append(dict(reported))
         return len(self.reports)
 
