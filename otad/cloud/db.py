@@ -17,8 +17,9 @@ default, tuned for a single host:
   acknowledged them (:meth:`ShadowStore.outbox_done`); on start, whatever is left was committed
   but maybe not published and is published again (at least once).
 * Several processes may share one database file (replicas splitting load with a shared
-  subscription): every batch takes the write lock with ``BEGIN IMMEDIATE`` and the writer's
-  document cache is dropped whenever ``PRAGMA data_version`` shows another connection committed.
+  subscription): every batch takes the write lock with ``BEGIN IMMEDIATE``; when
+  ``PRAGMA data_version`` shows another connection committed, a cached document is used only
+  after its stored version was checked (a cheap indexed read instead of parsing the row).
 
 Other owners' tables (e.g. rollouts) live in the same database file::
 
@@ -80,6 +81,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 # How many units one transaction takes at most: bounds the latency of the first unit of a batch
 # and the memory of one batch; at ~20 us per unit this is well under the time of one fsync.
 MAX_BATCH = 2000
+
+# Documents the writer keeps in memory (a few KiB each); past this the cache starts over.
+MAX_CACHED = 100_000
 
 
 class OutboxMessage(NamedTuple):
@@ -145,9 +149,21 @@ class SqliteTransaction:
     a large share of the writer's time when the event loop thread is busy too.
     """
 
-    def __init__(self, connection: sqlite3.Connection, cache: dict[str, ShadowDocument]) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        cache: dict[str, ShadowDocument],
+        *,
+        verify: bool = False,
+    ) -> None:
         self.connection = connection
         self._cache = cache
+        # verify: another process committed since our last transaction, so a cached document
+        # is used only after its stored version was checked (once per device and transaction:
+        # the transaction holds the write lock). A version names one document: every write
+        # of a shadow raises it.
+        self._verify = verify
+        self._verified: set[str] = set()
         # Cache entries a unit replaced, to put back if the unit is rolled back.
         self._undo: dict[str, ShadowDocument | None] = {}
         self._saves: dict[str, ShadowDocument] = {}
@@ -161,6 +177,7 @@ class SqliteTransaction:
 
     def rollback_unit(self) -> None:
         for device_id, previous in self._undo.items():
+            self._verified.discard(device_id)  # checked again if used: always safe
             if previous is None:
                 self._cache.pop(device_id, None)
             else:
@@ -193,7 +210,18 @@ class SqliteTransaction:
     def load(self, device_id: str) -> ShadowDocument | None:
         doc = self._cache.get(device_id)
         if doc is not None:
-            return doc
+            if not self._verify or device_id in self._verified:
+                return doc
+            self._verified.add(device_id)
+            try:
+                row = self.connection.execute(
+                    "SELECT version FROM shadows WHERE device_id = ?", (device_id,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise ShadowInternal(f"db: cannot read the shadow of {device_id}: {exc}") from exc
+            if row is not None and row[0] == doc.version:
+                return doc
+            self._cache.pop(device_id, None)
         try:
             row = self.connection.execute(
                 "SELECT document FROM shadows WHERE device_id = ?", (device_id,)
@@ -211,6 +239,7 @@ class SqliteTransaction:
         if device_id not in self._undo:
             self._undo[device_id] = self._cache.get(device_id)
         self._cache[device_id] = document
+        self._verified.add(device_id)  # ours, newer than the row until the unit is flushed
         self._saves[device_id] = document
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> int:
@@ -273,11 +302,17 @@ class SqliteStore:
     """SQLite implementation of :class:`ShadowStore` (see the module docstring)."""
 
     def __init__(
-        self, path: Path, *, schemas: Sequence[str] = (), max_batch: int = MAX_BATCH
+        self,
+        path: Path,
+        *,
+        schemas: Sequence[str] = (),
+        max_batch: int = MAX_BATCH,
+        max_cached: int = MAX_CACHED,
     ) -> None:
         self.path = Path(path)
         self.schemas = tuple(schemas)
         self.max_batch = max_batch
+        self.max_cached = max_cached
         self._queue: queue.SimpleQueue[_Unit | _Stop] = queue.SimpleQueue()
         self._done_ids: list[int] = []
         self._done_lock = threading.Lock()
@@ -440,11 +475,12 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             seen = conn.execute("PRAGMA data_version").fetchone()[0]
-            if seen != data_version:
-                cache.clear()  # another process committed: our cached documents may be stale
+            if len(cache) > self.max_cached:
+                cache.clear()  # a bound on memory; documents are read again when needed
             if done:
                 conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in done])
-            txn = SqliteTransaction(conn, cache)
+            # Another process committed: our cached documents may be stale (checked on use).
+            txn = SqliteTransaction(conn, cache, verify=seen != data_version)
             for unit in batch:
                 if unit.future.cancelled():
                     continue

@@ -89,8 +89,30 @@ async def test_db_two_stores_on_one_file_see_each_others_commits(tmp_path: Path)
         await one.transact(lambda txn: txn.save("dev1", doc(1)))
         assert await two.read("dev1") == doc(1)  # now cached in two
         await one.transact(lambda txn: txn.save("dev1", doc(2)))
-        # two's cache is dropped because data_version moved: it reads version 2.
+        # data_version moved: two checks the row's version and reads version 2.
         assert await two.read("dev1") == doc(2)
+
+
+async def test_db_cached_document_checked_after_another_process_committed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStore(path) as one, SqliteStore(path, max_cached=1) as two:
+        await two.transact(lambda txn: txn.save("dev1", doc(1, a=1)))
+        await one.transact(lambda txn: txn.save("dev2", doc(1)))  # data_version moves for two
+
+        def update(txn: Transaction) -> list[ShadowDocument | None]:
+            seen = [txn.load("dev1")]  # cached, version checked against the row: still 1
+            txn.save("dev1", doc(2, a=2))
+            seen.append(txn.load("dev1"))  # our own write, not yet in the row
+            return seen
+
+        assert await two.transact(update) == [doc(1, a=1), doc(2, a=2)]
+        await one.transact(lambda txn: txn.save("dev1", doc(3, a=3)))
+        assert await two.read("dev1") == doc(3, a=3)  # the row moved on: read again
+        # Past max_cached the cache starts over; reads stay right.
+        assert await two.read("dev2") == doc(1)
+        assert await two.read("dev1") == doc(3, a=3)
 
 
 async def test_db_other_owners_tables_share_the_file(tmp_path: Path) -> None:
