@@ -70,17 +70,7 @@ async def refusal(cloud: CloudEnv, artifact: str, who: str | None, token: str) -
 
 async def target(cloud: CloudEnv, device: str, artifact: str, job: str = "j-1") -> None:
     """What an operator does for the token flow: a relative artifact URL with auth "token"."""
-    await cloud.set_desired(
-        device,
-        {
-            "software": {
-                "version": "2.0",
-                "url": f"/v1/artifacts/{artifact}",
-                "auth": "token",
-                "jobId": job,
-            }
-        },
-    )
+    await cloud.target(device, artifact, job_id=job)
 
 
 async def token_for(cloud: CloudEnv, who: str, artifact: str | None, **extra: Any) -> str:
@@ -266,8 +256,13 @@ async def test_store_on_its_own_reads_targets_from_the_replica_database(
     async with alone:
         url = f"{alone.url}/v1/credentials"
         async with cloud.http("dev2") as session:
-            async with session.post(url, json={"artifact": x}) as resp:
-                assert resp.status == 403
+
+            async def ask(artifact: str) -> int:
+                async with session.post(url, json={"artifact": artifact}) as resp:
+                    return resp.status
+
+            # Parallel first requests: the database is opened once and every answer is right.
+            assert await asyncio.gather(*(ask(x) for _ in range(6))) == [403] * 6
             await target(cloud, "dev2", x)
             async with session.post(url, json={"artifact": x}) as resp:
                 assert resp.status == 200

@@ -22,7 +22,9 @@ Fixtures
     expires_in=3600) -> url``, ``store_url``, ``await set_desired(device_id, dict)``,
     ``await get_document(device_id)``, ``mqtt(who)``, ``http(who)`` (aiohttp session with that
     identity), ``server`` / ``store`` / ``replica`` (the running objects). The rollout service is
-    not started here (fleet tests run their own).
+    not started here (fleet tests run their own). ``await target(device_id, artifact_id)`` sets
+    the desired software of the token flow (relative artifact URL, ``"auth": "token"``): the
+    store issues a device a token only for an artifact its desired state names.
 
 Helpers (importable: ``from plugins.cloud_env import mqtt_client, identity``)
     ``identity(cloud_dir, who)``: the Identity of a device id or of a service ("replica", "fleet").
@@ -240,6 +242,18 @@ class CloudEnv:
             lambda shadows: shadows.update_desired(device_id, desired)
         )
         return result
+
+    async def target(
+        self, device_id: str, artifact_id: str, *, job_id: str = "j-token", version: str = "2.0"
+    ) -> dict[str, Any]:
+        """Target ``device_id`` by ``artifact_id`` for the token flow (what an operator sets)."""
+        software = {
+            "version": version,
+            "url": f"/v1/artifacts/{artifact_id}",
+            "auth": "token",
+            "jobId": job_id,
+        }
+        return await self.set_desired(device_id, {"software": software})
 
     async def get_document(self, device_id: str) -> dict[str, Any]:
         """The device's full shadow document (ShadowNotFound if never written)."""
