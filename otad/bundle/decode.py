@@ -1,12 +1,14 @@
-"""Payload decoders with bounded output: each pull returns at most :data:`OUTPUT_CHUNK` bytes.
+"""Payload decoders with bounded output: each pull fills at most the buffer it is given.
 
 A zstd frame can expand tens of thousands of times (a 4-byte RLE block is 128 KiB of output), so
-"decompress what was fed" has no useful memory bound. These decoders queue the fed input and hand
-out the image one bounded chunk at a time; the caller consumes each chunk before asking for the
-next, so memory stays constant whatever the ratio. libzstd's streaming API is reached through the
-cffi backend that ships with ``zstandard`` because only it lets us pass a fixed-size output
-buffer; when that backend is missing, a ``decompressobj`` fallback feeds 128-byte input slices
-(zstd expands at most ~32768:1, so one slice yields at most ~4 MiB; slower, still bounded).
+"decompress what was fed" has no useful memory bound. These decoders queue the fed input and
+decode into a caller-owned buffer (:mod:`otad.bundle.ring`), one buffer at a time; the caller
+consumes what was written before asking for more, so memory stays constant whatever the ratio.
+libzstd's streaming API is reached through the cffi backend that ships with ``zstandard``
+because only it lets us pass a caller-owned output buffer (decoding straight into it saves a
+copy of every image byte); when that backend is missing, a ``decompressobj`` fallback feeds
+128-byte input slices (zstd expands at most ~32768:1, so one slice yields at most ~4 MiB;
+slower, still bounded) and copies out of its result.
 
 The decoders accept frames with a window of at most 2^:data:`WINDOW_LOG_MAX` bytes (8 MiB),
 which is what every compression level up to 19 uses; :func:`otad.bundle.builder.build_bundle`
@@ -24,10 +26,9 @@ from otad.errors import DecompressFailed
 
 __layer__ = "pure"
 
-# 256 KiB: decoding into a buffer that stays in the L2 cache is ~1.5x faster than into 1 MiB.
-OUTPUT_CHUNK: Final = 256 << 10
 WINDOW_LOG_MAX: Final = 23
 _FALLBACK_SLICE: Final = 128
+_FALLBACK_WRITE: Final = 256 << 10
 
 try:  # the cffi backend exposes libzstd's streaming calls with caller-owned buffers
     from zstandard import backend_cffi as _cffi
@@ -42,8 +43,8 @@ class Decoder(Protocol):
     def push(self, data: bytes) -> None:
         """Queue payload bytes (owned, immutable) for decoding."""
 
-    def pull(self) -> bytes | None:
-        """The next image chunk (at most OUTPUT_CHUNK bytes), or None when input is needed."""
+    def pull_into(self, out: memoryview) -> int:
+        """Decode into ``out`` (writable, not empty); bytes written, 0 when input is needed."""
 
     @property
     def pending(self) -> bool:
@@ -55,7 +56,7 @@ class Decoder(Protocol):
 
 
 class PassthroughDecoder:
-    """``compression: none``: the payload is the image."""
+    """``compression: none``: the payload is the image, handed out as it was fed (no copy)."""
 
     def __init__(self) -> None:
         self._queue: deque[bytes] = deque()
@@ -84,7 +85,6 @@ class ZstdStreamDecoder:
             raise RuntimeError("zstandard cffi backend unavailable")
         self._dctx = _ffi.gc(_lib.ZSTD_createDCtx(), _lib.ZSTD_freeDCtx)
         _check(_lib.ZSTD_DCtx_setParameter(self._dctx, _lib.ZSTD_d_windowLogMax, WINDOW_LOG_MAX))
-        self._out = _ffi.new("char[]", OUTPUT_CHUNK)
         self._outbuf = _ffi.new("ZSTD_outBuffer *")
         self._inbuf = _ffi.new("ZSTD_inBuffer *")
         self._current: Any = None  # keeps the cffi view of the input being decoded alive
@@ -97,10 +97,11 @@ class ZstdStreamDecoder:
         if data:
             self._queue.append(data)
 
-    def pull(self) -> bytes | None:
+    def pull_into(self, out: memoryview) -> int:
         inbuf, outbuf = self._inbuf, self._outbuf
-        outbuf.dst = self._out
-        outbuf.size = OUTPUT_CHUNK
+        target = _ffi.from_buffer(out, require_writable=True)
+        outbuf.dst = target
+        outbuf.size = len(out)
         outbuf.pos = 0
         while True:
             if inbuf.pos == inbuf.size:
@@ -122,9 +123,9 @@ class ZstdStreamDecoder:
                 break
         if inbuf.pos == inbuf.size and not self._queue:
             self._current = None
-        if outbuf.pos == 0:
-            return None
-        return bytes(_ffi.buffer(self._out, outbuf.pos))
+        outbuf.dst = _ffi.NULL  # ``target`` pins ``out``; it is released when this returns
+        written: int = outbuf.pos
+        return written
 
     @property
     def pending(self) -> bool:
@@ -140,7 +141,7 @@ class ZstdObjectDecoder:
 
     def __init__(self) -> None:
         self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG_MAX)
-        self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
+        self._obj = self._dctx.decompressobj(write_size=_FALLBACK_WRITE)
         self._queue: deque[memoryview] = deque()
         self._ready = b""  # decoded but not yet handed out (at most one slice's output)
         self._ready_at = 0
@@ -151,9 +152,16 @@ class ZstdObjectDecoder:
         if data:
             self._queue.append(memoryview(data))
 
-    def pull(self) -> bytes | None:
-        if self._ready_at < len(self._ready):
-            return self._take_ready()
+    def pull_into(self, out: memoryview) -> int:
+        if self._ready_at == len(self._ready) and not self._decode_more():
+            return 0
+        size = min(len(out), len(self._ready) - self._ready_at)
+        out[:size] = self._ready[self._ready_at : self._ready_at + size]
+        self._ready_at += size
+        return size
+
+    def _decode_more(self) -> bool:
+        """Decode input slices until some output is ready; False when the input ran out."""
         while self._queue:
             head = self._queue[0]
             piece, rest = head[:_FALLBACK_SLICE], head[_FALLBACK_SLICE:]
@@ -171,20 +179,13 @@ class ZstdObjectDecoder:
                 # A frame ended; anything after it starts the next frame.
                 self._in_frame = False
                 leftover = self._obj.unused_data
-                self._obj = self._dctx.decompressobj(write_size=OUTPUT_CHUNK)
+                self._obj = self._dctx.decompressobj(write_size=_FALLBACK_WRITE)
                 if leftover:
                     self._queue.appendleft(memoryview(leftover))
             if out:
                 self._ready, self._ready_at = out, 0
-                return self._take_ready()
-        return None
-
-    def _take_ready(self) -> bytes:
-        start = self._ready_at
-        self._ready_at = min(start + OUTPUT_CHUNK, len(self._ready))
-        if start == 0 and self._ready_at == len(self._ready):
-            return self._ready
-        return self._ready[start : self._ready_at]
+                return True
+        return False
 
     @property
     def pending(self) -> bool:
@@ -195,7 +196,7 @@ class ZstdObjectDecoder:
         return self._started and not self._in_frame and not self.pending
 
 
-def make_decoder(compression: str, *, fallback: bool = False) -> Decoder:
+def make_decoder(compression: str, *, fallback: bool = False) -> Decoder | PassthroughDecoder:
     if compression == "none":
         return PassthroughDecoder()
     if compression == "zstd":

@@ -1,28 +1,61 @@
-"""SHA-256 digests computed on a helper thread, each in order, with a bounded backlog.
+"""SHA-256 digests computed on one helper thread, each stream in order, with a bounded backlog.
 
 Verifying a bundle costs a SHA-256 over the payload, one over the image and the decompression.
 On one core that is about twice the cost of the slowest part alone. ``hashlib`` and libzstd both
 release the GIL on large buffers, so hashing on one helper thread while the caller's thread
 decompresses uses a second core and keeps the verifier close to the speed of its slowest part.
 
-Only immutable ``bytes`` are handed over, so nothing can change a buffer after it was counted
-and before it was hashed. Pieces travel in batches of about 1 MiB (a hand-off costs far less than
-the hashing it moves); small pieces are first joined into 64 KiB blocks, so a caller feeding one
-byte at a time does not queue a million objects.
+Measured on the 2-vCPU reference machine (see ``benchmarks/bundle_verify.py``): what costs the
+caller's thread CPU is not the hashing it hands off but the hand-off itself (every wake-up of the
+other thread and every GIL transfer is a cross-CPU interrupt in a VM), and copying the output.
+So work travels in pieces of about 1 MiB, never copied: :meth:`Digests.update` takes a
+``memoryview`` and returns a :class:`Pending` the caller waits on before it changes that memory
+again (the output ring in :mod:`otad.bundle.ring` does exactly that). Small pieces are first
+joined into 64 KiB blocks, so a caller feeding one byte at a time does not queue a million
+objects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import Final
 
 __layer__ = "pure"
 
-_BATCH: Final = 1 << 20
-_SMALL: Final = 64 << 10
-_MAX_BACKLOG: Final = 3  # batches queued or running on the helper thread
+Buffer = bytes | bytearray | memoryview
+
+_PIECE: Final = 1 << 20  # largest piece per job: the GIL is released for each piece's hashing
+_SMALL: Final = 64 << 10  # pieces below this are copied and joined first
+_MAX_IN_FLIGHT: Final = 8 << 20  # bytes queued or being hashed; the caller waits beyond this
+
+
+class Pending:
+    """Completion of one hand-over: :meth:`wait` returns once the helper thread hashed it."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock | None) -> None:
+        self._lock = lock  # held from hand-over until hashed; None when hashed already
+
+    def wait(self) -> None:
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                pass
+            self._lock = None
+
+    @property
+    def done(self) -> bool:
+        return self._lock is None or not self._lock.locked()
+
+
+DONE: Final = Pending(None)
+
+_Job = tuple[int, Buffer, threading.Lock] | None
 
 
 class Digests:
@@ -31,66 +64,104 @@ class Digests:
     def __init__(self, count: int, *, threaded: bool) -> None:
         self._hashes = [hashlib.sha256() for _ in range(count)]
         self._threaded = threaded
-        self._executor: ThreadPoolExecutor | None = None
-        self._backlog: deque[Future[None]] = deque()
-        self._pieces: list[list[bytes]] = [[] for _ in range(count)]
         self._small = [bytearray() for _ in range(count)]
-        self._batched = 0
+        self._jobs: SimpleQueue[_Job] = SimpleQueue()
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+        self._in_flight: deque[tuple[Pending, int]] = deque()
+        self._in_flight_bytes = 0
 
-    def update(self, index: int, data: bytes) -> None:
-        """Append ``data`` to stream ``index``."""
+    def update(self, index: int, data: Buffer) -> Pending:
+        """Append ``data`` to stream ``index``.
+
+        The bytes behind ``data`` must stay unchanged until the returned :class:`Pending` is done
+        (immutable ``bytes`` need no care). Blocks while more than 8 MiB wait to be hashed.
+        """
         if not self._threaded:
             self._hashes[index].update(data)
-            return
+            return DONE
         small = self._small[index]
         if len(data) < _SMALL:
-            small += data
+            small += data  # copied: the caller may reuse its memory right away
             if len(small) < _SMALL:
-                return
+                return DONE
             data = bytes(small)
             small.clear()
         elif small:
-            self._pieces[index].append(bytes(small))
+            self._submit(index, bytes(small))
             small.clear()
-        self._pieces[index].append(data)
-        self._batched += len(data)
-        if self._batched >= _BATCH:
-            self._hand_over()
+        view = memoryview(data)
+        pending = DONE
+        for start in range(0, len(view), _PIECE):
+            pending = self._submit(index, view[start : start + _PIECE])
+        return pending
 
     def hexdigests(self) -> list[str]:
         """Every stream's digest; waits for the helper thread, then stops it."""
-        for index, small in enumerate(self._small):
-            if small:
-                self._pieces[index].append(bytes(small))
-                small.clear()
-        self._hand_over()
-        self._wait(0)
-        self.close()
+        if self._threaded:
+            for index, small in enumerate(self._small):
+                if small:
+                    self._submit(index, bytes(small))
+                    small.clear()
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+            if self._failure:
+                raise RuntimeError("bundle: the hashing thread failed") from self._failure[0]
         return [h.hexdigest() for h in self._hashes]
 
     def close(self) -> None:
         """Stop the helper thread (pending work is dropped); safe to call more than once."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-        self._backlog.clear()
+        self._stop.set()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+        self._in_flight.clear()
+        self._in_flight_bytes = 0
 
-    def _hand_over(self) -> None:
-        if not any(self._pieces):
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="otad-bundle-sha256")
-        # A bounded backlog keeps memory constant when hashing is slower than decompression.
-        self._wait(_MAX_BACKLOG - 1)
-        self._backlog.append(self._executor.submit(self._update_all, self._pieces))
-        self._pieces = [[] for _ in self._hashes]
-        self._batched = 0
+    def _submit(self, index: int, data: Buffer) -> Pending:
+        if self._thread is None:
+            if self._stop.is_set():
+                raise RuntimeError("bundle: digests used after close()")
+            self._thread = threading.Thread(
+                target=_hash_jobs,
+                args=(self._jobs, self._hashes, self._stop, self._failure),
+                name="otad-bundle-sha256",
+                daemon=True,  # never keeps the process alive; the finalizer below ends it anyway
+            )
+            self._thread.start()
+            # A verifier dropped without close() or finish() must not leave its thread behind.
+            weakref.finalize(self, self._jobs.put, None)
+        lock = threading.Lock()
+        lock.acquire()
+        self._jobs.put((index, data, lock))
+        pending = Pending(lock)
+        self._in_flight.append((pending, len(data)))
+        self._in_flight_bytes += len(data)
+        while self._in_flight and (
+            self._in_flight_bytes > _MAX_IN_FLIGHT or self._in_flight[0][0].done
+        ):
+            oldest, size = self._in_flight.popleft()
+            oldest.wait()
+            self._in_flight_bytes -= size
+        return pending
 
-    def _update_all(self, pieces: list[list[bytes]]) -> None:
-        for digest, stream in zip(self._hashes, pieces, strict=True):
-            for piece in stream:
-                digest.update(piece)
 
-    def _wait(self, backlog: int) -> None:
-        while len(self._backlog) > backlog:
-            self._backlog.popleft().result()
+def _hash_jobs(
+    jobs: SimpleQueue[_Job],
+    hashes: list[hashlib._Hash],
+    stop: threading.Event,
+    failure: list[BaseException],
+) -> None:
+    """The helper thread: hash each job in order, then release its lock (even after a failure)."""
+    while (job := jobs.get()) is not None:
+        index, data, lock = job
+        try:
+            if not stop.is_set() and not failure:
+                hashes[index].update(data)
+        except BaseException as exc:  # surfaced by hexdigests(); the caller must not hang
+            failure.append(exc)
+        finally:
+            lock.release()

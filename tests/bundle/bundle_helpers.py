@@ -57,7 +57,7 @@ def verify_bytes(
     verifier = StreamVerifier(keyring, policy, threaded=threaded, zstd_fallback=zstd_fallback)
     out: list[bytes] = []
     for start in range(0, len(data), chunk):
-        out.extend(verifier.feed(data[start : start + chunk]))
+        out.extend(bytes(part) for part in verifier.feed(data[start : start + chunk]))
     return verifier.finish(), b"".join(out)
 
 

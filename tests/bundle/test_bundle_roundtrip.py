@@ -66,7 +66,7 @@ def test_bundle_round_trip_byte_by_byte_yields_nothing_before_the_signature(
     preamble_size = parse_header(data[:HEADER_SIZE]).preamble_size
     out = bytearray()
     for i in range(len(data)):
-        produced = b"".join(verifier.feed(data[i : i + 1]))
+        produced = b"".join(bytes(part) for part in verifier.feed(data[i : i + 1]))
         if i < preamble_size - 1:
             assert produced == b""
             assert verifier.manifest is None
