@@ -98,6 +98,71 @@ def peak_rss_kib() -> int:
 # --- the child: the agent's install path ------------------------------------------------------
 
 
+class ThreadCpu:
+    """Samples /proc/self/task/*/stat: CPU seconds per thread name, threads that ended included.
+
+    A thread's counters vanish with it, so a sampler keeps the last value it saw per thread id;
+    the tail a thread spends after the last sample (at most ``interval``) is not counted.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.waited: dict[int, float] = {}  # seconds runnable but not running (schedstat)
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def __enter__(self) -> ThreadCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        import threading
+
+        # the kernel's thread name is the process name; Python's names are by native id
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for task in os.listdir("/proc/self/task"):
+            try:
+                raw = Path(f"/proc/self/task/{task}/stat").read_text()
+            except OSError:
+                continue
+            name = names.get(int(task)) or self.seen.get(int(task), ("?", 0.0))[0]
+            name = name.split(" (")[0].rstrip("_0123456789")  # pool workers: one name
+            fields = raw[raw.rindex(")") + 2 :].split()
+            # fields[11], [12]: utime, stime (fields 14 and 15 of proc(5), counted from 1)
+            cpu = (int(fields[11]) + int(fields[12])) / self._tick
+            self.seen[int(task)] = (name, cpu)
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                sched = Path(f"/proc/self/task/{task}/schedstat").read_text().split()
+                self.waited[int(task)] = int(sched[1]) / 1e9
+
+    def by_name(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, cpu in self.seen.values():
+            out[name] = out.get(name, 0.0) + cpu
+        out.pop("bench-sampler", None)
+        return out
+
+    def waits_by_name(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tid, (name, _) in self.seen.items():
+            out[name] = out.get(name, 0.0) + self.waited.get(tid, 0.0)
+        out.pop("bench-sampler", None)
+        return out
+
+
 def child(args: argparse.Namespace) -> None:
     """Runs in its own process so its peak RSS is the installer's alone."""
     spec = json.loads(args.child)
@@ -157,9 +222,47 @@ def child(args: argparse.Namespace) -> None:
             )
         return elapsed
 
-    elapsed = asyncio.run(main())
+    if os.environ.get("OTAD_BENCH_TRACEMALLOC"):
+        import tracemalloc
+
+        tracemalloc.start(8)
+    before = ThreadCpu()
+    before.sample()
+    with ThreadCpu() as sampler:
+        if os.environ.get("OTAD_BENCH_PROFILE"):  # the event loop thread only
+            import cProfile
+            import pstats
+
+            profile = cProfile.Profile()
+            elapsed = profile.runcall(asyncio.run, main())
+            pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(18)
+        else:
+            elapsed = asyncio.run(main())
+    threads = sampler.by_name()
+    waits = sampler.waits_by_name()
+    for name, cpu in before.by_name().items():  # imports and setup ran on the main thread
+        threads[name] = round(threads.get(name, 0.0) - cpu, 2)
+    for name, wait in before.waits_by_name().items():
+        waits[name] = round(waits.get(name, 0.0) - wait, 2)
+    if os.environ.get("OTAD_BENCH_TRACEMALLOC"):
+        import tracemalloc
+
+        _, peak = tracemalloc.get_traced_memory()
+        print(f"tracemalloc: python heap peak {peak / 2**20:.1f} MiB", file=sys.stderr)
+        for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
+            print(f"  {stat}", file=sys.stderr)
     peak_kib = peak_rss_kib()
-    print(json.dumps({"seconds": elapsed, "rss_kib": peak_kib, "imports_kib": imports_kib}))
+    print(
+        json.dumps(
+            {
+                "seconds": elapsed,
+                "rss_kib": peak_kib,
+                "imports_kib": imports_kib,
+                "threads": threads,
+                "waits": waits,
+            }
+        )
+    )
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -167,6 +270,11 @@ def child(args: argparse.Namespace) -> None:
 
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -300,10 +408,15 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 "store": {"ca": tls["ca"], "cert": tls["cert"], "key": tls["key"]},
                 "slots": {"A": {"path": str(slots["A"])}, "B": {"path": str(slots["B"])}},
                 "bootloader": {"type": "sim", "sim_state": str(work / "sim.json")},
+                # the agent's defaults unless a flag overrides one
                 "download": {
-                    "chunk_size": args.chunk,
-                    "block_size": args.block,
-                    "queue_chunks": args.queue,
+                    key: value
+                    for key, value in (
+                        ("chunk_size", args.chunk),
+                        ("block_size", args.block),
+                        ("queue_chunks", args.queue),
+                    )
+                    if value is not None
                 },
             }
             (work / "sim.json").unlink(missing_ok=True)
@@ -317,9 +430,12 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 "version": "2.0",
                 "job": f"bench-{rep}",
             }
+            own = self_cpu()
             result = await run_child(spec)
             otad_rate = size / 2**20 / result["seconds"]
+            mid = self_cpu()
             pipe_seconds, pipe_cpu = await run_pipeline(url, payload_offset, slots["A"], tls)
+            server_cpu = (mid - own, self_cpu() - mid)  # this process serves the bundle
             otad_cpu.append(result["cpu"])
             pipe_cpus.append(pipe_cpu)
             pipe_rate = size / 2**20 / pipe_seconds
@@ -330,21 +446,37 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 f"rep {rep}: otad {otad_rate:7.1f} MiB/s ({result['seconds']:.2f} s, "
                 f"peak RSS {result['rss_kib'] / 1024:.1f} MiB, after imports "
                 f"{result['imports_kib'] / 1024:.1f} MiB)   pipeline {pipe_rate:7.1f} MiB/s "
-                f"({pipe_seconds:.2f} s); CPU s otad {result['cpu']:.2f} / pipeline {pipe_cpu:.2f}",
+                f"({pipe_seconds:.2f} s); CPU s otad {result['cpu']:.2f} / "
+                f"pipeline {pipe_cpu:.2f}; "
+                f"server {server_cpu[0]:.2f} / {server_cpu[1]:.2f}",
                 flush=True,
             )
+            threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["threads"].items()))
+            waits = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["waits"].items()))
+            print(f"       otad CPU s by thread: {threads}; waiting for a CPU: {waits}", flush=True)
     want = manifest.image_sha256
     got_otad = await asyncio.to_thread(sha256_of, slots["B"], size)
     got_pipe = await asyncio.to_thread(sha256_of, slots["A"], size)
     if got_otad != want or got_pipe != want:
         raise SystemExit("a slot does not hold the image: the benchmark is void")
     o, p = statistics.median(otad_rates), statistics.median(pipe_rates)
-    print(f"otad (median):     {o:.1f} MiB/s  (download, verify, write, fsync, re-read + hash)")
-    print(f"pipeline (median): {p:.1f} MiB/s  (curl | zstd -d | dd conv=fsync)")
+    gib = size / 2**30
     print(
-        f"client CPU seconds (median): otad {statistics.median(otad_cpu):.2f}, "
-        f"pipeline {statistics.median(pipe_cpus):.2f} (the server's CPU is not counted)"
+        f"otad MiB/s min/median/max:     {min(otad_rates):.1f} / {o:.1f} / {max(otad_rates):.1f}"
+        "  (download, verify, write, fsync, re-read + hash)"
     )
+    print(
+        f"pipeline MiB/s min/median/max: {min(pipe_rates):.1f} / {p:.1f} / {max(pipe_rates):.1f}"
+        "  (curl | zstd -d | dd conv=fsync)"
+    )
+    print(
+        f"client CPU s per GiB (min/median): otad {min(otad_cpu) / gib:.2f} / "
+        f"{statistics.median(otad_cpu) / gib:.2f} (whole process, start-up included), "
+        f"pipeline {min(pipe_cpus) / gib:.2f} / {statistics.median(pipe_cpus) / gib:.2f} "
+        "(the server's CPU is not counted)"
+    )
+    ratios = [a / b for a, b in zip(otad_rates, pipe_rates, strict=True)]
+    print(f"ratios per rep (same server, back to back): {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"ratio: {o / p:.2f}")
     print(f"rss: {max(rss):.1f} MiB")
 
@@ -353,9 +485,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", help="image size (e.g. 256M, 1G, 2G)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=256 * 1024, help="download.chunk_size")
-    parser.add_argument("--block", type=int, default=1 << 20, help="download.block_size")
-    parser.add_argument("--queue", type=int, default=4, help="download.queue_chunks")
+    parser.add_argument("--chunk", type=int, help="download.chunk_size (agent default if unset)")
+    parser.add_argument("--block", type=int, help="download.block_size (agent default if unset)")
+    parser.add_argument("--queue", type=int, help="download.queue_chunks (agent default if unset)")
     parser.add_argument("--workdir", type=Path, help="keep image, bundle and slots here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

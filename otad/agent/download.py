@@ -1,4 +1,4 @@
-"""HTTPS bundle downloads: one aiohttp session, verified TLS, Range resume, bounded retries.
+"""HTTPS bundle downloads: verified TLS, Range resume, bounded retries.
 
 A :class:`Transfer` is one bundle being fetched. Its :meth:`Transfer.chunks` yields
 ``(offset, bytes)`` pairs; after a cut it reconnects with ``Range: bytes=<offset>-`` and
@@ -6,7 +6,8 @@ A :class:`Transfer` is one bundle being fetched. Its :meth:`Transfer.chunks` yie
 answers a resume with ``200`` (it ignored Range, or the entity changed) makes the transfer start
 again at offset 0; the caller sees the offset jump back and resets what it built so far.
 
-Every aiohttp / TLS / OS error is translated here, once, into the
+Requests go through :mod:`otad.agent.httpclient` (one TLS connection per request). Every
+TLS / OS error is translated here, once, into the
 :class:`~otad.errors.DownloadError` tree. A pre-signed URL that is refused (401/403) is
 :class:`~otad.errors.UrlExpired`: the caller asks for a fresh URL, calls
 :meth:`Transfer.replace_source`, iterates again, and the transfer resumes at the same offset.
@@ -16,6 +17,7 @@ URLs are logged without their query; tokens never.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import ssl
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 import structlog
 
 from otad.agent.config import AgentConfig, DownloadConfig
+from otad.agent.httpclient import Response, request
 from otad.errors import (
     DownloadError,
     DownloadForbidden,
@@ -51,9 +53,7 @@ log = structlog.get_logger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MAX_REDIRECTS = 5
 _RETRY_AFTER_CAP = 60.0
-# aiohttp buffers 64 KiB per read by default; bigger reads cut the per-chunk Python work of a
-# large download (its buffer is bounded by this, so memory stays flat).
-READ_BUFSIZE = 1 << 20
+_MAX_JSON = 64 * 1024  # a credential answer is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -104,46 +104,49 @@ def make_ssl_context(
 
 
 class Downloader:
-    """Owns the agent's one :class:`aiohttp.ClientSession` and the credential for token auth."""
+    """Owns the TLS context, the open responses and the credential for token auth."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.settings: DownloadConfig = config.download
         self._ssl = make_ssl_context(config.store_ca, config.store_cert)
-        self._session: aiohttp.ClientSession | None = None
+        self._open: set[Response] = set()
         self._token: str | None = None
         self._token_deadline = 0.0
         self._token_artifact: str | None = None
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.settings.sock_connect,
-                sock_read=self.settings.sock_read,
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                # one long request per bundle: no connection pool a server could poison by
-                # writing past its Content-Length onto a kept-alive connection
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4, force_close=True),
-                auto_decompress=False,  # the bundle is the bytes; never let aiohttp rewrite them
-                read_bufsize=READ_BUFSIZE,
-                raise_for_status=False,
-            )
-        return self._session
+    async def open(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None = None
+    ) -> Response:
+        """One request on a fresh connection (no pool a server could poison by writing past
+        its Content-Length onto a kept-alive connection); close the response when done."""
+        response = await request(
+            method,
+            url,
+            headers=headers,
+            body=body,
+            ssl_context=self._ssl,
+            connect_timeout=self.settings.sock_connect,
+            read_timeout=self.settings.sock_read,
+            buffer_size=max(self.settings.chunk_size, self.settings.block_size),
+        )
+        self._open.add(response)
+        return response
+
+    async def release(self, response: Response) -> None:
+        self._open.discard(response)
+        await response.close()
 
     async def close(self) -> None:
-        """Close the session; best effort, never raises (it runs on the way out of a stop)."""
-        session, self._session = self._session, None
-        if session is None:
-            return
-        try:
-            await session.close()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("download_session_close_failed", error=f"{type(exc).__name__}: {exc}")
+        """Cut whatever is still open; best effort, never raises (runs on the way out of a stop)."""
+        responses, self._open = self._open, set()
+        for response in responses:
+            try:
+                await response.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("download_close_failed", error=f"{type(exc).__name__}: {exc}")
 
     def transfer(self, source: Source, *, max_size: int | None = None) -> Transfer:
         limit = self.settings.max_bundle_size
@@ -163,10 +166,15 @@ class Downloader:
         base = self.config.store.url or _origin(source.url)
         url = f"{base}/v1/credentials"
         check_https(url)
+        payload = json.dumps({"artifact": artifact}).encode()
         try:
-            async with self.session().post(
-                url, json={"artifact": artifact}, allow_redirects=False
-            ) as resp:
+            resp = await self.open(
+                "POST",
+                url,
+                {"Content-Type": "application/json", "Accept": "application/json"},
+                payload,
+            )
+            try:
                 if resp.status in (401, 403):
                     raise DownloadForbidden(
                         f"download: credential request refused ({resp.status})",
@@ -178,7 +186,9 @@ class Downloader:
                     raise DownloadProtocolError(
                         f"download: credential request answered {resp.status}", status=resp.status
                     )
-                body = await resp.json(content_type=None)
+                body = json.loads(await resp.read(_MAX_JSON))
+            finally:
+                await self.release(resp)
         except DownloadError:
             raise
         except Exception as exc:
@@ -213,15 +223,15 @@ def same_origin(a: str, b: str) -> bool:
 
 
 def _translate(exc: BaseException, what: str) -> DownloadError:
-    """The one place where aiohttp / TLS / OS errors become otad errors."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+    """The one place where TLS / OS / parsing errors become otad errors."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return DownloadForbidden(f"download: {what}: server certificate not trusted")
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return DownloadTimeout(f"download: {what}: timed out")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return DownloadProtocolError(f"download: {what}: body cut short")
-    if isinstance(exc, aiohttp.ClientError | OSError | ssl.SSLError):
-        # the text may quote the URL (aiohttp's InvalidURL does, whole): never its query
+    if isinstance(exc, ValueError):  # e.g. a JSON answer that is not JSON
+        return DownloadProtocolError(f"download: {what}: invalid answer ({type(exc).__name__})")
+    if isinstance(exc, OSError | ssl.SSLError):
+        # the text may quote the URL: never its query
         return DownloadProtocolError(
             f"download: {what}: {type(exc).__name__}: {redact_text(str(exc))}"
         )
@@ -323,9 +333,8 @@ class Transfer:
             log.info("download_resumed", url=self.source.safe, offset=self.offset)
         try:
             for _ in range(_MAX_REDIRECTS + 1):
-                async with downloader.session().get(
-                    url, headers=headers, allow_redirects=False
-                ) as resp:
+                resp = await downloader.open("GET", url, headers)
+                try:
                     if resp.status in (301, 302, 303, 307, 308):
                         location = resp.headers.get("Location", "")
                         target = urljoin(url, location)
@@ -341,6 +350,8 @@ class Transfer:
                     async for item in self._body(resp):
                         yield item
                     return
+                finally:
+                    await downloader.release(resp)
             raise DownloadProtocolError("download: too many redirects")
         except DownloadError:
             raise
@@ -349,7 +360,7 @@ class Transfer:
         except Exception as exc:
             raise _translate(exc, "transfer") from exc
 
-    def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+    def _check_status(self, resp: Response) -> None:
         status = resp.status
         if status in (200, 206):
             self._token_refused = False
@@ -383,7 +394,7 @@ class Transfer:
             )
         raise DownloadForbidden(f"download: server answered {status}", status=status)
 
-    async def _body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[int, bytes]]:
+    async def _body(self, resp: Response) -> AsyncIterator[tuple[int, bytes]]:
         etag = resp.headers.get("ETag")
         if resp.status == 200:
             length = resp.content_length
@@ -396,7 +407,7 @@ class Transfer:
             start = 0
             total = length
         else:
-            start, total = self._content_range(resp.headers.get("Content-Range", ""))
+            start, total = self._content_range(resp.headers.get("Content-Range") or "")
             if etag and self.etag and etag != self.etag:
                 raise DownloadProtocolError("download: ETag changed on resume")
         if total is not None:
@@ -412,7 +423,9 @@ class Transfer:
         offset = start
         cfg = self.downloader.settings
         window_start, window_bytes = time.monotonic(), 0
-        async for data in resp.content.iter_chunked(cfg.chunk_size):
+        # whole disk blocks straight from the receive buffer: the pump hands them on as they
+        # are (no joining of small pieces, one copy from the TLS layer to the disk thread)
+        async for data in resp.chunks(max(cfg.chunk_size, cfg.block_size)):
             end = offset + len(data)
             limit = self.total if self.total is not None else self.max_size
             if end > limit or end > self.max_size:
