@@ -312,3 +312,20 @@ async def test_store_parallel_credential_requests_each_get_their_own_token(
     )
     assert [status for status, _ in answers] == [200] * 12
     assert len({body["token"] for _, body in answers}) == 12  # jti: never the same token
+
+
+async def test_store_token_with_binding_id_needs_no_certificate_but_keeps_its_scope(
+    cloud: CloudEnv, bundle_bytes: bytes, other_bundle: bytes
+) -> None:
+    x = await cloud.upload_bytes(bundle_bytes)
+    y = await cloud.upload_bytes(other_bundle)
+    await target(cloud, "dev1", x)
+    token = await token_for(cloud, "dev1", x)  # issued over mTLS, always
+    cloud.store.config = cloud.store.config.with_overrides(presign_binding="id")
+    status, _, data = await fetch(cloud, x, None, token)
+    assert (status, data) == (200, bundle_bytes)
+    assert await refusal(cloud, y, None, token) == (403, "auth_wrong_artifact")
+    assert await refusal(cloud, x, "dev2", token) == (403, "auth_wrong_device")
+    # Credentials themselves still need the device certificate.
+    status, body = await credential(cloud, None, {"artifact": x})
+    assert (status, body["error"]["code"]) == (401, "auth_required")
