@@ -51,9 +51,14 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     init.set_defaults(handler=_init)
 
-    add = commands.add_parser("add-device", help="issue a certificate and key for a device")
+    add = commands.add_parser(
+        "add-device",
+        help="issue a certificate and key per device (one batch: all or none)",
+        description="Issue a certificate and key per device. The batch is checked first: one "
+        "invalid, repeated or already enrolled id refuses all of them and writes nothing.",
+    )
     add.add_argument("dir", type=Path, metavar="DIR")
-    add.add_argument("device_id", metavar="ID")
+    add.add_argument("device_ids", nargs="+", metavar="ID")
     add.set_defaults(handler=_add_device)
 
     revoke = commands.add_parser(
@@ -168,9 +173,9 @@ def _init(args: argparse.Namespace) -> int:
 def _add_device(args: argparse.Namespace) -> int:
     from otad.cloud import pki
 
-    identity = pki.add_device(args.dir, args.device_id)
-    print(identity.cert)
-    print(identity.key)
+    for identity in pki.add_devices(args.dir, args.device_ids):
+        print(identity.cert)
+        print(identity.key)
     return 0
 
 

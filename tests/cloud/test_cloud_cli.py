@@ -25,7 +25,7 @@ from plugins.cloud_env import free_port, make_bundle
 from otad.cli import main
 from otad.cli.cloud import parse_duration
 from otad.cloud.broker import wait_port
-from otad.cloud.pki import CloudDir
+from otad.cloud.pki import CloudDir, init_cloud
 
 OTAD = [sys.executable, "-m", "otad"]
 
@@ -188,6 +188,31 @@ def test_cloud_cli_upload_rejects_a_tampered_bundle(
     assert code == 1
     assert err.startswith("otad: error: artifact_rejected: store: bundle rejected: ")
     assert not list(cloud.config().artifacts_dir.glob("*.bundle"))
+
+
+def test_cloud_cli_add_device_takes_a_batch_all_or_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud = init_cloud(tmp_path / "c", ["d0"])
+    code, out, _ = run_cli(capsys, "cloud", "add-device", str(cloud.root), "d1", "d2", "d3")
+    assert code == 0
+    assert out.splitlines() == [
+        str(path)
+        for d in ("d1", "d2", "d3")
+        for path in (cloud.device(d).cert, cloud.device(d).key)
+    ]
+    for bad_batch, message in [
+        (["d4", "d0"], "d0"),  # already enrolled
+        (["d4", "d4"], "duplicate"),
+        (["d4", "bad/id"], "bad/id"),
+    ]:
+        code, _, err = run_cli(capsys, "cloud", "add-device", str(cloud.root), *bad_batch)
+        assert code == 1 and err.startswith("otad: error: config_invalid: "), err
+        assert message in err
+        assert not cloud.device("d4").cert.exists()  # nothing of the batch was written
+    with pytest.raises(SystemExit) as usage:  # argparse: at least one id
+        run_cli(capsys, "cloud", "add-device", str(cloud.root))
+    assert usage.value.code == 2
 
 
 def test_cloud_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
