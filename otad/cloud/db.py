@@ -153,17 +153,14 @@ class SqliteTransaction:
         self,
         connection: sqlite3.Connection,
         cache: dict[str, ShadowDocument],
-        *,
-        verify: bool = False,
+        fresh: set[str] | None = None,
     ) -> None:
         self.connection = connection
         self._cache = cache
-        # verify: another process committed since our last transaction, so a cached document
-        # is used only after its stored version was checked (once per device and transaction:
-        # the transaction holds the write lock). A version names one document: every write
-        # of a shadow raises it.
-        self._verify = verify
-        self._verified: set[str] = set()
+        # The cached documents known to match their rows. The writer empties it when another
+        # process committed; a cached document not in it is used only after its stored version
+        # was checked (a version names one document: every write of a shadow raises it).
+        self._fresh: set[str] = fresh if fresh is not None else set(cache)
         # Cache entries a unit replaced, to put back if the unit is rolled back.
         self._undo: dict[str, ShadowDocument | None] = {}
         self._saves: dict[str, ShadowDocument] = {}
@@ -177,7 +174,7 @@ class SqliteTransaction:
 
     def rollback_unit(self) -> None:
         for device_id, previous in self._undo.items():
-            self._verified.discard(device_id)  # checked again if used: always safe
+            self._fresh.discard(device_id)  # checked again if used: always safe
             if previous is None:
                 self._cache.pop(device_id, None)
             else:
@@ -210,9 +207,8 @@ class SqliteTransaction:
     def load(self, device_id: str) -> ShadowDocument | None:
         doc = self._cache.get(device_id)
         if doc is not None:
-            if not self._verify or device_id in self._verified:
+            if device_id in self._fresh:
                 return doc
-            self._verified.add(device_id)
             try:
                 row = self.connection.execute(
                     "SELECT version FROM shadows WHERE device_id = ?", (device_id,)
@@ -220,6 +216,7 @@ class SqliteTransaction:
             except sqlite3.Error as exc:
                 raise ShadowInternal(f"db: cannot read the shadow of {device_id}: {exc}") from exc
             if row is not None and row[0] == doc.version:
+                self._fresh.add(device_id)
                 return doc
             self._cache.pop(device_id, None)
         try:
@@ -232,6 +229,7 @@ class SqliteTransaction:
             return None
         doc = ShadowDocument.from_storage(row[0])
         self._cache[device_id] = doc
+        self._fresh.add(device_id)
         return doc
 
     def save(self, device_id: str, document: ShadowDocument) -> None:
@@ -239,7 +237,7 @@ class SqliteTransaction:
         if device_id not in self._undo:
             self._undo[device_id] = self._cache.get(device_id)
         self._cache[device_id] = document
-        self._verified.add(device_id)  # ours, newer than the row until the unit is flushed
+        self._fresh.add(device_id)  # ours: newer than the row until the unit is flushed
         self._saves[device_id] = document
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> int:
@@ -434,6 +432,7 @@ class SqliteStore:
             return
         loop.call_soon_threadsafe(_set_result, ready, None)
         cache: dict[str, ShadowDocument] = {}
+        fresh: set[str] = set()  # see SqliteTransaction
         data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         stopping = False
         try:
@@ -456,7 +455,7 @@ class SqliteStore:
                     done, self._done_ids = self._done_ids, []
                 if not batch and not done:
                     continue
-                data_version = self._run(conn, cache, batch, done, data_version)
+                data_version = self._run(conn, cache, fresh, batch, done, data_version)
         finally:
             conn.close()
 
@@ -464,6 +463,7 @@ class SqliteStore:
         self,
         conn: sqlite3.Connection,
         cache: dict[str, ShadowDocument],
+        fresh: set[str],
         batch: list[_Unit],
         done: list[int],
         data_version: int,
@@ -472,15 +472,22 @@ class SqliteStore:
         assert loop is not None
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         started = time.perf_counter()
+        seen = data_version
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Read under the write lock: no other connection can commit until our COMMIT, and
+            # our own commit does not change it, so it is the right mark for the next batch.
+            # (Read after the COMMIT instead, it would hide another process's commit that
+            # slipped in between, and a stale cached document would be used.)
             seen = conn.execute("PRAGMA data_version").fetchone()[0]
+            if seen != data_version:
+                fresh.clear()  # another process committed: check cached documents on use
             if len(cache) > self.max_cached:
                 cache.clear()  # a bound on memory; documents are read again when needed
+                fresh.clear()
             if done:
                 conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in done])
-            # Another process committed: our cached documents may be stale (checked on use).
-            txn = SqliteTransaction(conn, cache, verify=seen != data_version)
+            txn = SqliteTransaction(conn, cache, fresh)
             for unit in batch:
                 if unit.future.cancelled():
                     continue
@@ -504,6 +511,7 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             cache.clear()
+            fresh.clear()
             with self._done_lock:
                 self._done_ids.extend(done)
             log.error("db_commit_failed", path=str(self.path), error=str(exc), units=len(batch))
@@ -513,8 +521,7 @@ class SqliteStore:
         self.units += len(batch)
         self.busy_seconds += time.perf_counter() - started
         loop.call_soon_threadsafe(_resolve, results)
-        # Our own commit changes nothing in data_version; read it after, for the next batch.
-        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        return int(seen)
 
 
 def _split_sql(script: str) -> list[str]:
