@@ -215,6 +215,7 @@ class ArtifactStore:
         # Who is targeted by what; on its own the store reads the replica's database file.
         self.targets: Targets = targets or DatabaseTargets(config.db_path)
         self.shutdown_grace = shutdown_grace
+        self.read_close_timeout = READ_CLOSE_TIMEOUT
         # Bundle files of downloads in flight; stop() waits until each descriptor is closed.
         self._readers: set[BundleReader] = set()
         self._runner: web.AppRunner | None = None
@@ -266,14 +267,16 @@ class ArtifactStore:
             log.info("store_stopped", unclosed_files=unclosed)
 
     async def _wait_readers_closed(self) -> int:
-        deadline = time.monotonic() + READ_CLOSE_TIMEOUT
-        for reader in list(self._readers):
-            left = max(0.0, deadline - time.monotonic())
-            if await asyncio.to_thread(reader.wait_closed, left):
-                self._readers.discard(reader)
+        # Bounded as a whole: with a hung disk every worker thread may be stuck in a read, and
+        # a wait queued behind them would never start.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.read_close_timeout):
+                for reader in list(self._readers):
+                    await asyncio.to_thread(reader.wait_closed, self.read_close_timeout)
+        self._forget_closed_readers()
         if self._readers:
             log.warning(
-                "store_files_left_open", files=len(self._readers), waited=READ_CLOSE_TIMEOUT
+                "store_files_left_open", files=len(self._readers), waited=self.read_close_timeout
             )
         return len(self._readers)
 

@@ -232,3 +232,58 @@ async def test_store_stop_cancels_many_downloads_with_reads_in_flight(
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
         await asyncio.sleep(0.05)  # the aborted client sockets are released by the loop
     await eventually(lambda: open_fds() <= baseline, 10)
+
+
+class HungDiskRepository(ArtifactRepository):
+    """Reads block until the test releases them: a disk that stopped answering."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gate = GatedPread()
+        self.readers: list[BundleReader] = []
+
+    def open(self, info: ArtifactInfo) -> BundleReader:
+        reader = BundleReader(info.path, pread=self.gate)
+        self.readers.append(reader)
+        return reader
+
+
+async def test_store_stop_is_bounded_when_a_read_hangs(cloud_dir: CloudDir, tmp_path: Path) -> None:
+    config = cloud_dir.config().with_overrides(artifacts_dir=tmp_path / "artifacts")
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    bundle = make_bundle(cloud_dir, tmp_path / "b.otab", image_size=256 * 1024, seed=12)
+    info = await asyncio.to_thread(
+        ArtifactRepository(config.artifacts_dir).import_file, bundle, keyring
+    )
+    store = ArtifactStore(
+        config,
+        keyring=keyring,
+        ssl_context=cloud_dir.server_context(),
+        host="127.0.0.1",
+        port=0,
+        shutdown_grace=0.2,
+    )
+    store.read_close_timeout = 0.5
+    repository = HungDiskRepository(config.artifacts_dir)
+    store.repository = repository
+    await store.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        writers = await start_downloads(store, cloud_dir, info.artifact_id, 1)
+        await eventually(repository.gate.entered.is_set)
+        with structlog.testing.capture_logs() as logs:
+            started = time.monotonic()
+            await store.stop()
+            took = time.monotonic() - started
+        assert took < 0.2 + 0.5 + 3  # grace + read wait + slack, not "forever"
+        left_open = [e for e in logs if e["event"] == "store_files_left_open"]
+        assert left_open and left_open[0]["files"] == 1
+        assert [e["unclosed_files"] for e in logs if e["event"] == "store_stopped"] == [1]
+        # The disk answers at last: the read returns and closes the file itself.
+        repository.gate.release.set()
+        assert await asyncio.to_thread(repository.readers[0].wait_closed, 10)
+        assert store.open_files == 0
+    finally:
+        repository.gate.release.set()
+        for writer in writers:
+            writer.transport.abort()
