@@ -135,13 +135,15 @@ async def role_store(cloud_path: Path) -> None:
         await stop.wait()
 
 
-async def role_devices(cloud_path: Path, state: Path, log_path: Path, ids: list[str]) -> None:
+async def role_devices(
+    cloud_path: Path, state: Path, log_path: Path, ids: list[str], boots_at_once: int
+) -> None:
     from otad import logs
     from otad.cli.fleet import make_fleet
     from otad.cloud.pki import CloudDir
 
     log_file = log_path.open("w")
-    logs.configure(level="warning", stream=log_file)
+    logs.configure(level=os.environ.get("OTAD_BENCH_DEVICE_LOG", "warning"), stream=log_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -153,14 +155,21 @@ async def role_devices(cloud_path: Path, state: Path, log_path: Path, ids: list[
         slot_size=64 * 1024,
         compatible=COMPATIBLE,
         progress_interval=5.0,
+        boots_at_once=boots_at_once,
     )
     watch = asyncio.create_task(watch_loop(log_path.with_suffix(".loop.jsonl"), stop))
-    await fleet.start(parallel=64)
-    broken = sum(d.error is not None for d in fleet.devices)
-    connected = await fleet.wait_connected(CONNECT_WAIT)
-    print(f"ready {len(ids)} {broken} {connected}", flush=True)
+
+    async def come_up() -> None:
+        await fleet.start()
+        broken = sum(d.error is not None for d in fleet.devices)
+        connected = await fleet.wait_connected(CONNECT_WAIT)
+        print(f"ready {len(ids)} {broken} {connected}", flush=True)
+
+    # A SIGTERM while the fleet is still coming up ends the run too.
+    up = asyncio.create_task(come_up())
     await stop.wait()
-    await watch
+    up.cancel()
+    await asyncio.gather(up, watch, return_exceptions=True)
     await fleet.stop()
     log_file.close()
 
@@ -229,6 +238,7 @@ def run_one(
     state_root: Path,
     separate_store: bool,
     max_wait: float,
+    boots_at_once: int,
 ) -> dict[str, Any]:
     from otad.bundle import build_bundle, load_private_key
     from otad.cli.fleet import create_rollout
@@ -289,6 +299,8 @@ def run_one(
                     str(log),
                     "--ids",
                     f"{group[0]}:{len(group)}",
+                    "--boots-at-once",
+                    str(boots_at_once),
                 )
             )
         broken = connected = 0
@@ -348,6 +360,7 @@ def run_one(
             "rollout_state": r.state.value,
             "outcome": outcome,
             "separate_store": separate_store,
+            "boots_at_once": boots_at_once,
             # share of one core over the convergence window
             **{f"{k}_cpu_share": round((cpu1[k] - cpu0[k]) / converge, 3) for k in cpu0},
             # CPU milliseconds per device: connecting (start + TLS + first report) and updating
@@ -389,6 +402,12 @@ def main() -> int:
         action="store_true",
         help="serve artifacts from their own process (the replica keeps its event loop)",
     )
+    parser.add_argument(
+        "--boots-at-once",
+        type=int,
+        default=16,
+        help="devices of one device process between power-on and a broker connection at once",
+    )
     parser.add_argument("--role", choices=["cloud", "store", "devices"])
     parser.add_argument("--cloud", type=Path)
     parser.add_argument("--state", type=Path)
@@ -406,18 +425,7 @@ def main() -> int:
         first, count = args.ids.split(":")
         start = int(first[1:])
         ids = [f"b{i:05d}" for i in range(start, start + int(count))]
-        profile = os.environ.get("OTAD_BENCH_PROFILE")
-        if profile:
-            import cProfile
-
-            cProfile.runctx(
-                "asyncio.run(role_devices(args.cloud, args.state, args.log, ids))",
-                globals(),
-                {"args": args, "ids": ids},
-                f"{profile}/{args.state.name}.prof",
-            )
-        else:
-            asyncio.run(role_devices(args.cloud, args.state, args.log, ids))
+        asyncio.run(role_devices(args.cloud, args.state, args.log, ids, args.boots_at_once))
         return 0
     results = []
     for n in args.devices:
@@ -435,7 +443,15 @@ def main() -> int:
                         tempfile.TemporaryDirectory(prefix=PREFIX, dir=args.state_root)
                     )
                 )
-            result = run_one(n, per_process, work, state_root, args.separate_store, args.max_wait)
+            result = run_one(
+                n,
+                per_process,
+                work,
+                state_root,
+                args.separate_store,
+                args.max_wait,
+                args.boots_at_once,
+            )
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
     if args.json:

@@ -364,9 +364,10 @@ def make_fleet(
     compatible: str = "otad-sim",
     broker_port: int | None = None,
     progress_interval: float = 0.5,
+    boots_at_once: int | None = None,
 ) -> Fleet:
     from otad.fleet.device import Identity, SimSettings
-    from otad.fleet.simulator import Fleet, plan_faults
+    from otad.fleet.simulator import START_PARALLEL, Fleet, plan_faults
 
     config = cloud.config()
     settings = SimSettings(
@@ -386,7 +387,9 @@ def make_fleet(
         ident = cloud.device(device_id)
         return Identity(ident.cert, ident.key)
 
-    return Fleet(state, ids, identity_of, settings, faults)
+    return Fleet(
+        state, ids, identity_of, settings, faults, boots_at_once=boots_at_once or START_PARALLEL
+    )
 
 
 async def cmd_simulate(args: argparse.Namespace) -> int:

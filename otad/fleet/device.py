@@ -6,6 +6,11 @@ modelled: the slots are small sparse files, the bootloader is the sim bootloader
 is a power cycle (stop the agent, :meth:`SimBootloader.power_on`, start a new agent on the slot
 that came up, with a new boot id).
 
+Devices of one fleet share a *boot gate*: at most so many of them are between power-on and a
+held broker connection at once. They share one CPU, unlike real devices: a thousand TLS
+handshakes started together would each take longer than the agent's connect timeout, be
+abandoned and started again, and the fleet would never come up (seen at 10,000 devices).
+
 Faults, to show pausing and rollbacks: ``fail_health`` makes the post-reboot health check fail
 (the agent marks the new slot bad and goes back); ``fail_boot`` makes the updated slot never boot
 (the sim bootloader falls back, as after a kernel panic and a watchdog reset).
@@ -66,6 +71,15 @@ class SimSettings:
     progress_interval: float = 0.5
 
 
+def _where(task: asyncio.Task[None]) -> str:
+    """Where a task is suspended (innermost frames), for a report on an agent that hangs."""
+    frames = task.get_stack(limit=None)[-4:]
+    return " <- ".join(
+        f"{f.f_code.co_name}@{Path(f.f_code.co_filename).name}:{f.f_lineno}"
+        for f in reversed(frames)
+    )
+
+
 class SimulatedDevice:
     """``await start()`` boots it; ``await stop()`` powers it off."""
 
@@ -78,8 +92,10 @@ class SimulatedDevice:
         *,
         fail_health: bool = False,
         fail_boot: bool = False,
+        boot_gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.root = root
+        self.boot_gate = boot_gate
         self.device_id = device_id
         self.settings = settings
         self.fail_health = fail_health
@@ -120,7 +136,9 @@ class SimulatedDevice:
                 key=identity.key,
                 keepalive=30,
                 topic_template=s.topic_template,
-                report_timeout=5.0,
+                # Patient: an answer late because the replica is busy is not lost, and a
+                # re-sent report is more work for that busy replica.
+                report_timeout=15.0,
                 reconnect_initial=0.2,
                 reconnect_max=5.0,
             ),
@@ -155,9 +173,22 @@ class SimulatedDevice:
         )
 
     async def start(self) -> None:
-        """Power on: the sim bootloader picks a slot, an agent starts on it."""
+        """Power on: the sim bootloader picks a slot, an agent starts on it.
+
+        Returns once the agent holds its broker connection, failed, or START_TIMEOUT passed
+        (then it goes on trying in the background, like a real device would).
+        """
         if self.running:
             return
+        if self.boot_gate is None:
+            await self._boot()
+            return
+        async with self.boot_gate:
+            await self._boot()
+
+    async def _boot(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
         booted = await asyncio.to_thread(self.sim.power_on)
         agent = Agent(
             self.config,
@@ -169,18 +200,33 @@ class SimulatedDevice:
         )
         self._agent = agent
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(agent.run(self._stop), name=f"agent:{self.device_id}")
+        task = asyncio.create_task(agent.run(self._stop), name=f"agent:{self.device_id}")
+        self._task = task
         ready = asyncio.create_task(agent.ready.wait())
         done, _ = await asyncio.wait(
-            [ready, self._task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            [ready, task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
         if ready not in done:
             ready.cancel()
-            if self._task in done:
-                self.error = self._task.exception()
+            if task in done:
+                self.error = task.exception()
                 log.error("sim_device_failed", device=self.device_id, error=str(self.error))
             else:
                 log.error("sim_device_slow_start", device=self.device_id)
+            return
+        session = agent.session
+        if session is None:  # ready is set after the session exists; keep mypy and us honest
+            return
+        connected = asyncio.create_task(session.connected.wait())
+        done, _ = await asyncio.wait(
+            [connected, task],
+            timeout=max(0.0, deadline - loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if connected not in done:
+            connected.cancel()
+            if task not in done:
+                log.warning("sim_device_slow_connect", device=self.device_id)
 
     async def stop(self) -> None:
         """Power off (the agent stops cleanly, like on a shutdown)."""
@@ -200,7 +246,7 @@ class SimulatedDevice:
         # the cancellation to finish): a stuck agent must never hang the whole fleet.
         done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
         if not done:
-            log.error("sim_device_stop_timeout", device=self.device_id)
+            log.error("sim_device_stop_timeout", device=self.device_id, where=_where(task))
             task.cancel()
             done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
             if not done:

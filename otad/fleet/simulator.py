@@ -1,8 +1,9 @@
 """Many simulated devices in one process: ``otad fleet simulate`` and the demo.
 
-Devices are started a few at a time (each opens a TLS connection: a thousand handshakes at once
-would only make the broker and this process fight over the CPU) and run until ``stop``. Which
-devices fail is decided up front from a seed, so a run can be repeated.
+Devices are started a few at a time, and reboot through the same gate (each opens a TLS
+connection: a thousand handshakes at once would only make the broker and this process fight over
+the CPU, see :mod:`otad.fleet.device`) and run until ``stop``. Which devices fail is decided up
+front from a seed, so a run can be repeated.
 
 The agents share the event loop's default thread pool, which each agent uses for its blocking
 steps: journal and slot writes, and the MQTT connect (aiomqtt runs paho's blocking connect and
@@ -28,6 +29,7 @@ __layer__ = "root"
 
 log = structlog.get_logger(__name__)
 
+# Devices between power-on and a held broker connection at once, per fleet (process).
 START_PARALLEL = 32
 # Threads of the shared pool: one per this many devices, within the bounds below. Threads mostly
 # wait (for the broker's TLS answer, for the disk), so more threads than CPUs is the point.
@@ -85,7 +87,11 @@ class Fleet:
         identity_of: Callable[[str], Identity],
         settings: SimSettings,
         faults: FaultPlan = FaultPlan(),
+        *,
+        boots_at_once: int = START_PARALLEL,
     ) -> None:
+        # Shared by every device of the fleet, at start and at each reboot (see fleet.device).
+        self.boot_gate = asyncio.Semaphore(boots_at_once)
         self.devices = [
             SimulatedDevice(
                 root / device_id,
@@ -94,25 +100,21 @@ class Fleet:
                 settings,
                 fail_health=device_id in faults.fail_health,
                 fail_boot=device_id in faults.fail_boot,
+                boot_gate=self.boot_gate,
             )
             for device_id in device_ids
         ]
         self.faults = faults
         self._pool: ThreadPoolExecutor | None = None
 
-    async def start(self, parallel: int = START_PARALLEL) -> None:
+    async def start(self) -> None:
+        """Power every device on (``boots_at_once`` at a time); returns when all are up."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 pool_size(len(self.devices)), thread_name_prefix="otad-sim"
             )
             asyncio.get_running_loop().set_default_executor(self._pool)
-        gate = asyncio.Semaphore(parallel)
-
-        async def one(device: SimulatedDevice) -> None:
-            async with gate:
-                await device.start()
-
-        await asyncio.gather(*(one(d) for d in self.devices))
+        await asyncio.gather(*(d.start() for d in self.devices))
         broken = [d.device_id for d in self.devices if d.error is not None]
         log.info("sim_fleet_started", devices=len(self.devices), broken=len(broken))
 
