@@ -101,7 +101,7 @@ class DownloadConfig:
     # then fails (download_url_expired): a device must not sit in a job nobody will finish
     url_refresh_timeout: float = 3600.0
     block_size: int = 1024 * 1024  # bytes handed to the disk thread at once
-    queue_chunks: int = 4  # blocks between the network and the disk thread (memory bound)
+    queue_chunks: int = 2  # blocks between the network and the disk thread (memory bound)
 
 
 @dataclass(frozen=True)

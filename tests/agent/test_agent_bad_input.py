@@ -87,6 +87,58 @@ async def test_agent_bad_bundle_fails_with_its_code(
     assert blob_server.requests == fetched and dev.agent.jobs_started == 0
 
 
+def lying_bundle(cloud_dir: Any, image: bytes) -> bytes:
+    """Genuinely signed by the cloud's key, but the manifest's image hash is not the image's."""
+    import hashlib
+
+    import zstandard
+
+    from otad.bundle import canonical, key_id_of
+    from otad.bundle.header import FORMAT_VERSION, Header
+    from otad.bundle.keys import algorithm_of, sign
+    from otad.bundle.preamble import signed_message
+    from otad.bundle.signatures import SignatureEntry, encode_signatures
+
+    key = load_private_key(cloud_dir.signing_key)
+    payload = zstandard.ZstdCompressor(level=3).compress(image)
+    manifest = canonical.encode(
+        {
+            "format_version": FORMAT_VERSION,
+            "compatible": "qemu-x86_64",
+            "version": "2.0",
+            "security_version": 0,
+            "created": "2026-01-01T00:00:00Z",
+            "size": len(payload),
+            "compression": "zstd",
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "image_size": len(image),
+            "image_sha256": hashlib.sha256(image + b"x").hexdigest(),
+            "key_ids": [key_id_of(key)],
+        }
+    )
+    signature = sign(
+        key, signed_message(Header(FORMAT_VERSION, 0, len(manifest), 0, len(payload)), manifest)
+    )
+    block = encode_signatures([SignatureEntry(key_id_of(key), algorithm_of(key), signature)])
+    header = Header(FORMAT_VERSION, 0, len(manifest), len(block), len(payload))
+    return header.pack() + manifest + block + payload
+
+
+async def test_agent_signed_manifest_with_a_wrong_image_hash_never_becomes_bootable(
+    cloud: Any, cloud_dir: Any, make_device: Any, blob_server: Any, tmp_path: Path
+) -> None:
+    # The payload hash and the signature are right; only the decompressed image differs from
+    # the signed image hash. The agent finds it when it re-reads the slot, before the switch.
+    dev = make_device("dev1")
+    await dev.start()
+    image = make_image(tmp_path / "img", 2 * MiB, seed=4).read_bytes()
+    url = blob_server.add("lying", lying_bundle(cloud_dir, image))
+    await cloud.set_desired("dev1", {"software": {"version": "2.0", "url": url, "jobId": "lie"}})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    assert sw["jobId"] == "lie" and sw["error"]["code"] == "slot_verify_failed", sw
+    await assert_untouched(dev)
+
+
 @pytest.mark.parametrize(
     ("entry", "code"),
     [
