@@ -47,6 +47,9 @@ class CloudConfig:
     presign_default_ttl: int = 3600
     token_ttl: int = 900
     max_upload_bytes: int = 8 * 1024**3
+    # Memory the store may hold in download buffers across all downloads; with many downloads
+    # in flight each reads smaller chunks (1 MiB down to 64 KiB) to stay within it.
+    download_buffer_bytes: int = 256 * 1024**2
     uploaders: tuple[str, ...] = ()
     db_path: Path = Path("state/shadow.db")
     artifacts_dir: Path = Path("artifacts")
@@ -134,6 +137,9 @@ def parse_config(text: str, *, root: Path, origin: str = CONFIG_NAME) -> CloudCo
         max_upload_bytes=reader.positive(
             store, "store", "max_upload_bytes", defaults.max_upload_bytes
         ),
+        download_buffer_bytes=reader.positive(
+            store, "store", "download_buffer_bytes", defaults.download_buffer_bytes
+        ),
         uploaders=tuple(uploaders),
         db_path=root / reader.string(replica, "replica", "db", str(defaults.db_path)),
         artifacts_dir=root
@@ -176,6 +182,8 @@ presign_binding = {_toml_str(presign_binding)}
 presign_default_ttl = 3600  # seconds
 token_ttl = 900             # seconds, for POST /v1/credentials
 max_upload_bytes = {8 * 1024**3}
+# Download buffers of all downloads together; many downloads at once read smaller chunks.
+download_buffer_bytes = {256 * 1024**2}
 uploaders = [{uploader_list}]   # client certificate CNs allowed to PUT bundles
 
 [replica]

@@ -61,6 +61,7 @@ def test_config_defaults_for_an_empty_file() -> None:
         ('[store]\npublic_url = "http://x"', "public_url"),
         ("[store]\ntoken_ttl = 0", "store.token_ttl"),
         ("[store]\nmax_upload_bytes = -1", "store.max_upload_bytes"),
+        ("[store]\ndownload_buffer_bytes = 0", "store.download_buffer_bytes"),
         ("[store]\nuploaders = [1]", "store.uploaders"),
         ('[store]\nuploaders = "otad-svc-fleet"', "store.uploaders"),
         ('[replica]\ndb = ""', "replica.db"),
@@ -105,6 +106,7 @@ scalars = st.one_of(
             "db",
             "artifacts",
             "max_upload_bytes",
+            "download_buffer_bytes",
             "presign_secret_file",
             "mosquitto",
         ]
