@@ -28,6 +28,7 @@ Errors are :class:`otad.errors.ShadowError` subclasses whose ``status`` is the w
 
 from __future__ import annotations
 
+import _json
 import functools
 import hashlib
 import json
@@ -412,9 +413,21 @@ def _decode(payload: bytes, *, allow_empty: bool, limit: int = MAX_REQUEST_BYTES
             "shadow: unsupported document encoding; supported encoding is UTF-8"
         ) from exc
     try:
-        return _DECODER.decode(text)
+        return _loads(text)
     except (ValueError, RecursionError) as exc:
         raise ShadowBadRequest(f"shadow: payload is not valid JSON: {exc}") from exc
+
+
+def _loads(text: str) -> Any:
+    """``_DECODER.decode(text)`` calling the C scanner directly (two Python frames less)."""
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        value, end = _SCAN(text, start)
+    except StopIteration as exc:
+        raise ValueError(f"Expecting value: char {exc.value}") from None
+    if len(text.rstrip(_WHITESPACE)) > end:
+        raise ValueError(f"Extra data: char {end}")
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -432,12 +445,26 @@ def _no_constant(name: str) -> Any:
 
 # Built once: json.dumps/json.loads with options construct a new encoder/decoder per call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# For values that cannot hold a cycle (parsed JSON and documents built from it): without the
-# circular-reference bookkeeping per container, which metadata (one object per leaf) is full of.
-_TREE_ENCODER: Final = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
-)
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+_SCAN: Final = _json.make_scanner(cast(Any, _DECODER))  # what _DECODER.decode calls
+_WHITESPACE: Final = " \t\n\r"  # JSON's whitespace
+
+
+def _not_json(value: object) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# For values that cannot hold a cycle (parsed JSON and documents built from it): the C encoder
+# without the circular-reference bookkeeping per container (metadata has one object per leaf),
+# built once (JSONEncoder.encode builds a new one per call).
+_TREE_CHUNKS: Final = _json.make_encoder(
+    None, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
+)
+
+
+def _tree_json(value: Any) -> str:
+    """Compact JSON of a value that cannot hold a cycle (the same text as compact_json)."""
+    return "".join(_TREE_CHUNKS(value, 0))
 
 
 def _client_token(doc: Mapping[str, Any]) -> str | None:
@@ -465,7 +492,7 @@ def _check_value(value: JsonObject, where: str, token: str | None) -> str:
     Returns the compact JSON text (the replica reuses it).
     """
     try:
-        text = _TREE_ENCODER.encode(value)
+        text = _tree_json(value)
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise _bad(f"{where} holds a string that is not valid Unicode", token) from exc
@@ -646,7 +673,7 @@ class ShadowDocument:
         text = self._texts[index]
         if text is None:
             parts = (self.desired, self.reported, self.metadata_desired, self.metadata_reported)
-            text = self._texts[index] = _TREE_ENCODER.encode(parts[index])
+            text = self._texts[index] = _tree_json(parts[index])
         return text
 
     @property
@@ -742,7 +769,7 @@ class ShadowDocument:
         state = _sections(
             self._part(0) if self.desired else None,
             self._part(1) if self.reported else None,
-            _TREE_ENCODER.encode(delta) if delta else None,
+            _tree_json(delta) if delta else None,
         )
         return (
             f'{{"state":{state},"metadata":{self.metadata_json},"version":{self.version},'

@@ -525,7 +525,7 @@ def reference_accepted(request: UpdateRequest, version: int, now: int) -> dict[s
 
 
 @given(states, patches, patches, st.one_of(st.none(), st.text(max_size=8)))
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 def test_apply_update_payloads_are_the_compact_json_of_the_protocol_documents(
     state: dict[str, Any], desired: dict[str, Any], reported: dict[str, Any], token: str | None
 ) -> None:
@@ -669,7 +669,7 @@ tokens = st.sampled_from(["t0", "t1", "t2", None])
 
 
 @given(st.lists(st.tuples(tokens, patches, st.booleans()), min_size=1, max_size=12))
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 def test_apply_update_retries_never_change_the_outcome_of_a_sequence(
     steps: list[tuple[str | None, dict[str, Any], bool]],
 ) -> None:
@@ -696,3 +696,27 @@ def test_apply_update_retries_never_change_the_outcome_of_a_sequence(
             else:
                 twice = again.document  # no token: applied again, same values
         assert twice.reported == once.reported
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=' \t\n\r{}[]",:0123456789.eE-+truefalsnul\\ab', max_size=40),
+        st.recursive(
+            scalars,
+            lambda i: st.lists(i, max_size=3) | st.dictionaries(keys, i, max_size=3),
+            max_leaves=8,
+        ).map(json.dumps),
+    ),
+    st.sampled_from(["", " ", "\n\t", "x"]),
+)
+@settings(max_examples=150)
+def test_loads_matches_the_stdlib_decoder(text: str, around: str) -> None:
+    """The direct C-scanner call decodes exactly what JSONDecoder.decode decodes."""
+    for candidate in (text, around + text + around):
+        try:
+            expected = shadow._DECODER.decode(candidate)
+        except (ValueError, RecursionError):
+            with pytest.raises((ValueError, RecursionError)):
+                shadow._loads(candidate)
+            continue
+        assert shadow._loads(candidate) == expected
