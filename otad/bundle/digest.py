@@ -5,14 +5,14 @@ On one core that is about twice the cost of the slowest part alone. ``hashlib`` 
 release the GIL on large buffers, so hashing on one helper thread while the caller's thread
 decompresses uses a second core and keeps the verifier close to the speed of its slowest part.
 
-Measured on the 2-vCPU reference machine (see ``benchmarks/bundle_verify.py``): what costs the
-caller's thread CPU is not the hashing it hands off but the hand-off itself (every wake-up of the
-other thread and every GIL transfer is a cross-CPU interrupt in a VM), and copying the output.
-So work travels in pieces of about 1 MiB, never copied: :meth:`Digests.update` takes a
-``memoryview`` and returns a :class:`Pending` the caller waits on before it changes that memory
-again (the output ring in :mod:`otad.bundle.ring` does exactly that). Small pieces are first
-joined into 64 KiB blocks, so a caller feeding one byte at a time does not queue a million
-objects.
+Measured on the 2-vCPU reference machine (``benchmarks/bundle_verify.py``): handing the work
+over costs the decoding thread CPU of its own (each wake-up of the other thread and each GIL
+transfer is a cross-CPU interrupt in a VM). Pieces of 256 KiB cost it about 0.25 CPU-s per GiB
+more than pieces of 1 MiB, and copying the output once more about 0.1. So work travels in pieces
+of about 1 MiB, never copied: :meth:`Digests.update` takes a ``memoryview`` and returns a
+:class:`Pending` the caller waits on before it changes that memory again (the output ring in
+:mod:`otad.bundle.ring` does exactly that). Small pieces are first joined into 64 KiB blocks, so
+a caller feeding one byte at a time does not queue a million objects.
 """
 
 from __future__ import annotations

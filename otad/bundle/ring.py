@@ -7,9 +7,9 @@ held (:meth:`OutputRing.space` waits for that), so memory stays at ``slots * slo
 the hasher may lag behind the decoder by up to ``slots - 1`` slots without stalling it.
 
 1 MiB slots: per slot the decoder and the hasher exchange the GIL and wake each other a few
-times; at 256 KiB those hand-offs cost the decoding thread about 0.25 CPU-s per GiB more on the
-reference machine, at 1 MiB next to nothing, and decoding itself was as fast into 1 MiB as into
-256 KiB (see ``benchmarks/bundle_verify.py``).
+times; at 256 KiB those hand-offs cost the decoding thread about 0.25 CPU-s per GiB more, while
+decoding itself was as fast into 1 MiB as into 256 KiB, and 2 MiB slots or more of them gained
+nothing measurable (reference machine, ``benchmarks/bundle_verify.py``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class StreamVerifier:
         self._image_produced = 0
         self._failure: BundleError | None = None
         self._finished = False
+        self._closed = False
 
     # --- what is known so far ---------------------------------------------------------------
 
@@ -142,7 +143,8 @@ class StreamVerifier:
         return manifest
 
     def close(self) -> None:
-        """Release the helper thread early (e.g. when a download is abandoned)."""
+        """Release the helper thread early (e.g. when a download is abandoned); final."""
+        self._closed = True
         self._digests.close()
 
     # --- internals ------------------------------------------------------------------------------
@@ -266,6 +268,8 @@ class StreamVerifier:
             raise type(failure)(f"{failure.message} (verifier already failed)", **failure.details)
         if self._finished:
             raise RuntimeError("StreamVerifier: already finished")
+        if self._closed:
+            raise RuntimeError("StreamVerifier: closed")
 
     def _fail(self, exc: BundleError) -> BundleError:
         self._failure = exc

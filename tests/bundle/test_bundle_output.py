@@ -164,3 +164,14 @@ def test_digests_refuse_updates_after_close() -> None:
     digests.close()  # idempotent
     with pytest.raises(RuntimeError, match="after close"):
         digests.update(0, bytes(1 << 20))
+
+
+def test_verifier_refuses_input_after_close(big_bundle: bytes, keyring: Keyring) -> None:
+    verifier = StreamVerifier(keyring)
+    for _ in verifier.feed(big_bundle[: 2 << 20]):
+        pass
+    verifier.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        verifier.feed(big_bundle[2 << 20 :])
+    with pytest.raises(RuntimeError, match="closed"):
+        verifier.finish()
