@@ -183,7 +183,7 @@ def child(args: argparse.Namespace) -> None:
     imports_kib = peak_rss_kib()
 
     class Quiet:
-        def report(self, reported: Any) -> int:
+        def report(self, reported: Any, **_: Any) -> int:
             return 0
 
         async def flush(self, within: float) -> bool:
@@ -228,6 +228,7 @@ def child(args: argparse.Namespace) -> None:
         tracemalloc.start(8)
     before = ThreadCpu()
     before.sample()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with ThreadCpu() as sampler:
         if os.environ.get("OTAD_BENCH_PROFILE"):  # the event loop thread only
             import cProfile
@@ -260,6 +261,8 @@ def child(args: argparse.Namespace) -> None:
                 "imports_kib": imports_kib,
                 "threads": threads,
                 "waits": waits,
+                # minor page faults during the install: fresh big allocations fault per page
+                "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
             }
         )
     )
@@ -453,7 +456,11 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
             )
             threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["threads"].items()))
             waits = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["waits"].items()))
-            print(f"       otad CPU s by thread: {threads}; waiting for a CPU: {waits}", flush=True)
+            print(
+                f"       otad CPU s by thread: {threads}; waiting for a CPU: {waits}; "
+                f"minor faults {result['faults']}",
+                flush=True,
+            )
     want = manifest.image_sha256
     got_otad = await asyncio.to_thread(sha256_of, slots["B"], size)
     got_pipe = await asyncio.to_thread(sha256_of, slots["A"], size)

@@ -166,14 +166,17 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def wait(self, want: int, linger: float | None = None) -> None:
         """Until ``want`` bytes are buffered or the peer is done; with ``linger``, also return
-        once some bytes are buffered and ``linger`` seconds passed. DownloadTimeout after
-        ``read_timeout`` without a new byte."""
+        once bytes have been buffered for ``linger`` seconds (a slow server still makes
+        progress). DownloadTimeout after ``read_timeout`` without a new byte."""
         want = min(want, len(self._buf))
-        started = self._loop.time()
+        since = self._loop.time() if self.available else None  # bytes buffered since
         while self.available < want and not self.eof:
             now = self._loop.time()
-            if linger is not None and self.available and now - started >= linger:
-                return
+            if linger is not None and self.available:
+                if since is None:
+                    since = now
+                if now - since >= linger:
+                    return
             if self._fill == len(self._buf):
                 self._compact()
             self._resume()
@@ -182,11 +185,14 @@ class _Connection(asyncio.BufferedProtocol):
                 raise DownloadTimeout(
                     "download: read timed out (the server sent nothing within sock_read)"
                 )
-            patience = left if linger is None else min(left, max(0.0, started + linger - now))
-            if patience <= 0:  # lingered with nothing buffered: wait for the first byte
-                patience = left
+            wake_at, patience = want, left
+            if linger is not None:
+                if since is None:
+                    wake_at = self.available + 1  # the first byte starts the linger
+                else:
+                    patience = min(left, since + linger - now)
             waiter = self._loop.create_future()
-            self._waiter, self._want = waiter, want
+            self._waiter, self._want = waiter, wake_at
             timer = self._loop.call_later(patience, _resolve, waiter)
             try:
                 await waiter

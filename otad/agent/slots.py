@@ -55,6 +55,7 @@ SYS_BLOCK = Path("/sys/class/block")
 MOUNTINFO = Path("/proc/self/mountinfo")
 _READ_CHUNK = 1 << 20  # re-read buffer: large reads, reused (hashlib releases the GIL on it)
 _DROP_EVERY = 32 << 20  # re-read pages are dropped from the cache in steps of this size
+_WRITEBACK_STEP = 16 << 20  # written pages are sent to the medium in steps of this size
 _LABEL_PREFIXES = ("PARTLABEL=", "partlabel:")
 _SLOT_ARG = re.compile(r"^(?:otad|rauc)\.slot=(.*)$")
 
@@ -356,6 +357,7 @@ class SlotWriter:
             self.close()
             raise
         self.offset = offset
+        self._advised = self._dropped = offset  # see _write_back
         log.info("slot_opened", slot=slot, path=str(self.target), capacity=self.capacity)
 
     def _check_not_booted(
@@ -403,7 +405,28 @@ class SlotWriter:
         if self._hash is not None:
             self._hash.update(view)
         self.offset = end
+        if end - self._advised >= 2 * _WRITEBACK_STEP:
+            self._write_back(end - _WRITEBACK_STEP)
         return end
+
+    def _write_back(self, upto: int) -> None:
+        """Start writing ``[.., upto)`` back now instead of all of it in the final fsync.
+
+        POSIX_FADV_DONTNEED on dirty pages starts their writeback without waiting (and drops
+        pages that are already clean). Each range is advised twice, one step apart: the first
+        call starts the writeback, the second drops the pages it wrote. So the final fsync has
+        only the last steps left to flush, and an install does not fill the page cache with
+        the whole image (on a device that would push out everything else). Durability is
+        still the fsync's job; this only moves work earlier.
+        """
+        fd = self._require_open()
+        # [_dropped, _advised) was advised once (its writeback started): drop it now;
+        # [_advised, upto) is new: start its writeback
+        try:
+            os.posix_fadvise(fd, self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:  # advice only: a medium that does not take it is still written
+            log.debug("slot_writeback_advice_failed", slot=self.slot, error=str(exc))
+        self._dropped, self._advised = self._advised, upto
 
     def flush(self) -> None:
         """fsync what was written so far (a resume point that survives a power cut)."""

@@ -225,6 +225,35 @@ async def test_httpclient_slow_but_live_server_is_not_a_timeout(cloud_dir: Any) 
     assert got == b"abcdefgh"
 
 
+async def test_httpclient_slow_server_yields_partial_blocks_as_bytes_arrive(
+    cloud_dir: Any,
+) -> None:
+    # progress must show on a slow link: a block is handed out after LINGER, not when full
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n")
+        for _ in range(4):
+            writer.write(b"q" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.3)
+
+    async with serve(cloud_dir, slow) as url:
+        response = await request(
+            "GET",
+            url,
+            headers={},
+            ssl_context=client_context(cloud_dir),
+            connect_timeout=5.0,
+            read_timeout=5.0,
+        )
+        try:
+            pieces = [data async for data in response.chunks(1 << 20)]
+        finally:
+            await response.close()
+    assert b"".join(pieces) == b"q" * 4000
+    assert len(pieces) >= 3  # not one block at the end
+
+
 async def test_httpclient_untrusted_certificate_fails_the_handshake(cloud_dir: Any) -> None:
     async with serve(cloud_dir, _answer(b"HTTP/1.1 204 No\r\n\r\n")) as url:
         with pytest.raises(ssl.SSLCertVerificationError):
