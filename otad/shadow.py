@@ -498,6 +498,8 @@ def _check_value(value: JsonObject, where: str, token: str | None) -> str:
         raise _bad(f"{where} holds a string that is not valid Unicode", token) from exc
     except ValueError as exc:
         raise _bad(f"{where} holds a number out of range", token) from exc
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return text  # cannot nest deeper than it has brackets (in strings too: a bound only)
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         container, depth = stack.pop()
@@ -1011,12 +1013,12 @@ def _accepted_payload(
 
 def _metadata_text(patch: Mapping[str, JsonValue], stamp: str) -> str:
     """The JSON text of ``metadata_for(patch, T)``, ``stamp`` being ``{"timestamp":T}``."""
-    parts = []
-    for key, value in patch.items():
-        if isinstance(value, dict) and value:
-            parts.append(f"{_encode_string(key)}:{_metadata_text(value, stamp)}")
-        else:
-            parts.append(f"{_encode_string(key)}:{stamp}")
+    parts = [
+        f"{_encode_string(key)}:{_metadata_text(value, stamp)}"
+        if isinstance(value, dict) and value
+        else f"{_encode_string(key)}:{stamp}"
+        for key, value in patch.items()
+    ]
     return "{" + ",".join(parts) + "}"
 
 

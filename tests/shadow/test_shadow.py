@@ -200,6 +200,13 @@ def test_parse_update_limits_nesting_depth() -> None:
     parse_update(json.dumps({"state": {"desired": deep}}).encode())
     with pytest.raises(ShadowBadRequest, match="nested deeper"):
         parse_update(json.dumps({"state": {"desired": {"k": deep}}}).encode())
+    lists: Any = [1]
+    for _ in range(shadow.MAX_DEPTH):
+        lists = [lists]
+    with pytest.raises(ShadowBadRequest, match="nested deeper"):
+        parse_update(json.dumps({"state": {"desired": {"k": lists}}}).encode())
+    # Brackets inside strings are not nesting.
+    parse_update(json.dumps({"state": {"desired": {"k": "{[" * 20, "l": [[], {}]}}}).encode())
 
 
 def test_parse_update_accepts_a_64_byte_token_and_keeps_sections_apart() -> None:
