@@ -19,11 +19,17 @@ never published ``accepted`` (the device retries) or has the document on disk. A
 the commit and the broker's PUBACK leaves the messages in the outbox; the next start publishes
 them again (at least once). Bad input becomes a ``rejected`` message with the AWS status code;
 nothing partial is ever stored. When more than ``max_pending`` requests wait for the disk, new
-ones are rejected with 429 instead of queueing without bound.
+ones are rejected with 429 instead of queueing without bound. A retry of an update (same
+clientToken and content, see :func:`otad.shadow.apply_update`) is answered with the same
+``accepted`` again and changes nothing, so a device whose answer was lost (or not yet sent
+because of a crash: the outbox sends it after the restart) does not create a second version.
 
-Throughput: requests that arrive together are processed as one unit of work and the store
-commits everything queued in one transaction (group commit), so one fsync covers hundreds of
-updates. Publishing does not wait for each PUBACK (a window of unacknowledged QoS 1 messages).
+Throughput: every request received until the writer thread gets to it is processed as one
+unit of work (a backlog the unit takes when it runs), and the store commits everything queued
+in one transaction (group commit), so one fsync covers hundreds of updates. Documents keep the
+JSON text of their parts, so an update encodes only what it changed, and the messages are put
+together from those texts. Publishing does not wait for each PUBACK (a window of
+unacknowledged QoS 1 messages).
 The replica's connection is :class:`_Wire`, a small MQTT 3.1.1 client on an asyncio protocol,
 not aiomqtt: measured with the benchmark, paho (under aiomqtt) spent more CPU per update than
 parsing, merging and storing it (a task + event + ``wait_for`` per aiomqtt publish, one TLS read
