@@ -200,11 +200,12 @@ def verify_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"bundle: cannot read {path}: {exc.strerror}") from exc
     with stream, _progress("verifying") as progress:
         done = 0
-        buffer = bytearray(_CHUNK)
-        while n := _io(lambda: stream.readinto(buffer)):
-            for _ in verifier.feed(memoryview(buffer)[:n]):
+        # Fresh bytes, not a reused buffer: the verifier keeps fed bytes until they are hashed
+        # and would have to copy a buffer the caller reuses.
+        while data := _io(lambda: stream.read(_CHUNK)):
+            for _ in verifier.feed(data):
                 pass
-            done += n
+            done += len(data)
             if progress is not None and verifier.total_size is not None:
                 progress(done, verifier.total_size)
         manifest = verifier.finish()
