@@ -44,6 +44,12 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--waves", default="1,10,50,100%", help="cumulative counts or percentages")
     p.add_argument("--max-failure-rate", default="5%", help="per wave, e.g. 5%% or 0.05")
     p.add_argument("--wave-timeout", default="30m", help="e.g. 30m, 90s, 1h30m")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="at most N devices updating at once (default: a whole wave at once)",
+    )
     p.set_defaults(handler=cmd_rollout)
 
     p = commands.add_parser("status", help="show a rollout (the latest one by default)")
@@ -135,6 +141,7 @@ def create_rollout(
     waves: str = "1,10,50,100%",
     max_failure_rate: str = "5%",
     wave_timeout: str = "30m",
+    max_in_flight: int | None = None,
 ) -> plan.Rollout:
     """Validate everything, then store the rollout; the service starts it."""
     from otad.cloud import rollout_db as db
@@ -173,6 +180,7 @@ def create_rollout(
             max_failure_rate=rate,
             wave_timeout=timeout,
             now=time.time(),
+            max_in_flight=max_in_flight,
         )
         store.run(lambda c: db.create_rollout(c, rollout, records))
     finally:
@@ -231,6 +239,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         waves=args.waves,
         max_failure_rate=args.max_failure_rate,
         wave_timeout=args.wave_timeout,
+        max_in_flight=args.max_in_flight,
     )
     print(
         f"rollout {rollout.id}: version {rollout.version} to {rollout.waves[-1]} devices in "

@@ -45,7 +45,11 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Upgrades from each older version, in order (a database is never downgraded).
+_MIGRATIONS = {
+    1: ("ALTER TABLE rollouts ADD COLUMN max_in_flight INTEGER",),
+}
 ACTIONS = ("pause", "resume", "abort")
 
 _SCHEMA = """
@@ -69,7 +73,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     accepted_waves TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    max_in_flight INTEGER
 );
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout_id TEXT NOT NULL REFERENCES rollouts(id),
@@ -141,10 +146,25 @@ def create_schema(conn: sqlite3.Connection) -> None:
             "INSERT INTO fleet_meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
-    elif row[0] != str(SCHEMA_VERSION):
+        return
+    try:
+        version = int(row[0])
+    except ValueError:
+        raise RolloutError(f"rollout db: schema version {row[0]!r} is not a number") from None
+    if version > SCHEMA_VERSION:
         raise RolloutError(
-            f"rollout db: schema version {row[0]}, this otad knows {SCHEMA_VERSION}; upgrade otad"
+            f"rollout db: schema version {version}, this otad knows {SCHEMA_VERSION}; upgrade otad"
         )
+    # The tables of an older version exist already (CREATE ... IF NOT EXISTS kept them as they
+    # were): bring them up to date in the caller's transaction, all or nothing.
+    for old in range(version, SCHEMA_VERSION):
+        for statement in _MIGRATIONS[old]:
+            conn.execute(statement)
+    if version != SCHEMA_VERSION:
+        conn.execute(
+            "UPDATE fleet_meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+        )
+        log.info("rollout_db_upgraded", old=version, new=SCHEMA_VERSION)
 
 
 # --- rollouts ------------------------------------------------------------------------------------
@@ -443,21 +463,22 @@ def _write_rollout(conn: sqlite3.Connection, r: Rollout, *, insert: bool) -> Non
         r.created_at,
         r.updated_at,
         r.finished_at,
+        r.max_in_flight,
     )
     if insert:
         conn.execute(
             "INSERT INTO rollouts(artifact_id, version, bundle_size, sha256, waves, "
             "max_failure_rate, wave_timeout, state, reason, current_wave, wave_started_at, "
-            "accepted_waves, created_at, updated_at, finished_at, id) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "accepted_waves, created_at, updated_at, finished_at, max_in_flight, id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (*values, r.id),
         )
         return
     cur = conn.execute(
         "UPDATE rollouts SET artifact_id=?, version=?, bundle_size=?, sha256=?, waves=?, "
         "max_failure_rate=?, wave_timeout=?, state=?, reason=?, current_wave=?, "
-        "wave_started_at=?, accepted_waves=?, created_at=?, updated_at=?, finished_at=? "
-        "WHERE id=?",
+        "wave_started_at=?, accepted_waves=?, created_at=?, updated_at=?, finished_at=?, "
+        "max_in_flight=? WHERE id=?",
         (*values, r.id),
     )
     if cur.rowcount != 1:
@@ -482,6 +503,7 @@ def _rollout_from_row(row: Sequence[object]) -> Rollout:
         created_at,
         updated_at,
         finished_at,
+        max_in_flight,
     ) = row
     try:
         return Rollout(
@@ -501,6 +523,7 @@ def _rollout_from_row(row: Sequence[object]) -> Rollout:
             created_at=float(created_at),  # type: ignore[arg-type]
             updated_at=float(updated_at),  # type: ignore[arg-type]
             finished_at=_opt_float(finished_at),
+            max_in_flight=None if max_in_flight is None else int(max_in_flight),  # type: ignore[call-overload]
         )
     except (ValueError, TypeError) as exc:
         raise RolloutError(f"rollout db: rollout {rollout_id} has a corrupt row: {exc}") from exc

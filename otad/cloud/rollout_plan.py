@@ -289,6 +289,9 @@ class Rollout:
     updated_at: float = 0.0
     finished_at: float | None = None
     sha256: str | None = None
+    # At most this many devices between "told" and an outcome at once (None: a whole wave at
+    # once). Keeps a large wave from sending every device to the store in the same second.
+    max_in_flight: int | None = None
 
     @property
     def active(self) -> bool:
@@ -344,6 +347,7 @@ def new_rollout(
     wave_timeout: float,
     now: float,
     sha256: str | None = None,
+    max_in_flight: int | None = None,
 ) -> tuple[Rollout, tuple[DeviceRecord, ...]]:
     """A fresh rollout and its pending device records (devices keep the given order)."""
     if len(set(devices)) != len(devices):
@@ -356,6 +360,8 @@ def new_rollout(
         raise RolloutError("rollout: max failure rate must be between 0 and 1")
     if not wave_timeout > 0:
         raise RolloutError("rollout: wave timeout must be longer than zero")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise RolloutError("rollout: max in flight must be at least 1")
     plan = plan_waves(waves, len(devices))
     rollout = Rollout(
         id=rollout_id,
@@ -368,6 +374,7 @@ def new_rollout(
         created_at=now,
         updated_at=now,
         sha256=sha256,
+        max_in_flight=max_in_flight,
     )
     records = tuple(
         DeviceRecord(device_id=d, position=i, wave=rollout.wave_of(i))
@@ -623,6 +630,9 @@ def step(rollout: Rollout, devices: Mapping[str, DeviceRecord], now: float) -> D
             events.append(("rollout_paused", {"wave": wave + 1, "reason": reason}))
             break
         if counts.done < counts.size or rollout.state != RolloutState.RUNNING:
+            if rollout.state == RolloutState.RUNNING and rollout.max_in_flight is not None:
+                # A paced wave: devices that finished make room for the next ones.
+                _start_devices(rollout, wave, current, now, update, commands)
             break
         if wave + 1 >= len(rollout.waves):
             rollout = replace(
@@ -647,15 +657,33 @@ def _start_wave(
     commands: list[Command],
     events: list[tuple[str, dict[str, Any]]],
 ) -> Rollout:
-    started = 0
-    for record in sorted(current.values(), key=lambda r: r.position):
-        if record.wave == wave and record.state == DeviceState.PENDING:
-            job_id = job_id_for(rollout.id, record.url_refreshes)
-            update(replace(record, state=DeviceState.ASSIGNED, job_id=job_id, started_at=now))
-            commands.append(SetDesired(record.device_id, job_id))
-            started += 1
+    started = _start_devices(rollout, wave, current, now, update, commands)
     events.append(("wave_started", {"wave": wave + 1, "devices": started}))
     return replace(rollout, current_wave=wave, wave_started_at=now, updated_at=now, reason="")
+
+
+def _start_devices(
+    rollout: Rollout,
+    wave: int,
+    current: Mapping[str, DeviceRecord],
+    now: float,
+    update: Any,
+    commands: list[Command],
+) -> int:
+    """Tell pending devices of ``wave``, in order, as many as ``max_in_flight`` leaves room for."""
+    room = len(current)
+    if rollout.max_in_flight is not None:
+        busy = sum(r.state in IN_FLIGHT for r in current.values())
+        room = rollout.max_in_flight - busy
+    if room <= 0:
+        return 0
+    pending = [r for r in current.values() if r.wave == wave and r.state == DeviceState.PENDING]
+    pending.sort(key=lambda r: r.position)
+    for record in pending[:room]:
+        job_id = job_id_for(rollout.id, record.url_refreshes)
+        update(replace(record, state=DeviceState.ASSIGNED, job_id=job_id, started_at=now))
+        commands.append(SetDesired(record.device_id, job_id))
+    return min(room, len(pending))
 
 
 # --- operator actions ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ def summarize(rollout: Rollout, devices: Mapping[str, DeviceRecord], now: float)
         "waves": waves,
         "max_failure_rate": rollout.max_failure_rate,
         "wave_timeout": rollout.wave_timeout,
+        "max_in_flight": rollout.max_in_flight,
         "created_at": rollout.created_at,
         "finished_at": rollout.finished_at,
         "elapsed": round(end - rollout.created_at, 3),
@@ -109,6 +110,7 @@ def render_rollout(
         f"  version {rollout.version}  ",
         (rollout.state.value.upper(), _STATE_STYLE[rollout.state]),
         f"  {len(records)} devices  {format_duration(end - rollout.created_at)}",
+        f"  at most {rollout.max_in_flight} at once" if rollout.max_in_flight is not None else "",
     )
     parts: list[Any] = [header]
     if rollout.reason:

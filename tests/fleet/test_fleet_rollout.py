@@ -139,6 +139,45 @@ async def test_rollout_three_waves_complete(
     assert {(s.version, s.slot) for d, s in seen.items() if d in DEVICES} == {("2.0", "B")}
 
 
+async def test_rollout_paced_by_max_in_flight_completes(
+    fleet_cloud: tuple[CloudDir, BrokerProcess],
+    bundle: Path,
+    running: CloudServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cloud, _ = fleet_cloud
+    fleet = fleet_of(cloud, tmp_path / "devices", DEVICES)
+    await fleet.start()
+    try:
+        code, out, err = otad_cli(
+            capsys,
+            "fleet",
+            "rollout",
+            str(cloud.root),
+            str(bundle),
+            "--devices",
+            ",".join(DEVICES),
+            "--waves",
+            "100%",
+            "--max-in-flight",
+            "2",
+        )
+        assert code == 0, err
+        rollout_id = out.split()[1].rstrip(":")
+        rollout, devices = await wait_for(cloud, rollout_id, lambda r, _: not r.active)
+    finally:
+        await fleet.stop()
+    assert rollout.state == RolloutState.COMPLETED and rollout.max_in_flight == 2
+    assert set(states(devices).values()) == {"succeeded"}
+    # Paced: the last two devices were told only after the first ones had finished.
+    ordered = sorted(devices.values(), key=lambda r: r.position)
+    first_done = min(r.finished_at or 0 for r in ordered[:2])
+    assert all((r.started_at or 0) >= first_done for r in ordered[2:])
+    code, out, _ = otad_cli(capsys, "fleet", "status", str(cloud.root), rollout_id, "--json")
+    assert code == 0 and json.loads(out)["max_in_flight"] == 2
+
+
 async def test_rollout_pauses_above_threshold_and_resume_continues(
     fleet_cloud: tuple[CloudDir, BrokerProcess], bundle: Path, running: CloudServer, tmp_path: Path
 ) -> None:
@@ -311,6 +350,7 @@ def test_rollout_cli_refuses_bad_input(
         (["--devices", "dev-1", "--wave-timeout", "soon"], "duration"),
         (["--devices", "dev-1,dev-2,dev-3", "--waves", "1,2"], "end the list with 100%"),
         (["--group", "empty"], "is empty"),
+        (["--devices", "dev-1", "--max-in-flight", "0"], "at least 1"),
     ]
     for extra, message in cases:
         code, _, err = otad_cli(capsys, "fleet", "rollout", str(cloud.root), str(bundle), *extra)

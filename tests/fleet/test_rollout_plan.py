@@ -176,6 +176,7 @@ def make(
     waves: str = "1,5,100%",
     rate: float = 0.2,
     timeout: float = 600,
+    max_in_flight: int | None = None,
 ) -> tuple[Rollout, dict[str, DeviceRecord]]:
     rollout, records = rp.new_rollout(
         rollout_id="r-1",
@@ -187,6 +188,7 @@ def make(
         max_failure_rate=rate,
         wave_timeout=timeout,
         now=0.0,
+        max_in_flight=max_in_flight,
     )
     return rollout, {r.device_id: r for r in records}
 
@@ -248,6 +250,8 @@ def test_new_rollout_assigns_waves_by_position() -> None:
         ({"max_failure_rate": 1.5}, "between 0 and 1"),
         ({"wave_timeout": 0}, "longer than zero"),
         ({"devices": []}, "no devices"),
+        ({"max_in_flight": 0}, "at least 1"),
+        ({"max_in_flight": -5}, "at least 1"),
     ],
 )
 def test_new_rollout_rejects_bad_input(change: dict[str, object], message: str) -> None:
@@ -409,6 +413,87 @@ def test_step_completes_a_single_wave_rollout() -> None:
 
 
 # --- operator actions ----------------------------------------------------------------------------
+
+
+def in_flight(devices: dict[str, DeviceRecord]) -> list[str]:
+    return sorted(d.device_id for d in devices.values() if d.state in rp.IN_FLIGHT)
+
+
+def test_step_paces_a_wave_to_max_in_flight() -> None:
+    rollout, devices = make(count=10, waves="100%", max_in_flight=3)
+    rollout, decision = apply(rollout, devices, 1.0)
+    assert decision.commands == tuple(SetDesired(f"dev{i}", "r-1") for i in range(3))
+    assert ("wave_started", {"wave": 1, "devices": 3}) in decision.events
+    assert in_flight(devices) == ["dev0", "dev1", "dev2"]
+    # A device that started (downloading) still holds its place; one that finished frees it.
+    report(rollout, devices, "dev0", "downloading", progress=10)
+    rollout, decision = apply(rollout, devices, 2.0)
+    assert not decision.commands
+    report(rollout, devices, "dev0", "succeeded", version="2.0")
+    report(rollout, devices, "dev1", "rolled_back", error={"code": "boot_failed"})
+    rollout, decision = apply(rollout, devices, 3.0)
+    # In position order, and with their start time.
+    assert decision.commands == (SetDesired("dev3", "r-1"), SetDesired("dev4", "r-1"))
+    assert devices["dev3"].started_at == 3.0 and devices["dev5"].state == DeviceState.PENDING
+    assert rollout.current_wave == 0 and rollout.state == RolloutState.RUNNING
+
+
+def test_step_paced_rollout_completes_and_never_exceeds_the_limit() -> None:
+    rollout, devices = make(count=23, waves="1,10,100%", rate=1.0, max_in_flight=4)
+    now = 1.0
+    for _ in range(100):
+        rollout, _ = apply(rollout, devices, now)
+        assert len(in_flight(devices)) <= 4
+        if not rollout.active:
+            break
+        # Every device in flight finishes before the next step; one in three fails.
+        for name in in_flight(devices):
+            if int(name[3:]) % 3 == 0:
+                report(rollout, devices, name, "failed", error={"code": "x"})
+            else:
+                report(rollout, devices, name, "succeeded", version="2.0")
+        now += 1.0
+    assert rollout.state == RolloutState.COMPLETED
+    assert {d.state for d in devices.values()} == {DeviceState.SUCCEEDED, DeviceState.FAILED}
+    # Waves still run one after the other: a device of wave 3 started after wave 2 finished.
+    wave2_end = max(d.finished_at or 0 for d in devices.values() if d.wave == 1)
+    assert min(d.started_at or 0 for d in devices.values() if d.wave == 2) >= wave2_end
+
+
+def test_step_paced_wave_starts_nobody_while_paused_and_goes_on_after_resume() -> None:
+    rollout, devices = make(count=6, waves="100%", max_in_flight=2)
+    rollout, _ = apply(rollout, devices, 1.0)
+    rollout = rp.pause(rollout, 2.0)
+    report(rollout, devices, "dev0", "succeeded", version="2.0")
+    rollout, decision = apply(rollout, devices, 3.0)
+    assert not decision.commands and in_flight(devices) == ["dev1"]
+    rollout = rp.resume(rollout, devices, 4.0)
+    rollout, decision = apply(rollout, devices, 5.0)
+    assert decision.commands == (SetDesired("dev2", "r-1"),)
+
+
+def test_step_paced_wave_over_the_threshold_pauses_before_starting_more() -> None:
+    rollout, devices = make(count=10, waves="100%", rate=0.1, max_in_flight=3)
+    rollout, _ = apply(rollout, devices, 1.0)
+    report(rollout, devices, "dev0", "failed", error={"code": "x"})
+    report(rollout, devices, "dev1", "failed", error={"code": "x"})
+    rollout, decision = apply(rollout, devices, 2.0)
+    assert rollout.state == RolloutState.PAUSED and not decision.commands
+
+
+def test_abort_of_a_paced_wave_skips_the_devices_it_never_told() -> None:
+    rollout, devices = make(count=5, waves="100%", max_in_flight=2)
+    rollout, _ = apply(rollout, devices, 1.0)
+    report(rollout, devices, "dev0", "downloading")
+    decision = rp.abort(rollout, devices, 2.0)
+    states = {d.device_id: d.state for d in decision.devices}
+    assert states == {
+        "dev1": DeviceState.CANCELLED,
+        "dev2": DeviceState.SKIPPED,
+        "dev3": DeviceState.SKIPPED,
+        "dev4": DeviceState.SKIPPED,
+    }
+    assert decision.commands == (ClearDesired("dev1"),)
 
 
 def test_pause_and_resume_round_trip() -> None:

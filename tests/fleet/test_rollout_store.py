@@ -125,6 +125,52 @@ def test_rollout_db_refuses_a_newer_schema(tmp_path: Path) -> None:
         db.RolloutDB(path)
 
 
+def test_rollout_db_keeps_max_in_flight(store: db.RolloutDB) -> None:
+    rollout, records = new()
+    paced = replace(rollout, max_in_flight=250)
+    store.run(lambda c: db.create_rollout(c, paced, records))
+    assert store.run(lambda c: db.load_rollout(c, "r-1")).max_in_flight == 250
+    store.run(lambda c: db.save(c, replace(paced, max_in_flight=None)))
+    assert store.run(lambda c: db.load_rollout(c, "r-1")).max_in_flight is None
+
+
+def test_rollout_db_upgrades_a_version_1_database(tmp_path: Path) -> None:
+    # A database written before rollouts could be paced: no max_in_flight column, version 1.
+    path = tmp_path / "shadow.db"
+    store = db.RolloutDB(path)
+    rollout, records = new()
+    store.run(lambda c: db.create_rollout(c, rollout, records))
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE rollouts DROP COLUMN max_in_flight")
+    conn.execute("UPDATE fleet_meta SET value='1' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    store = db.RolloutDB(path)
+    try:
+        assert store.run(lambda c: db.load_rollout(c, "r-1")) == rollout
+        assert store.run(lambda c: db.load_devices(c, "r-1"))["a"] == records[0]
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("SELECT value FROM fleet_meta WHERE key='schema_version'")
+        assert version.fetchone() == (str(db.SCHEMA_VERSION),)
+    finally:
+        conn.close()
+
+
+def test_rollout_db_refuses_a_schema_version_that_is_not_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "shadow.db"
+    db.RolloutDB(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE fleet_meta SET value='two' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RolloutError, match="not a number"):
+        db.RolloutDB(path)
+
+
 def test_rollout_db_seen_devices_upsert(store: db.RolloutDB) -> None:
     seen = rp.DeviceSeen("a", "1.0", "A", "idle", None, None, 5.0)
     store.run(lambda c: db.record_seen(c, [seen]))
