@@ -239,6 +239,7 @@ def run_one(
     separate_store: bool,
     max_wait: float,
     boots_at_once: int,
+    max_in_flight: int | None,
 ) -> dict[str, Any]:
     from otad.bundle import build_bundle, load_private_key
     from otad.cli.fleet import create_rollout
@@ -283,10 +284,13 @@ def run_one(
 
         t1 = time.monotonic()
         cpu_start = cpu()
-        groups = [ids[i : i + per_process] for i in range(0, n, per_process)]
+        # Round robin: a paced rollout tells devices in id order, and consecutive ids in one
+        # process would leave the other processes (and cores) idle while it works.
+        count = math.ceil(n / per_process)
+        groups = [ids[k::count] for k in range(count)]
         states = [state_root / f"devices-{k}" for k in range(len(groups))]
         logs = [root / f"devices-{k}.log" for k in range(len(groups))]
-        for state, log, group in zip(states, logs, groups, strict=True):
+        for k, (state, log, group) in enumerate(zip(states, logs, groups, strict=True)):
             procs.append(
                 spawn(
                     "--role",
@@ -298,7 +302,7 @@ def run_one(
                     "--log",
                     str(log),
                     "--ids",
-                    f"{group[0]}:{len(group)}",
+                    f"{k}:{len(group)}:{count}",
                     "--boots-at-once",
                     str(boots_at_once),
                 )
@@ -318,6 +322,7 @@ def run_one(
             waves="100%",
             max_failure_rate="100%",
             wave_timeout="30m",
+            max_in_flight=max_in_flight,
         )
         store = db.RolloutDB(cloud.config().db_path)
         deadline = t2 + max_wait
@@ -361,6 +366,7 @@ def run_one(
             "outcome": outcome,
             "separate_store": separate_store,
             "boots_at_once": boots_at_once,
+            "max_in_flight": max_in_flight,
             # share of one core over the convergence window
             **{f"{k}_cpu_share": round((cpu1[k] - cpu0[k]) / converge, 3) for k in cpu0},
             # CPU milliseconds per device: connecting (start + TLS + first report) and updating
@@ -405,8 +411,15 @@ def main() -> int:
     parser.add_argument(
         "--boots-at-once",
         type=int,
-        default=16,
+        default=32,
         help="devices of one device process between power-on and a broker connection at once",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=500,
+        help="the rollout's --max-in-flight (0: the whole wave at once). Each download holds "
+        "~5 MiB of buffers in its device process: 10,000 at once do not fit in memory here",
     )
     parser.add_argument("--role", choices=["cloud", "store", "devices"])
     parser.add_argument("--cloud", type=Path)
@@ -422,9 +435,8 @@ def main() -> int:
         asyncio.run(role_store(args.cloud))
         return 0
     if args.role == "devices":
-        first, count = args.ids.split(":")
-        start = int(first[1:])
-        ids = [f"b{i:05d}" for i in range(start, start + int(count))]
+        first, count, step = (int(x) for x in args.ids.split(":"))
+        ids = [f"b{first + i * step:05d}" for i in range(count)]
         asyncio.run(role_devices(args.cloud, args.state, args.log, ids, args.boots_at_once))
         return 0
     results = []
@@ -451,6 +463,7 @@ def main() -> int:
                 args.separate_store,
                 args.max_wait,
                 args.boots_at_once,
+                args.max_in_flight or None,
             )
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
