@@ -19,6 +19,12 @@ Python under test gets most of the 2 cores. For the replica, every stored versio
 after the run: the count of accepted messages must equal the sum of the stored versions.
 
     .venv/bin/python benchmarks/replica_throughput.py --devices 20 --per-device 1000 --reps 3
+
+Each line reports the CPU per update of the process(es) under test (for the replica split into
+its event-loop thread and its other threads, i.e. the SQLite writer), of the broker and of the
+load generator, and how busy the machine was: the machine is shared, so the rate follows the
+CPU it leaves, while the CPU per update does not. ``OTAD_BENCH_PROFILE=1`` writes cProfile data
+of both replica threads next to the logs (``*.prof.main``, ``*.prof.writer``).
 """
 
 from __future__ import annotations
@@ -99,17 +105,57 @@ async def echo_worker(cloud_dir: str) -> None:
             await client.publish(f"{message.topic}/accepted", message.payload, qos=1)
 
 
+# --- profiling (OTAD_BENCH_PROFILE=1) -----------------------------------------------------------
+
+
+def profile_worker(out: str, otad_args: list[str]) -> None:
+    """Run ``otad <otad_args>`` with cProfile on the event loop thread AND the SQLite writer
+    thread (``python -m cProfile`` sees only the main thread, where the replica spends the
+    smaller part of its time). Writes ``<out>.main`` and ``<out>.writer``; read them with
+    ``python -m pstats``."""
+    import cProfile
+
+    from otad.cli import main as otad_main
+    from otad.cloud import db
+
+    writer_run = db.SqliteStore._writer
+
+    def profiled_writer(store: db.SqliteStore, ready: asyncio.Future[None]) -> None:
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            writer_run(store, ready)
+        finally:
+            profile.disable()
+            profile.dump_stats(f"{out}.writer")
+
+    db.SqliteStore._writer = profiled_writer  # type: ignore[method-assign]
+    sys.argv = ["otad", *otad_args]
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        otad_main()
+    finally:
+        profile.disable()
+        profile.dump_stats(f"{out}.main")
+
+
 # --- the harness -------------------------------------------------------------------------------
 
 
 def start_worker(mode: str, cloud: CloudDir, db: Path, log: Path) -> subprocess.Popen[bytes]:
     if mode == "echo":
-        cmd = [sys.executable, __file__, "--echo-worker", str(cloud.root)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--echo-worker", str(cloud.root)]
         marker = b"ready"
     else:
         cmd = [sys.executable, "-m", "otad", "shadow", "serve", str(cloud.root), "--db", str(db)]
-        if os.environ.get("OTAD_BENCH_PROFILE"):  # cProfile the replica (developer aid)
-            cmd[1:1] = ["-m", "cProfile", "-o", str(log.with_suffix(".prof"))]
+        if os.environ.get("OTAD_BENCH_PROFILE"):  # cProfile both replica threads (developer aid)
+            cmd[1:3] = [
+                str(Path(__file__).resolve()),
+                "--profile-worker",
+                str(log.with_suffix(".prof")),
+                "--",
+            ]
         marker = b"replica_serving"
     out = log.open("wb")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, cwd=REPO)
@@ -304,7 +350,11 @@ def main() -> None:
         help="echo and/or replicaxK: K replica processes splitting a shared subscription",
     )
     parser.add_argument("--echo-worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--profile-worker", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.profile_worker:
+        profile_worker(args.profile_worker, [a for a in rest if a != "--"])
+        return
     if args.echo_worker:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(echo_worker(args.echo_worker))
