@@ -318,6 +318,9 @@ def run_once(
         "broker_cpu_us": broker_cpu / total * 1e6,
         "load_cpu_us": load_cpu / total * 1e6,
         "idle": (idle1 - idle0) / max(total1 - total0, 1e-9),
+        # Cores the benchmark's own processes got: with no idle CPU left, the rest went to
+        # other work on the machine, and rate = cores / CPU per update.
+        "cores": (main_cpu + other_cpu + broker_cpu + load_cpu) / (t1 - t0),
         "loadavg": os.getloadavg()[0],
     }
     if kind == "replica":
@@ -378,8 +381,8 @@ def main() -> None:
                     f"rep {rep} {mode:10s} {r['rate']:7.0f} updates/s ({r['seconds']:.2f} s)  "
                     f"CPU us/update: under test {r['cpu_us']:.0f} (main {r['main_us']:.0f}, "
                     f"threads {r['writer_us']:.0f}), broker {r['broker_cpu_us']:.0f}, "
-                    f"load generator {r['load_cpu_us']:.0f}; machine idle {r['idle']:.0%}, "
-                    f"load average {r['loadavg']:.1f}",
+                    f"load generator {r['load_cpu_us']:.0f}; cores used {r['cores']:.2f}, "
+                    f"machine idle {r['idle']:.0%}, load average {r['loadavg']:.1f}",
                     flush=True,
                 )
     finally:
