@@ -155,12 +155,20 @@ def _route(topic: str, template: str) -> _Route:
 
 
 def process_request(
-    txn: Transaction, template: str, topic: str, payload: bytes, now: int
+    txn: Transaction,
+    template: str,
+    topic: str,
+    payload: bytes,
+    now: int,
+    durable: list[OutboxMessage] | None = None,
 ) -> tuple[list[_Outgoing], str]:
     """Apply one request; return the messages to publish and the outcome for the stats.
 
     Everything that can fail is computed before the first write, so a rejected request writes
-    nothing and an accepted one writes the document and its outbox rows together.
+    nothing and an accepted one writes the document and its outbox messages together. With
+    ``durable``, the outbox messages are appended there for the caller to store (one outbox
+    row for many requests: see _process_batch) and the accepted message's ``outbox_id`` is left
+    0 for the caller to set; without, this request gets an outbox row of its own.
     """
     try:
         route = _route(topic, template)
@@ -191,16 +199,16 @@ def process_request(
     txn.save(device_id, outcome.document)
     accepted = OutboxMessage(route.accepted, outcome.accepted_payload)
     documents = _Outgoing(route.documents, outcome.documents_payload, 0, 0)
-    if outcome.delta_payload is None:
-        row = txn.add_outbox((accepted,))
-        return [documents, _Outgoing(accepted.topic, accepted.payload, row)], "accepted"
-    delta = OutboxMessage(route.delta, outcome.delta_payload)
-    row = txn.add_outbox((delta, accepted))
-    return [
-        _Outgoing(delta.topic, delta.payload),
-        documents,
-        _Outgoing(accepted.topic, accepted.payload, row),
-    ], "accepted"
+    messages: tuple[OutboxMessage, ...] = (accepted,)
+    if outcome.delta_payload is not None:
+        messages = (OutboxMessage(route.delta, outcome.delta_payload), accepted)
+    if durable is None:
+        row = txn.add_outbox(messages)
+    else:
+        durable.extend(messages)
+        row = 0
+    out = [_Outgoing(m.topic, m.payload) for m in messages[:-1]]
+    return [*out, documents, _Outgoing(accepted.topic, accepted.payload, row)], "accepted"
 
 
 def _outgoing(stored: Sequence[OutboxMessage]) -> list[_Outgoing]:
@@ -215,10 +223,18 @@ def _outgoing(stored: Sequence[OutboxMessage]) -> list[_Outgoing]:
 def _process_batch(
     txn: Transaction, template: str, requests: Sequence[_Request], now: int
 ) -> list[tuple[list[_Outgoing], str]]:
-    out = []
+    """Process a unit's requests; their outbox messages go into ONE outbox row.
+
+    The row is done when its last message (the last accepted of the unit, published last)
+    is acknowledged; a crash before that publishes all of them again (at least once). One
+    row per unit instead of per update: one insert and one delete instead of hundreds.
+    """
+    out: list[tuple[list[_Outgoing], str]] = []
+    durable: list[OutboxMessage] = []
+    last = -1  # the result that holds the unit's last durable message (its accepted, last)
     for request in requests:
         try:
-            out.append(process_request(txn, template, request.topic, request.payload, now))
+            result = process_request(txn, template, request.topic, request.payload, now, durable)
         except ShadowError:
             raise  # a store failure (500 for the whole batch, handled by the caller)
         except Exception as exc:  # a bug must not take the other requests of the batch down
@@ -226,7 +242,14 @@ def _process_batch(
             error = ShadowInternal(
                 "replica: internal error", client_token=shadow.client_token_of(request.payload)
             )
-            out.append(_rejection(template, request.topic, error, now))
+            result = _rejection(template, request.topic, error, now)
+        if result[1] == "accepted":
+            last = len(out)
+        out.append(result)
+    if durable:
+        row = txn.add_outbox(durable)
+        messages = out[last][0]
+        messages[-1] = messages[-1]._replace(outbox_id=row)
     return out
 
 

@@ -203,3 +203,33 @@ async def test_db_replica_processing_rejects_a_corrupt_document_with_500(tmp_pat
         "state/dev2/update/documents",
         "state/dev2/update/accepted",
     ]
+
+
+async def test_db_replica_unit_stores_one_outbox_row_closed_by_its_last_accepted(
+    tmp_path: Path,
+) -> None:
+    from otad.cloud.replica import _process_batch, _Request
+
+    requests = [
+        _Request("state/dev1/update", b'{"state": {"desired": {"a": 1}}, "clientToken": "1"}'),
+        _Request("state/dev1/update", b"{nope"),
+        _Request("state/dev2/update", b'{"state": {"reported": {"b": 2}}, "clientToken": "2"}'),
+        _Request("state/dev2/get", b""),
+    ]
+    async with SqliteStore(tmp_path / "s.db") as store:
+        results = await store.transact(
+            lambda txn: _process_batch(txn, "state/{device_id}", requests, 5)
+        )
+        pending = await store.outbox_pending()
+    assert [outcome for _, outcome in results] == ["accepted", "rejected", "accepted", "get"]
+    # One row: dev1's delta and accepted, dev2's accepted, in order.
+    assert len({m.id for m in pending}) == 1
+    assert [m.topic for m in pending] == [
+        "state/dev1/update/delta",
+        "state/dev1/update/accepted",
+        "state/dev2/update/accepted",
+    ]
+    # Only the unit's last accepted closes the row when its PUBACK comes.
+    ids = [(m.topic, m.outbox_id) for messages, _ in results for m in messages]
+    assert [i for _, i in ids if i] == [pending[0].id]
+    assert ids[-2] == ("state/dev2/update/accepted", pending[0].id)
