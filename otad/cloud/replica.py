@@ -199,16 +199,19 @@ def process_request(
     txn.save(device_id, outcome.document)
     accepted = OutboxMessage(route.accepted, outcome.accepted_payload)
     documents = _Outgoing(route.documents, outcome.documents_payload, 0, 0)
-    messages: tuple[OutboxMessage, ...] = (accepted,)
+    delta = None
     if outcome.delta_payload is not None:
-        messages = (OutboxMessage(route.delta, outcome.delta_payload), accepted)
+        delta = OutboxMessage(route.delta, outcome.delta_payload)
+    stored = (accepted,) if delta is None else (delta, accepted)
+    row = 0
     if durable is None:
-        row = txn.add_outbox(messages)
+        row = txn.add_outbox(stored)
     else:
-        durable.extend(messages)
-        row = 0
-    out = [_Outgoing(m.topic, m.payload) for m in messages[:-1]]
-    return [*out, documents, _Outgoing(accepted.topic, accepted.payload, row)], "accepted"
+        durable.extend(stored)
+    last = _Outgoing(accepted.topic, accepted.payload, row)
+    if delta is None:
+        return [documents, last], "accepted"
+    return [_Outgoing(delta.topic, delta.payload), documents, last], "accepted"
 
 
 def _outgoing(stored: Sequence[OutboxMessage]) -> list[_Outgoing]:
