@@ -606,7 +606,8 @@ class ShadowDocument:
     once, when first needed, and a document built by an update takes over the texts of the
     parts the update did not touch: a reported update encodes only the reported side again.
     Storage, the size check, the ``documents`` message and ``get`` answers are put together
-    from these texts.
+    from these texts. ``remembered`` holds the last accepted updates that carried a clientToken
+    (newest last), stored with the document, to answer retries (see :func:`apply_update`).
     """
 
     __slots__ = (
