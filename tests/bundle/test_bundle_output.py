@@ -175,3 +175,17 @@ def test_verifier_refuses_input_after_close(big_bundle: bytes, keyring: Keyring)
         verifier.feed(big_bundle[2 << 20 :])
     with pytest.raises(RuntimeError, match="closed"):
         verifier.finish()
+
+
+def test_verifier_hash_image_false_still_checks_an_uncompressed_image(
+    forge: Forge, ed_key: PrivateKey, keyring: Keyring
+) -> None:
+    image = make_image(100_000, seed=3)
+    payload = bytearray(image)
+    payload[5000] ^= 1  # signed manifest names the original; the payload hash catches it
+    manifest = forge.manifest_for(image, image, [ed_key], "none")
+    data = bytes(
+        forge.bundle(image, [ed_key], compression="none", payload=bytes(payload), manifest=manifest)
+    )
+    with pytest.raises(PayloadHashMismatch):
+        _verify_without_image_hash(data, keyring)
