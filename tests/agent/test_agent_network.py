@@ -215,14 +215,14 @@ async def test_agent_crash_point_mid_write_then_restart_converges(
         process = await run_agent_process(healthy)
         await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
     finally:
-        # This test is about convergence after the crash point; the graceful stop has its own
-        # test above. A stop that hangs here must not leave a process behind.
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), 20)
             except TimeoutError:
-                process.kill()
+                process.kill()  # never leave a process behind, but a hung stop is a failure
                 await process.wait()
+                raise AssertionError("the agent did not stop within 20 s of SIGTERM") from None
+    assert process.returncode == 0  # SIGTERM: a graceful stop
     assert dev.slot_sha("B", len(image)) == sha256(image)
     assert dev.slot_bytes("A") == dev.factory["A"]
