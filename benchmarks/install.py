@@ -83,14 +83,14 @@ def preallocate(path: Path, size: int) -> None:
     )
 
 
-def peak_rss_kib() -> int:
+def peak_rss_kib(field: str = "VmHWM") -> int:
     """This process's peak RSS since exec (VmHWM).
 
     Not ``ru_maxrss``: that one survives exec, so a child forked from a big parent (this
     benchmark holds the image and the bundle builder) would report the parent's size.
     """
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -111,6 +111,7 @@ class ThreadCpu:
         self.interval = interval
         self.seen: dict[int, tuple[str, float]] = {}
         self.waited: dict[int, float] = {}  # seconds runnable but not running (schedstat)
+        self.rss: list[tuple[float, int]] = []  # (seconds, VmRSS KiB) at each sample
         self._tick = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
@@ -125,8 +126,11 @@ class ThreadCpu:
         self.sample()
 
     def _run(self) -> None:
+        start = time.perf_counter()
         while not self._stop.wait(self.interval):
             self.sample()
+            with contextlib.suppress(OSError, ValueError):
+                self.rss.append((time.perf_counter() - start, peak_rss_kib(field="VmRSS")))
 
     def sample(self) -> None:
         import threading
@@ -261,6 +265,7 @@ def child(args: argparse.Namespace) -> None:
                 "imports_kib": imports_kib,
                 "threads": threads,
                 "waits": waits,
+                "rss_series": [(round(t, 2), kib // 1024) for t, kib in sampler.rss[::4]],
                 # minor page faults during the install: fresh big allocations fault per page
                 "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
             }
@@ -461,6 +466,8 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 f"minor faults {result['faults']}",
                 flush=True,
             )
+            if os.environ.get("OTAD_BENCH_RSS_SERIES"):
+                print(f"       RSS MiB over time (s, MiB): {result['rss_series']}", flush=True)
     want = manifest.image_sha256
     got_otad = await asyncio.to_thread(sha256_of, slots["B"], size)
     got_pipe = await asyncio.to_thread(sha256_of, slots["A"], size)

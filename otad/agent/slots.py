@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 _READ_CHUNK = 1 << 20  # re-read buffer: large reads, reused (hashlib releases the GIL on it)
 _DROP_EVERY = 32 << 20  # re-read pages are dropped from the cache in steps of this size
 _WRITEBACK_STEP = 16 << 20  # written pages are sent to the medium in steps of this size
+# the writer's read-back thread flushes and re-reads the slot in steps of this size (0: only
+# in finish); see _ReadBack
+READ_BACK_STEP = 64 << 20
 _LABEL_PREFIXES = ("PARTLABEL=", "partlabel:")
 _SLOT_ARG = re.compile(r"^(?:otad|rauc)\.slot=(.*)$")
 
@@ -305,8 +309,11 @@ class SlotWriter:
         root: Path = Path("/"),
         mountinfo: Path = MOUNTINFO,
         hash_writes: bool = True,
+        read_back_step: int = READ_BACK_STEP,
     ) -> None:
         self.target = Path(target)
+        self._read_back: _ReadBack | None = None
+        self._read_back_step = read_back_step
         self.slot = slot
         self._fd: int | None = None
         self._hash = hashlib.sha256() if hash_writes else None
@@ -358,6 +365,7 @@ class SlotWriter:
             raise
         self.offset = offset
         self._advised = self._dropped = offset  # see _write_back
+        self._read_back_asked = offset
         log.info("slot_opened", slot=slot, path=str(self.target), capacity=self.capacity)
 
     def _check_not_booted(
@@ -407,6 +415,11 @@ class SlotWriter:
         self.offset = end
         if end - self._advised >= 2 * _WRITEBACK_STEP:
             self._write_back(end - _WRITEBACK_STEP)
+        if self._read_back_step and end - self._read_back_asked >= self._read_back_step:
+            self._read_back_asked = end
+            if self._read_back is None:
+                self._read_back = _ReadBack(self)
+            self._read_back.ask(end)
         return end
 
     def _write_back(self, upto: int) -> None:
@@ -441,8 +454,13 @@ class SlotWriter:
         if self._hash is None and expected_sha256 is None:
             raise ValueError("slots: finish() needs the expected hash when hash_writes is off")
         self.flush()
-        reread = hashlib.sha256()
-        self._hash_range(0, self.offset, reread, drop_cache=True)
+        if self._read_back is not None:
+            # the thread hashed [0, done) from the medium already; the rest is read here
+            reread, done = self._read_back.stop()
+            self._read_back = None
+        else:
+            reread, done = hashlib.sha256(), 0
+        self._hash_range(done, self.offset, reread, drop_cache=True)
         on_disk = reread.hexdigest()
         written = self._hash.hexdigest() if self._hash is not None else on_disk
         if on_disk != written:
@@ -459,6 +477,9 @@ class SlotWriter:
         return WriteResult(self.offset, on_disk)
 
     def close(self) -> None:
+        if self._read_back is not None:
+            read_back, self._read_back = self._read_back, None
+            read_back.cancel()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -489,7 +510,13 @@ class SlotWriter:
         )
 
     def _hash_range(
-        self, start: int, end: int, hasher: _Hasher, *, drop_cache: bool = False
+        self,
+        start: int,
+        end: int,
+        hasher: _Hasher,
+        *,
+        drop_cache: bool = False,
+        cancelled: threading.Event | None = None,
     ) -> None:
         """Hash ``[start, end)`` of the slot as read back, into one reused buffer.
 
@@ -514,6 +541,8 @@ class SlotWriter:
             buffer = memoryview(bytearray(_READ_CHUNK))
             pos = dropped = start
             while pos < end:
+                if cancelled is not None and cancelled.is_set():
+                    return
                 n = os.preadv(fd, [buffer[: min(_READ_CHUNK, end - pos)]], pos)
                 if not n:
                     raise SlotVerifyFailed(
@@ -526,6 +555,84 @@ class SlotWriter:
                     dropped = pos
         except OSError as exc:
             raise SlotVerifyFailed(f"slots: re-reading slot {self.slot} failed: {exc}") from exc
+        finally:
+            os.close(fd)
+
+
+class _ReadBack:
+    """Re-reads, on its own thread, what the writer wrote and flushed, while it writes more.
+
+    The re-read after the last byte is the slowest step left after a download (a SHA-256 over
+    the whole image, on one core). This moves most of it into the download: every
+    ``read_back_step`` bytes the writer asks, the thread fdatasyncs the slot (the bytes are
+    on the medium, the device cache flushed), drops those pages from the page cache and reads
+    them back from the medium into a running SHA-256. :meth:`SlotWriter.finish` still fsyncs
+    and re-reads whatever the thread had not reached, then compares the one hash over all of
+    ``[0, offset)`` with the expected one. So every byte is still hashed as read from the
+    medium after it was flushed there; the writer only moves forward, so nothing rewrites a
+    range after it was read back.
+    """
+
+    def __init__(self, writer: SlotWriter) -> None:
+        self._writer = writer
+        self._hash = hashlib.sha256()
+        self._done = 0  # [0, _done) is hashed
+        self._asked = 0
+        self._error: SlotVerifyFailed | None = None
+        self._cancelled = threading.Event()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="otad-slot-readback", daemon=True)
+        self._thread.start()
+
+    def ask(self, upto: int) -> None:
+        with self._wake:
+            self._asked = upto
+            self._wake.notify()
+
+    def stop(self) -> tuple[hashlib._Hash, int]:
+        """Wait for the step in progress; the hash so far and where it ends (SlotVerifyFailed)."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash, self._done
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        writer = self._writer
+        try:
+            fd = os.open(writer.target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._error = SlotVerifyFailed(f"slots: cannot re-open slot {writer.slot}: {exc}")
+            return
+        try:
+            while True:
+                with self._wake:
+                    while self._asked <= self._done and not self._closing:
+                        self._wake.wait()
+                    if self._closing:
+                        return
+                    upto = self._asked
+                os.fdatasync(fd)  # flushes the file's dirty pages, whoever's fd wrote them
+                writer._hash_range(
+                    self._done, upto, self._hash, drop_cache=True, cancelled=self._cancelled
+                )
+                if self._cancelled.is_set():
+                    return
+                self._done = upto
+        except OSError as exc:
+            self._error = SlotVerifyFailed(f"slots: flushing slot {writer.slot} failed: {exc}")
+        except SlotVerifyFailed as exc:
+            self._error = exc
         finally:
             os.close(fd)
 

@@ -9,8 +9,10 @@ import resource
 import signal
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,6 +223,48 @@ def test_slots_writer_writes_hashes_and_rereads(file_slots: SlotLayout) -> None:
     b = file_slots.path("B").read_bytes()
     assert b[: len(image)] == image and len(b) == 4 * MiB  # no truncation, like a partition
     assert file_slots.path("A").read_bytes() == a_before
+
+
+def _read_back_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "otad-slot-readback"]
+
+
+def _writer(layout: SlotLayout, **kwargs: Any) -> SlotWriter:
+    return SlotWriter(layout.path("B"), booted=layout.path("A"), slot="B", **kwargs)
+
+
+@pytest.mark.parametrize("hash_writes", [True, False])
+def test_slots_writer_reads_back_behind_the_writes(
+    file_slots: SlotLayout, hash_writes: bool
+) -> None:
+    # a small step: the thread flushes and re-reads while the writes go on; finish reads the rest
+    image = os.urandom(4 * MiB - 5)
+    with _writer(file_slots, hash_writes=hash_writes, read_back_step=MiB // 2) as w:
+        for i in range(0, len(image), 100_000):
+            w.write(image[i : i + 100_000])
+        assert len(_read_back_threads()) == 1
+        result = w.finish(hashlib.sha256(image).hexdigest())
+        assert not _read_back_threads()
+    assert result.sha256 == hashlib.sha256(image).hexdigest()
+
+
+def test_slots_writer_read_back_still_catches_a_wrong_image(file_slots: SlotLayout) -> None:
+    image = os.urandom(3 * MiB)
+    with _writer(file_slots, hash_writes=False, read_back_step=MiB // 4) as w:
+        for i in range(0, len(image), MiB // 8):
+            w.write(image[i : i + MiB // 8])
+        with pytest.raises(SlotVerifyFailed, match="expected"):
+            w.finish(hashlib.sha256(image[:-1] + b"?").hexdigest())
+
+
+def test_slots_writer_close_stops_the_read_back(file_slots: SlotLayout) -> None:
+    w = _writer(file_slots, read_back_step=MiB // 4)
+    for _ in range(8):
+        w.write(os.urandom(MiB // 4))
+    w.close()  # an abandoned job: no finish
+    assert not _read_back_threads()
+    with pytest.raises(SlotWriteFailed, match="closed"):
+        w.write(b"x")
 
 
 def test_slots_writer_resumes_at_an_offset(file_slots: SlotLayout) -> None:
