@@ -4,19 +4,24 @@ Everything goes through the full protocol: each device is a real agent with its 
 connection and certificate, it downloads the bundle over HTTPS with its own pre-signed URL,
 verifies it, writes a (tiny, sparse) file slot, "reboots" through the sim bootloader, checks
 health and reports; the replica stores every report durably; the rollout service drives one
-wave of 100% and records every outcome.
+wave of 100%, paced to ``--max-in-flight`` devices at once, and records every outcome.
 
-Processes: mosquitto | the cloud (replica + store + rollout service) | K device processes
-(agents share processes, ``--per-process`` each) | this orchestrator. The broker's and the cloud
-process's CPU time come from /proc/<pid>/stat (utime + stime) over the convergence window.
+Processes: mosquitto | the cloud (replica + rollout service, + store unless
+``--separate-store``) | K device processes (``--per-process`` agents each, ids round robin) |
+this orchestrator. CPU time comes from /proc/<pid>/stat (utime + stime); the result gives each
+process's share of one core over the convergence window and CPU milliseconds per device for
+connecting and for the update. Device dirs live on tmpfs (``--state-root``); the cloud dir and
+the replica's database in the work dir. With ``--workdir`` the files stay, with per-second
+traces: ``devices-K.loop.jsonl`` / ``cloud-loop.jsonl`` (CPU share and worst event-loop lag per
+second) and the device processes' logs (``OTAD_BENCH_DEVICE_LOG=info`` for every agent step).
 
     .venv/bin/python benchmarks/fleet_scale.py --devices 1000
-    .venv/bin/python benchmarks/fleet_scale.py --devices 1000 10000 --json out.json
+    .venv/bin/python benchmarks/fleet_scale.py --devices 1000 10000 --separate-store --json out.json
 
 Limits at 10,000: mosquitto needs a file descriptor per connection (it inherits our
 RLIMIT_NOFILE, raised to the hard limit here; its ``max_connections`` default is unlimited), and
 each device process holds one socket per agent (plus one per download), so agents are spread
-over processes of ``--per-process`` devices.
+over processes of ``--per-process`` devices. See docs/operations.md for figures and limits.
 """
 
 from __future__ import annotations
