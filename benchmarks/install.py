@@ -16,6 +16,14 @@ same run and against the same server:
 Both write into preallocated, already written slot files (a first write into a fresh file is
 several times slower on this kind of disk). MiB/s counts image bytes. Ends with the lines
 ``ratio: <otad MiB/s / pipeline MiB/s>`` and ``rss: <peak MiB of the installing process>``.
+
+Per rep it also prints the installer's CPU seconds per thread (event loop = network and TLS,
+otad-slot-writer = decompression and writes, otad-bundle-sha = payload hash,
+otad-slot-readback = the re-read of the slot behind the writes), the seconds each thread
+waited for a CPU (schedstat: on a shared machine these explain most of the spread between
+reps), the server's CPU, and minor page faults. CPU seconds per GiB are the steadier figure.
+Debug aids: OTAD_BENCH_LOG=info (the agent's log), OTAD_BENCH_PROFILE=1 (cProfile of the
+event loop thread), OTAD_BENCH_TRACEMALLOC=1, OTAD_BENCH_RSS_SERIES=1 (VmRSS over time).
 """
 
 from __future__ import annotations

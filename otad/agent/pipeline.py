@@ -146,7 +146,8 @@ class FileTransfer:
 
     def __init__(self, path: Path, settings: DownloadConfig) -> None:
         self.path = path
-        self.chunk_size = settings.chunk_size
+        # whole disk blocks, like a download hands them over: no joining in the pump
+        self.chunk_size = max(settings.chunk_size, settings.block_size)
         self.offset = 0
         self.total: int | None = None
         self.bytes_received = 0
