@@ -29,7 +29,7 @@ from otad.bundle.keyring import Keyring
 from otad.bundle.manifest import Manifest
 from otad.bundle.policy import VerifyPolicy
 from otad.bundle.preamble import parse_preamble, verify_preamble
-from otad.bundle.ring import OutputRing
+from otad.bundle.ring import SLOT_SIZE, OutputRing
 from otad.errors import (
     BundleError,
     DecompressFailed,
@@ -197,10 +197,13 @@ class StreamVerifier:
             self._decoder = make_decoder(self.manifest.compression, fallback=self._zstd_fallback)
             if self.manifest.compression != "none":
                 self._hash_image = self._check_image
+                # a small image (a config, an app) needs no MiB buffers: a device on a small
+                # board, or a simulator running thousands, pays for what the image needs
+                slot_size = min(SLOT_SIZE, max(4096, self.manifest.image_size))
                 if self._hash_image:
-                    self._ring = OutputRing(self._digests, _IMAGE)
+                    self._ring = OutputRing(self._digests, _IMAGE, slot_size=slot_size)
                 else:  # no hasher reads the output: one buffer is enough
-                    self._ring = OutputRing(None, _IMAGE, slots=1)
+                    self._ring = OutputRing(None, _IMAGE, slots=1, slot_size=slot_size)
         return view
 
     def _drain(self) -> Iterator[memoryview]:
