@@ -245,6 +245,7 @@ def run_one(
     max_wait: float,
     boots_at_once: int,
     max_in_flight: int | None,
+    idle: float,
 ) -> dict[str, Any]:
     from otad.bundle import build_bundle, load_private_key
     from otad.cli.fleet import create_rollout
@@ -318,6 +319,11 @@ def run_one(
             broken += int(not_started)
             connected += int(up)
         connect_time = time.monotonic() - t1
+        # The fleet idles (connected, nothing desired) for a while: what it costs per device and
+        # second is paid during the rollout by every device that waits for its turn.
+        idle0, t_idle = cpu(), time.monotonic()
+        time.sleep(idle)
+        idle1, idle_s = cpu(), time.monotonic() - t_idle
         cpu0 = cpu()
         t2 = time.monotonic()
         rollout = create_rollout(
@@ -377,6 +383,12 @@ def run_one(
             # CPU milliseconds per device: connecting (start + TLS + first report) and updating
             **{f"{k}_connect_cpu_ms": round((cpu0[k] - cpu_start[k]) / n * 1000, 1) for k in cpu0},
             **{f"{k}_update_cpu_ms": round((cpu1[k] - cpu0[k]) / n * 1000, 1) for k in cpu0},
+            # CPU microseconds per connected, idle device and second
+            **{
+                f"{k}_idle_cpu_us_per_s": round((idle1[k] - idle0[k]) / n / idle_s * 1e6, 1)
+                for k in ("broker", "devices")
+                if idle_s > 0
+            },
             "load_average": [round(x, 1) for x in os.getloadavg()],
             "trouble": trouble_counts(logs),
             "progress": samples[:: max(1, len(samples) // 12)],
@@ -426,6 +438,13 @@ def main() -> int:
         help="the rollout's --max-in-flight (0: the whole wave at once). Each download holds "
         "~5 MiB of buffers in its device process: 10,000 at once do not fit in memory here",
     )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="measure the connected, idle fleet this long before the rollout",
+    )
     parser.add_argument("--role", choices=["cloud", "store", "devices"])
     parser.add_argument("--cloud", type=Path)
     parser.add_argument("--state", type=Path)
@@ -469,6 +488,7 @@ def main() -> int:
                 args.max_wait,
                 args.boots_at_once,
                 args.max_in_flight or None,
+                args.idle,
             )
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "progress"}), flush=True)
