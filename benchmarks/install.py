@@ -183,11 +183,11 @@ def child(args: argparse.Namespace) -> None:
     logs.configure(level=os.environ.get("OTAD_BENCH_LOG", "warning"), stream=sys.stderr)
     from otad.agent.bootloader.sim import SimBootloader
     from otad.agent.config import parse
-    from otad.agent.daemon import limit_malloc_arenas
     from otad.agent.download import Downloader
     from otad.agent.journal import Journal
     from otad.agent.slots import SlotLayout, SlotSpec
     from otad.agent.update import DesiredSoftware, HealthResult, RebootPending, UpdateRunner
+    from otad.agent.wiring import limit_malloc_arenas
     from otad.bundle import Keyring
 
     limit_malloc_arenas()  # what `otad agent run` does at start

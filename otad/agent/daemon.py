@@ -15,24 +15,22 @@ it is still cancellable (before the slot is switched).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 from otad.agent.bootloader import Bootloader
 from otad.agent.config import AgentConfig
-from otad.agent.crashpoints import CrashPoints
 from otad.agent.download import Downloader
 from otad.agent.health import HealthChecker
 from otad.agent.journal import Journal
 from otad.agent.machine import RecoveryAction, Step
 from otad.agent.mqtt import ShadowSession
 from otad.agent.notify import Notifier, watchdog_interval
-from otad.agent.slots import SlotLayout, SlotSpec, booted_slot
+from otad.agent.slots import booted_slot
 from otad.agent.update import (
     DesiredSoftware,
     HealthCheck,
@@ -41,83 +39,13 @@ from otad.agent.update import (
     RebootPending,
     UpdateRunner,
 )
+from otad.agent.wiring import command_rebooter, make_bootloader, make_layout
 from otad.bundle import Keyring
-from otad.errors import BootloaderError, OtadError, RebootFailed
+from otad.errors import OtadError, RebootFailed
 
 __layer__ = "root"
 
 log = structlog.get_logger(__name__)
-
-
-_M_ARENA_MAX = -8  # glibc mallopt parameter
-ENV_HALF_WRITTEN = "bootloader_env_half_written"  # the crash point inside an env copy write
-
-
-def limit_malloc_arenas(count: int = 1) -> bool:
-    """Cap glibc's malloc arenas for this process (call once, at the process entry point).
-
-    glibc gives every thread that allocates its own arena and keeps freed chunks there; with
-    the network on the event loop and the disk and hash threads handing 256 KiB buffers to
-    each other, a 1 GiB install grew the peak RSS by ~70 MiB of retained free memory. One
-    arena keeps the memory bound flat. A no-op (False) where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_ARENA_MAX, count) == 1)
-    except (OSError, AttributeError):
-        return False
-
-
-def make_bootloader(config: AgentConfig) -> Bootloader:
-    """The backend the config names."""
-    kind = config.bootloader.type
-    fault = None
-    if ENV_HALF_WRITTEN in config.testing.crash_points:
-        # test-only: end the process with a genuinely torn env copy on disk (issue 8's matrix)
-        crash = CrashPoints(config.testing.crash_points, config.testing.exit_code)
-        fault = crash.hit
-    if kind == "sim":
-        from otad.agent.bootloader.sim import SimBootloader
-
-        return SimBootloader(config.sim_state_path, attempts=config.bootloader.tries)
-    if kind == "grub":
-        from otad.agent.bootloader.grub import GrubBootloader
-
-        return GrubBootloader(config.bootloader.grub_env_dir, fault=fault)
-    if kind == "uboot":
-        from otad.agent.bootloader.uboot import UBootBootloader
-
-        return UBootBootloader(
-            config.bootloader.fw_env_config, attempts=config.bootloader.tries, fault=fault
-        )
-    raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
-
-
-def make_layout(config: AgentConfig) -> SlotLayout:
-    slots = config.slots
-    return SlotLayout(
-        {
-            s.name: SlotSpec(s.name, path=s.path, label=s.label)
-            for s in (slots.by_name("A"), slots.by_name("B"))
-        }
-    )
-
-
-def command_rebooter(command: tuple[str, ...]) -> Callable[[], Awaitable[None]]:
-    """A rebooter that runs ``command`` (default ``systemctl reboot``)."""
-
-    async def reboot() -> None:
-        shown = " ".join(command)
-        log.info("reboot_command_started", command=shown)
-        try:
-            proc = await asyncio.create_subprocess_exec(*command)
-        except OSError as exc:
-            raise RebootFailed(f"reboot: cannot run {shown!r}: {exc.strerror}") from exc
-        code = await proc.wait()
-        if code != 0:
-            raise RebootFailed(f"reboot: {shown!r} exited with status {code}")
-
-    return reboot
 
 
 class Agent:

@@ -79,7 +79,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from otad.agent.daemon import Agent, limit_malloc_arenas
+    from otad.agent.daemon import Agent
+    from otad.agent.wiring import limit_malloc_arenas
 
     config = agent_config.load(args.config)
     limit_malloc_arenas()
@@ -111,8 +112,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _resolve_slot(config: AgentConfig, which: str) -> tuple[str, str]:
     """(booted slot, the slot ``which`` names)."""
-    from otad.agent.daemon import make_layout
     from otad.agent.slots import booted_slot
+    from otad.agent.wiring import make_layout
 
     booted = booted_slot(make_layout(config), override=config.slots.booted)
     if which == "booted":
@@ -124,11 +125,11 @@ def _resolve_slot(config: AgentConfig, which: str) -> tuple[str, str]:
 
 def collect_status(config: AgentConfig) -> dict[str, Any]:
     """Everything `otad agent status` shows, as one JSON-friendly object."""
-    from otad.agent.daemon import make_bootloader, make_layout
     from otad.agent.journal import Journal
     from otad.agent.machine import reported_state
     from otad.agent.slots import booted_slot
     from otad.agent.update import DeviceState
+    from otad.agent.wiring import make_bootloader, make_layout
 
     booted = booted_slot(make_layout(config), override=config.slots.booted)
     device = DeviceState.load(config.state_dir)
@@ -202,7 +203,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _mark(args: argparse.Namespace, good: bool) -> int:
-    from otad.agent.daemon import make_bootloader
+    from otad.agent.wiring import make_bootloader
 
     config = agent_config.load(args.config)
     booted, slot = _resolve_slot(config, args.slot)
@@ -309,16 +310,16 @@ def _install(args: argparse.Namespace) -> Any:
 
 
 async def _install_job(args: argparse.Namespace, url: str) -> int:
-    from otad.agent.daemon import (
+    from otad.agent.download import Downloader
+    from otad.agent.journal import Journal
+    from otad.agent.slots import booted_slot
+    from otad.agent.update import DesiredSoftware, HealthResult, RebootPending, UpdateRunner
+    from otad.agent.wiring import (
         command_rebooter,
         limit_malloc_arenas,
         make_bootloader,
         make_layout,
     )
-    from otad.agent.download import Downloader
-    from otad.agent.journal import Journal
-    from otad.agent.slots import booted_slot
-    from otad.agent.update import DesiredSoftware, HealthResult, RebootPending, UpdateRunner
     from otad.bundle import Keyring
 
     config = agent_config.load(args.config)

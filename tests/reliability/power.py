@@ -32,7 +32,6 @@ from otad.agent import slots as slots_module
 from otad.agent.bootloader import durable as durable_module
 from otad.agent.bootloader.sim import FOREVER, SimBootloader
 from otad.agent.config import parse
-from otad.agent.daemon import make_layout
 from otad.agent.download import Downloader
 from otad.agent.journal import Journal
 from otad.agent.machine import State
@@ -43,6 +42,7 @@ from otad.agent.update import (
     RebootPending,
     UpdateRunner,
 )
+from otad.agent.wiring import make_layout
 from otad.bundle import Keyring
 from otad.errors import BootloaderError
 

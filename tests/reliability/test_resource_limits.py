@@ -28,10 +28,10 @@ from rogue import RogueServer
 
 from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, parse
-from otad.agent.daemon import make_layout
 from otad.agent.download import Downloader
 from otad.agent.journal import Journal
 from otad.agent.update import DesiredSoftware, DeviceState, HealthResult, UpdateRunner
+from otad.agent.wiring import make_layout
 from otad.bundle import Keyring
 
 MiB = 1024 * 1024
