@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
+import secrets
 import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -86,7 +86,9 @@ class ShadowSession:
         self._waiters: dict[str, asyncio.Future[tuple[bool, dict[str, Any]]]] = {}
         self._get_needed = asyncio.Event()
         self._doc_version = -1
-        self._token_prefix = f"{config.device_id[:32]}-{os.getpid()}-{id(self) & 0xFFFF:x}"
+        # unique per session, also across reboots (a pid repeats): the replica answers a token
+        # it has applied (with unchanged content) from memory instead of applying it again
+        self._token_prefix = f"{config.device_id[:32]}-{secrets.token_hex(6)}"
         self._tokens = itertools.count(1)
 
     # --- reports -------------------------------------------------------------------------------
