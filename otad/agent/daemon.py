@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -53,7 +54,9 @@ class Agent:
 
     Injectables (tests and the fleet simulator): ``bootloader`` (else from the config),
     ``rebooter`` (else ``config.reboot_command``), ``booted_slot`` (else config/cmdline),
-    ``boot_id`` (else the kernel's), ``health`` (else the configured checks), ``notifier``.
+    ``boot_id`` (else the kernel's), ``health`` (else the configured checks), ``notifier``,
+    ``broker_tls`` / ``store_tls`` (client contexts made from this config, shared by every start
+    of a simulated device; else built from the config at each start, ~2 ms of CPU each).
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class Agent:
         boot_id: str | None = None,
         health: HealthCheck | None = None,
         notifier: Notifier | None = None,
+        broker_tls: ssl.SSLContext | None = None,
+        store_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.bootloader = bootloader or make_bootloader(config)
@@ -74,6 +79,8 @@ class Agent:
         self._boot_id = boot_id
         self._health = health
         self.notifier = notifier or Notifier()
+        self._broker_tls = broker_tls
+        self._store_tls = store_tls
         self.ready = asyncio.Event()
         self.rebooting = asyncio.Event()
         self.jobs_started = 0
@@ -95,12 +102,12 @@ class Agent:
         config = self.config
         journal = Journal(config.state_dir, boot_id=self._boot_id)
         await asyncio.to_thread(journal.acquire)
-        downloader = Downloader(config)
+        downloader = Downloader(config, tls=self._store_tls)
         try:
             layout = make_layout(config)
             self.booted = booted_slot(layout, override=self._booted_override)
             keyring = await asyncio.to_thread(Keyring.load, config.keyring)
-            self.session = ShadowSession(config, self._on_document)
+            self.session = ShadowSession(config, self._on_document, tls=self._broker_tls)
             runner = UpdateRunner(
                 config,
                 bootloader=self.bootloader,

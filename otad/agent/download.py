@@ -106,10 +106,11 @@ def make_ssl_context(
 class Downloader:
     """Owns the TLS context, the open responses and the credential for token auth."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: a context made by :func:`make_ssl_context` to share (else made here)."""
         self.config = config
         self.settings: DownloadConfig = config.download
-        self._ssl = make_ssl_context(config.store_ca, config.store_cert)
+        self._ssl = tls or make_ssl_context(config.store_ca, config.store_cert)
         self._open: set[Response] = set()
         self._token: str | None = None
         self._token_deadline = 0.0

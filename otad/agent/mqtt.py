@@ -51,7 +51,8 @@ def merge_reported(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def _tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+def broker_tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The client context for the broker (None: plain TCP, no CA or certificate configured)."""
     broker = config.broker
     if broker.ca is None and broker.cert is None:
         return None
@@ -68,11 +69,18 @@ def _tls_context(config: AgentConfig) -> ssl.SSLContext | None:
 class ShadowSession:
     """A long-lived connection to the broker for one device's shadow."""
 
-    def __init__(self, config: AgentConfig, on_document: DocumentHandler) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        on_document: DocumentHandler,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: a context made by :func:`broker_tls_context` to share (else made here)."""
         self.config = config
         self.topics = Topics(device_id=config.device_id, template=config.broker.topic_template)
         self._on_document = on_document
-        self._tls = _tls_context(config)
+        self._tls = tls if tls is not None else broker_tls_context(config)
         self.connected = asyncio.Event()
         self.connects = 0
         self._client: aiomqtt.Client | None = None
@@ -321,7 +329,7 @@ async def probe_broker(config: AgentConfig, within: float) -> None:
         broker.host,
         broker.port,
         identifier=f"{broker.client_id or config.device_id}-probe",
-        tls_context=_tls_context(config),
+        tls_context=broker_tls_context(config),
         timeout=within,
     )
     try:
