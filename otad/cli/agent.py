@@ -25,7 +25,7 @@ from otad.errors import BrokerError, OtadError
 if TYPE_CHECKING:
     from otad.agent.update import HealthResult
 
-# The agent's runtime (aiohttp, aiomqtt, pyudev) is imported inside the handlers: every `otad`
+# The agent's runtime (aiomqtt, pyudev, the download client) is imported inside the handlers: every `otad`
 # command imports this module, and `otad bundle ...` must run on a build host without them.
 
 __layer__ = "cli"
