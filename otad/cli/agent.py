@@ -25,8 +25,9 @@ from otad.errors import BrokerError, OtadError
 if TYPE_CHECKING:
     from otad.agent.update import HealthResult
 
-# The agent's runtime (aiomqtt, pyudev, the download client) is imported inside the handlers: every `otad`
-# command imports this module, and `otad bundle ...` must run on a build host without them.
+# The agent's runtime (aiomqtt, pyudev, the download client) is imported inside the handlers:
+# every `otad` command imports this module, and `otad bundle ...` must run on a build host
+# without them.
 
 __layer__ = "cli"
 
