@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import structlog
-from plugins.cloud_env import free_port
+from plugins.cloud_env import cloud_with_broker
 
 from otad.bundle import build_bundle, load_private_key
 from otad.cli import main
@@ -24,7 +24,7 @@ from otad.cli.fleet import create_rollout, make_fleet, request_action
 from otad.cloud import rollout_db as db
 from otad.cloud import rollout_plan as plan
 from otad.cloud.broker import BrokerProcess
-from otad.cloud.pki import CloudDir, init_cloud
+from otad.cloud.pki import CloudDir
 from otad.cloud.rollout import Presigner
 from otad.cloud.rollout_plan import DeviceState, RolloutState
 from otad.cloud.server import CloudServer
@@ -39,13 +39,8 @@ WAIT = 60.0
 
 @pytest.fixture
 def fleet_cloud(tmp_path: Path) -> Iterator[tuple[CloudDir, BrokerProcess]]:
-    cloud = init_cloud(tmp_path / "cloud", DEVICES, broker_port=free_port(), store_port=free_port())
-    broker = BrokerProcess(cloud, log_path=tmp_path / "mosquitto.log")
-    broker.start()
-    try:
-        yield cloud, broker
-    finally:
-        broker.stop()
+    with cloud_with_broker(tmp_path, DEVICES) as both:
+        yield both
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from plugins.cloud_env import free_port
+from plugins.cloud_env import cloud_with_broker
 
 from otad.cli.fleet import make_fleet
 from otad.cloud.broker import BrokerProcess
-from otad.cloud.pki import CloudDir, init_cloud
+from otad.cloud.pki import CloudDir
 from otad.fleet.simulator import MAX_THREADS, MIN_THREADS, pool_size
 
 IDS = [f"sim-{n}" for n in range(1, 4)]
@@ -21,13 +21,8 @@ IDS = [f"sim-{n}" for n in range(1, 4)]
 
 @pytest.fixture
 def cloud_and_broker(tmp_path: Path) -> Iterator[tuple[CloudDir, BrokerProcess]]:
-    cloud = init_cloud(tmp_path / "cloud", IDS, broker_port=free_port(), store_port=free_port())
-    broker = BrokerProcess(cloud, log_path=tmp_path / "mosquitto.log")
-    broker.start()
-    try:
-        yield cloud, broker
-    finally:
-        broker.stop()
+    with cloud_with_broker(tmp_path, IDS) as both:
+        yield both
 
 
 @pytest.mark.parametrize(

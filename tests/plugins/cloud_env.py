@@ -44,6 +44,7 @@ helper reconnects once; the replica reconnects by itself (wait for it before ass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -97,6 +98,16 @@ def mqtt_client(cloud: CloudDir, who: str, broker: Any, **kwargs: Any) -> aiomqt
         tls_context=cloud.client_context(identity(cloud, who)),
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def cloud_with_broker(
+    root: Path, device_ids: list[str]
+) -> Iterator[tuple[CloudDir, BrokerProcess]]:
+    """A cloud dir of its own under ``root`` and its broker running (for a test's own fleet)."""
+    cloud = init_cloud(root / "cloud", device_ids, broker_port=free_port(), store_port=free_port())
+    with BrokerProcess(cloud, log_path=root / "mosquitto.log") as broker:
+        yield cloud, broker
 
 
 @pytest.fixture(scope="session")
