@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
-from plugins.agent_env import FaultProxy, deep_merge
+from plugins.agent_env import FaultProxy, deep_merge, serve_https
 from plugins.cloud_env import make_bundle
 
 from otad.agent.config import AgentConfig
@@ -215,21 +215,6 @@ async def test_download_untrusted_server_certificate(
 # --- a misbehaving server of our own -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def rogue_server(cloud_dir: Any, handler: Any) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get("/b", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=cloud_dir.server_context())
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"https://127.0.0.1:{port}/b"
-    finally:
-        await runner.cleanup()
-
-
 async def test_download_server_ignoring_range_restarts_from_zero(
     cloud_dir: Any, downloader: Downloader
 ) -> None:
@@ -248,7 +233,8 @@ async def test_download_server_ignoring_range_restarts_from_zero(
         await resp.write(body)  # ignores Range: the whole entity again
         return resp
 
-    async with rogue_server(cloud_dir, handler) as url:
+    async with serve_https(cloud_dir, "/b", handler) as origin:
+        url = f"{origin}/b"
         transfer = downloader.transfer(Source(url))
         assert await collect(transfer) == body
     assert calls[0] is None and calls[1] is not None and calls[1].startswith("bytes=")
@@ -272,7 +258,8 @@ async def test_download_bad_content_range_is_a_protocol_error(
         request.transport.close()
         return resp
 
-    async with rogue_server(cloud_dir, handler) as url:
+    async with serve_https(cloud_dir, "/b", handler) as origin:
+        url = f"{origin}/b"
         with pytest.raises(RetriesExhausted) as info:
             await collect(downloader.transfer(Source(url)))
     assert isinstance(info.value.__cause__, DownloadProtocolError)
@@ -289,7 +276,8 @@ async def test_download_stalled_server_times_out_and_gives_up(cloud_dir: Any) ->
         return resp
 
     try:
-        async with rogue_server(cloud_dir, handler) as url:
+        async with serve_https(cloud_dir, "/b", handler) as origin:
+            url = f"{origin}/b"
             with pytest.raises(RetriesExhausted, match="timed out"):
                 await asyncio.wait_for(collect(downloader.transfer(Source(url))), 10)
     finally:
@@ -306,7 +294,8 @@ async def test_download_server_errors_are_retried_then_exhausted(
         hits += 1
         return web.Response(status=503)
 
-    async with rogue_server(cloud_dir, handler) as url:
+    async with serve_https(cloud_dir, "/b", handler) as origin:
+        url = f"{origin}/b"
         with pytest.raises(RetriesExhausted):
             await collect(downloader.transfer(Source(url)))
     assert hits == 4  # the first try and 3 retries

@@ -33,7 +33,7 @@ import hashlib
 import random
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +426,32 @@ def store_proxy(cloud: Any) -> FaultProxy:
     return FaultProxy("127.0.0.1", int(cloud.store_url.rsplit(":", 1)[1]))
 
 
+async def start_https_app(cloud_dir: Any, app: Any) -> tuple[Any, int]:
+    """Serve an aiohttp ``app`` over TLS (the cloud CA's server certificate) on a free loopback
+    port; (runner to clean up, port)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=cloud_dir.server_context())
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+@contextlib.asynccontextmanager
+async def serve_https(cloud_dir: Any, route: str, handler: Any) -> AsyncIterator[str]:
+    """``handler`` answers GET ``route`` over TLS on loopback; yields the origin URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get(route, handler)
+    runner, port = await start_https_app(cloud_dir, app)
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 class BlobServer:
     """An HTTPS server (the cloud CA's server certificate) serving exact bytes at ``/<name>``.
 
@@ -456,13 +482,7 @@ class BlobServer:
 
         app = web.Application()
         app.router.add_get("/{name}", handler)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, "127.0.0.1", 0, ssl_context=self.cloud_dir.server_context()
-        )
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await start_https_app(self.cloud_dir, app)
         return self
 
     async def close(self) -> None:

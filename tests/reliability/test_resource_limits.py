@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from plugins.agent_env import offer_bundle, wait_reported
+from plugins.agent_env import offer_bundle, serve_https, wait_reported
 from plugins.cloud_env import free_port
 from rogue import RogueServer
 
@@ -89,24 +89,17 @@ async def refusing_urls(cloud_dir: Any) -> AsyncIterator[list[str]]:
     async def status(request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]))
 
-    app = web.Application()
-    app.router.add_get("/{code}", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=cloud_dir.server_context())
-    await site.start()
-    port = runner.addresses[0][1]
     rogue = await RogueServer(reset_tls, b"", None).start()
     try:
-        yield [
-            f"https://127.0.0.1:{free_port()}/b",
-            rogue.url,
-            f"https://127.0.0.1:{port}/503",
-            f"https://127.0.0.1:{port}/404",
-        ]
+        async with serve_https(cloud_dir, "/{code}", status) as origin:
+            yield [
+                f"https://127.0.0.1:{free_port()}/b",
+                rogue.url,
+                f"{origin}/503",
+                f"{origin}/404",
+            ]
     finally:
         await rogue.close()
-        await runner.cleanup()
 
 
 def runner_config(cloud_dir: Any, root: Path) -> AgentConfig:
