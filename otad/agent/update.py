@@ -330,17 +330,24 @@ class UpdateRunner:
         The report's clientToken is derived from the device, the job and the final state, so
         every send of it (a retry, or a restart after a crash before the journal said
         ``reported``) is the same update to the replica, which applies it once."""
-        state = reported_state(record.state)
-        extra: dict[str, Any] = {"job_id": record.job_id, "error": record.error}
-        if record.state == State.SUCCEEDED:
-            extra["progress"] = 100
-        token = final_report_token(self.config.device_id, record.job_id, state)
-        self.report_state(state, client_token=token, **extra)
+        state = self._report_final_state(record)
         if await self.reporter.flush(_FINAL_REPORT_WAIT):
             self.crash.hit(f"reported:{state}")
             record = await asyncio.to_thread(self.journal.update, record, reported=True)
             self.record = record
         return record
+
+    def _report_final_state(self, record: JobRecord) -> str:
+        """Queue the final report of ``record``'s job (its own clientToken); the state sent."""
+        state = reported_state(record.state)
+        self.report_state(
+            state,
+            client_token=final_report_token(self.config.device_id, record.job_id, state),
+            job_id=record.job_id,
+            progress=100 if record.state == State.SUCCEEDED else None,
+            error=record.error,
+        )
+        return state
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -391,15 +398,7 @@ class UpdateRunner:
             if record is not None and record.final:
                 # nothing to do, but say the truth about the last job again: as the same update
                 # as its final report, which the replica does not apply twice
-                progress = 100 if record.state == State.SUCCEEDED else None
-                state = reported_state(record.state)
-                self.report_state(
-                    state,
-                    client_token=final_report_token(self.config.device_id, record.job_id, state),
-                    job_id=record.job_id,
-                    progress=progress,
-                    error=record.error,
-                )
+                self._report_final_state(record)
             else:
                 self.report_state("idle")
             return
