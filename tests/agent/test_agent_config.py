@@ -69,6 +69,8 @@ def test_config_reboot_command_as_string() -> None:
         ({"store": {"url": "http://store"}}, "store.url"),
         ({"testing": {"crash_points": [1]}}, "testing.crash_points"),
         ({"reboot_command": []}, "reboot_command"),
+        ({"reboot_timeout": 0}, "reboot_timeout"),
+        ({"download": {"url_refresh_timeout": "1h"}}, "download.url_refresh_timeout"),
         ({"device_id": "dev 1"}, "device_id"),
         ({"unknown_top": 1}, "unknown_top"),
     ],
