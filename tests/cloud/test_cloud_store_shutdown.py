@@ -215,8 +215,9 @@ async def test_store_stop_cancels_many_downloads_with_reads_in_flight(
         with structlog.testing.capture_logs() as logs, caplog.at_level(logging.WARNING):
             try:
                 writers = await start_downloads(store, cloud_dir, info.artifact_id, 24)
-                # Every download is streaming: its reader exists and reads keep coming.
-                await eventually(lambda r=repository: len(r.readers) == 24 and r.reads > 48)
+                # Every download is streaming: its reader is open in the store (registered on
+                # the loop after the open in a thread returned) and reads keep coming.
+                await eventually(lambda r=repository, s=store: s.open_files == 24 and r.reads > 48)
                 in_flight_before = store.open_files
                 await store.stop()
             finally:
