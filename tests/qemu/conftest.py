@@ -148,6 +148,8 @@ def guest(
         yield g
     finally:
         g.stop()
+        if g.early_hangs:
+            note(f"{request.node.name}: early kernel hang under TCG, power-cycled once at power-on")
         report = getattr(request.node, "rep_call", None)
         if report is None or report.failed:
             g.save_artifacts(ARTIFACTS / request.node.name)

@@ -60,8 +60,7 @@ async def wait_reported(
 
 async def boot_on_1_0(cloud: Any, guest: Guest) -> None:
     """Power on; slot A boots 1.0 and the agent reports it idle on the shadow."""
-    guest.start()
-    _, boot = await guest.wait_boot(BOOT_TIMEOUT)
+    _, boot = await guest.power_on(BOOT_TIMEOUT)
     assert (boot.slot, boot.version) == ("A", "1.0")
     await wait_reported(
         cloud,
@@ -183,9 +182,7 @@ async def test_qemu_power_cut_during_write_resumes(
     assert guest.count(re.compile(r"OTAD-PROBE"), since=mark) == 0, "rebooted before the cut"
 
     relay.rate = None
-    mark = guest.mark()
-    guest.start()
-    index, boot = await guest.wait_boot(BOOT_TIMEOUT, since=mark)
+    index, boot = await guest.power_on(BOOT_TIMEOUT)
     assert (boot.slot, boot.version) == ("A", "1.0"), "a partly written slot was booted"
     _, boot = await guest.wait_boot(UPDATE_TIMEOUT, since=index + 1)
     assert (boot.slot, boot.version) == ("B", "2.0")

@@ -1,5 +1,5 @@
 """The small host-side tools of qemu/ (no QEMU needed): the guestfwd relay, the cloud fix-up,
-and qemu/run's argument checks. They run in the fast suite."""
+qemu/run's argument checks and the console watcher's hang detection. They run in the fast suite."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cryptography import x509
 
 from otad.cloud.pki import CloudDir, init_cloud
 
-from .guest import REPO
+from .guest import REPO, EarlyKernelHang, Guest, GuestTimeout
 
 CONNECT = REPO / "qemu" / "connect"
 CLOUD_FOR_GUEST = REPO / "qemu" / "cloud-for-guest"
@@ -141,3 +142,33 @@ def test_run_rejects_bad_arguments_before_starting_qemu(
     result = subprocess.run([str(RUN), *full], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Guest]:
+    """A Guest watching a log the test writes, with a stand-in process (no QEMU is started)."""
+    g = Guest(tmp_path / "disk.img", tmp_path / "serial.log", 0, 0, early_hang_silence=1.0)
+    g.log_path.write_text("")
+    g.process = subprocess.Popen(["sleep", "60"])
+    g._last_output_at = time.monotonic()
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+async def test_silent_kernel_before_userspace_is_an_early_hang(console: Guest) -> None:
+    with console.log_path.open("a") as f:
+        f.write("[    0.000000] Linux version 6.1.0\n[    1.45] pnp: PnP ACPI: found 6 devices\n")
+    started = time.monotonic()
+    with pytest.raises(EarlyKernelHang, match=r"no console output for \d+ s before userspace"):
+        await console.wait_boot(30)
+    assert time.monotonic() - started < 10, "the hang was not noticed before the deadline"
+
+
+async def test_silence_after_userspace_started_is_only_a_timeout(console: Guest) -> None:
+    with console.log_path.open("a") as f:
+        f.write("[    0.000000] Linux version 6.1.0\n[    2.9] Run /sbin/init as init process\n")
+    with pytest.raises(GuestTimeout) as raised:
+        await console.wait_boot(2.5)
+    assert type(raised.value) is GuestTimeout, "a quiet userspace is not a kernel hang"
