@@ -55,6 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OtadError as exc:
         print(f"otad: error: {exc.code}: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        # a device image carries the agent's libraries only (the cloud side needs aiohttp)
+        library = (exc.name or "").partition(".")[0]
+        if not library or library == "otad":
+            raise
+        print(
+            f"otad: error: missing_library: `otad {args.group}` needs the Python package "
+            f"{library!r}, which this installation does not have",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("otad: interrupted", file=sys.stderr)
         return 130

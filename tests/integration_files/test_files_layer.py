@@ -9,17 +9,21 @@ the bundle keyring format, the GRUB env format), with the real tools where they 
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
 import importlib.metadata
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from plugins.agent_env import offer_bundle, run_agent_process, wait_reported
 
 from integration_files.layerfiles import (
     LAYER,
@@ -145,30 +149,93 @@ def test_python_dependency_recipes_match_the_tested_versions() -> None:
         assert importlib.metadata.version(name) == version, recipe.name
 
 
-def test_agent_recipe_rdepends_cover_package_dependencies() -> None:
+def package_dependencies() -> set[str]:
     with (REPO / "pyproject.toml").open("rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
-    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
+    return {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
+
+
+def recipe_rdepends(override: str) -> set[str]:
     recipe = bitbake_assignments(next(iter(layer_files("otad_*.bb"))).read_text())
-    target = set(default_of(recipe, "RDEPENDS:${PN}:class-target").split())
-    native = set(default_of(recipe, "RDEPENDS:${PN}:class-native").split())
-    assert {f"python3-{n}" for n in names} <= target
-    assert native <= {f"python3-{n}-native" for n in names}
+    return set(default_of(recipe, f"RDEPENDS:${{PN}}:{override}").split())
+
+
+def libraries_a_device_lacks() -> list[str]:
+    """The package's dependencies the device package (class-target) does not pull in."""
+    target = recipe_rdepends("class-target")
+    return sorted(n for n in package_dependencies() if f"python3-{n}" not in target)
+
+
+def test_agent_recipe_rdepends_cover_package_dependencies() -> None:
+    # Only the cloud side's HTTP server library stays off devices; the agent test below proves
+    # the agent does not need it.
+    assert libraries_a_device_lacks() == ["aiohttp"]
+    native = recipe_rdepends("class-native")
+    assert native <= {f"python3-{n}-native" for n in package_dependencies()}
     # Every dependency the layer does not carry itself must come from oe-core or meta-python.
-    assert "virtual-otad-conf" in target
+    assert "virtual-otad-conf" in recipe_rdepends("class-target")
+
+
+async def test_agent_updates_with_only_the_device_packages_libraries(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """`otad agent run` takes a whole update to the reboot with aiohttp & co. unimportable."""
+    marker = tmp_path / "rebooted"
+    dev = make_device(
+        "dev1", config={"slots": {"booted": "A"}, "reboot_command": ["touch", str(marker)]}
+    )
+    log = tmp_path / "agent.log"
+    lacking = libraries_a_device_lacks()
+    process = await run_agent_process(dev.config_path, unimportable=lacking, stderr=log)
+    try:
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle", within=30)
+        image, _ = await offer_bundle(cloud, cloud_dir, tmp_path)
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
+        for _ in range(100):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 20)
+    assert marker.exists(), log.read_text()[-3000:]
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+
+
+def test_cloud_command_without_its_library_names_it(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['aiohttp'] = None\n"
+        "from otad.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cloud = tmp_path / "cloud"
+    init = subprocess.run(
+        [sys.executable, "-m", "otad", "cloud", "init", str(cloud), "--devices", "dev1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", code, "cloud", "serve", str(cloud)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "missing_library" in result.stderr and "'aiohttp'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_native_tool_runs_with_only_its_rdepends(tmp_path: Path) -> None:
     """`otad bundle create` works with the libraries outside the native RDEPENDS unimportable."""
-    with (REPO / "pyproject.toml").open("rb") as f:
-        deps = tomllib.load(f)["project"]["dependencies"]
-    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
-    recipe = bitbake_assignments(next(iter(layer_files("otad_*.bb"))).read_text())
     native = {
-        r.removeprefix("python3-").removesuffix("-native")
-        for r in default_of(recipe, "RDEPENDS:${PN}:class-native").split()
+        r.removeprefix("python3-").removesuffix("-native") for r in recipe_rdepends("class-native")
     }
-    blocked = sorted(names - native)
+    blocked = sorted(package_dependencies() - native)
     image = tmp_path / "rootfs.img"
     image.write_bytes(os.urandom(4096) * 16)
     key = CONF_FILES / "example-bundle-signing-key.pem"

@@ -33,7 +33,7 @@ import hashlib
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,20 +271,35 @@ async def wait_reported(
     raise AssertionError(f"{device_id}: reported software never matched; last: {last}")
 
 
-async def run_agent_process(config: Path) -> asyncio.subprocess.Process:
-    """``otad agent run --config config`` as a child process, its output discarded."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otad",
-        "--log-json",
-        "agent",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+async def run_agent_process(
+    config: Path, *, unimportable: Sequence[str] = (), stderr: Path | None = None
+) -> asyncio.subprocess.Process:
+    """``otad agent run --config config`` as a child process, its output discarded.
+
+    ``unimportable``: top-level modules the child cannot import (``sys.modules[name] = None``),
+    to run the agent with only the libraries a device image carries. ``stderr``: a file for
+    the child's log instead of discarding it.
+    """
+    code = (
+        "import sys\n"
+        f"for name in {list(unimportable)!r}: sys.modules[name] = None\n"
+        "from otad.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
     )
+    with contextlib.ExitStack() as stack:
+        err = stack.enter_context(stderr.open("ab")) if stderr is not None else None
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            "--log-json",
+            "agent",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err if err is not None else asyncio.subprocess.DEVNULL,
+        )
 
 
 @pytest.fixture
