@@ -85,23 +85,28 @@ class Guest:
         self._offset = self.log_path.stat().st_size
         self._partial = ""
         self._in_kernel = False
-        self.process = subprocess.Popen(
-            [
-                str(RUN),
-                "--disk",
-                str(self.disk),
-                "--log",
-                str(self.log_path),
-                "--broker-port",
-                str(self.broker_port),
-                "--store-port",
-                str(self.store_port),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.log_path.parent / "qemu.stderr").open("ab"),
-        )
+        self.process = self._spawn()
         self.started_at = self._last_output_at = time.monotonic()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """QEMU itself (``qemu/run``), its serial console appended to the log."""
+        with (self.log_path.parent / "qemu.stderr").open("ab") as stderr:
+            return subprocess.Popen(
+                [
+                    str(RUN),
+                    "--disk",
+                    str(self.disk),
+                    "--log",
+                    str(self.log_path),
+                    "--broker-port",
+                    str(self.broker_port),
+                    "--store-port",
+                    str(self.store_port),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
 
     async def power_on(self, within: float) -> tuple[int, Boot]:
         """Power on and wait for the boot marker; power-cycle once after an early kernel hang."""

@@ -172,3 +172,47 @@ async def test_silence_after_userspace_started_is_only_a_timeout(console: Guest)
     with pytest.raises(GuestTimeout) as raised:
         await console.wait_boot(2.5)
     assert type(raised.value) is GuestTimeout, "a quiet userspace is not a kernel hang"
+
+
+class ScriptedGuest(Guest):
+    """A Guest whose power-ons print scripted consoles instead of starting QEMU."""
+
+    consoles: list[str]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("a") as f:
+            f.write(self.consoles.pop(0))
+        return subprocess.Popen(["sleep", "60"])
+
+
+HUNG = "[    0.000000] Linux version 6.1.0\n[    1.45] pnp: PnP ACPI: found 6 devices\n"
+BOOTED = (
+    "[    0.000000] Linux version 6.1.0\n[    2.9] Run /sbin/init as init process\n"
+    "OTAD-PROBE: booted slot=A version=1.0 uptime=9.1\n"
+)
+
+
+def scripted(tmp_path: Path, *consoles: str) -> ScriptedGuest:
+    g = ScriptedGuest(tmp_path / "disk.img", tmp_path / "serial.log", 0, 0, early_hang_silence=1.0)
+    g.consoles = list(consoles)
+    return g
+
+
+async def test_power_on_power_cycles_once_after_an_early_kernel_hang(tmp_path: Path) -> None:
+    guest = scripted(tmp_path, HUNG, BOOTED)
+    try:
+        _, boot = await guest.power_on(30)
+    finally:
+        guest.stop()
+    assert (boot.slot, boot.version, guest.early_hangs) == ("A", "1.0", 1)
+    assert "harness: early kernel hang" in guest.log_path.read_text()
+
+
+async def test_power_on_does_not_retry_a_second_hang(tmp_path: Path) -> None:
+    guest = scripted(tmp_path, HUNG, HUNG, BOOTED)
+    try:
+        with pytest.raises(EarlyKernelHang):
+            await guest.power_on(30)
+    finally:
+        guest.stop()
+    assert guest.early_hangs == 1 and len(guest.consoles) == 1
