@@ -11,7 +11,12 @@ same run and against the same server:
   decompress, write the slot file, fsync, re-read and hash, switch the sim bootloader) and
   reports its own peak RSS (``VmHWM``, the kernel's high-water mark since exec);
 * pipeline: ``curl -s -r <payload offset>- URL | zstd -d | dd of=SLOT bs=1M conv=fsync,notrunc``
-  (Range skips the bundle's signed preamble, so zstd gets the plain payload).
+  (Range skips the bundle's signed preamble, so zstd gets the plain payload);
+* verified pipeline: the same tools doing the checks the agent does (but the signature): the
+  payload through ``tee`` into ``openssl dgst -sha256`` (the fastest SHA-256 here; coreutils'
+  ``sha256sum`` is slower), then the slot read back from the medium (``dd iflag=direct``) into
+  another; both digests are compared with the manifest's. It is reported beside the goal's
+  ratio, to show what the agent's verification costs.
 
 Both write into preallocated, already written slot files (a first write into a fresh file is
 several times slower on this kind of disk). MiB/s counts image bytes. Ends with the lines
@@ -329,6 +334,32 @@ async def run_pipeline(
     return elapsed, children_cpu() - cpu
 
 
+async def run_verified_pipeline(
+    url: str, offset: int, slot: Path, tls: dict[str, str], size: int, work: Path
+) -> tuple[float, float, str, str]:
+    """(seconds, CPU seconds, payload sha256, image sha256 read back from the medium)."""
+    fifo, payload_sum, image_sum = work / "payload.fifo", work / "payload.sum", work / "image.sum"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    cmd = (
+        f"openssl dgst -sha256 -r < {fifo} > {payload_sum} & "
+        f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
+        f"-r {offset}- '{url}' | tee {fifo} | zstd -d -q | "
+        f"dd of={slot} bs=1M iflag=fullblock conv=fsync,notrunc status=none && wait $! && "
+        f"dd if={slot} bs=1M iflag=direct,count_bytes count={size} status=none "
+        f"| openssl dgst -sha256 -r > {image_sum}"
+    )
+    cpu = children_cpu()
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_shell(cmd, executable="/bin/bash")
+    code = await proc.wait()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"verified pipeline failed with {code}")
+    sums = [f.read_text().split()[0] for f in (payload_sum, image_sum)]
+    return elapsed, children_cpu() - cpu, sums[0], sums[1]
+
+
 def sha256_of(path: Path, size: int) -> str:
     import hashlib
 
@@ -406,6 +437,7 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
     tls = {"ca": str(cloud_dir.ca_cert), "cert": str(device.cert), "key": str(device.key)}
     otad_rates: list[float] = []
     pipe_rates: list[float] = []
+    checked_rates: list[float] = []
     rss: list[float] = []
     otad_cpu: list[float] = []
     pipe_cpus: list[float] = []
@@ -452,6 +484,12 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
             mid = self_cpu()
             pipe_seconds, pipe_cpu = await run_pipeline(url, payload_offset, slots["A"], tls)
             server_cpu = (mid - own, self_cpu() - mid)  # this process serves the bundle
+            checked_seconds, checked_cpu, payload_sum, image_sum = await run_verified_pipeline(
+                url, payload_offset, slots["A"], tls, size, work
+            )
+            if (payload_sum, image_sum) != (manifest.sha256, manifest.image_sha256):
+                raise SystemExit("the verified pipeline's sums differ from the manifest")
+            checked_rates.append(size / 2**20 / checked_seconds)
             otad_cpu.append(result["cpu"])
             pipe_cpus.append(pipe_cpu)
             pipe_rate = size / 2**20 / pipe_seconds
@@ -465,6 +503,11 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 f"({pipe_seconds:.2f} s); CPU s otad {result['cpu']:.2f} / "
                 f"pipeline {pipe_cpu:.2f}; "
                 f"server {server_cpu[0]:.2f} / {server_cpu[1]:.2f}",
+                flush=True,
+            )
+            print(
+                f"       verified pipeline {checked_rates[-1]:7.1f} MiB/s "
+                f"({checked_seconds:.2f} s, CPU s {checked_cpu:.2f})",
                 flush=True,
             )
             threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["threads"].items()))
@@ -497,6 +540,12 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
         f"pipeline {min(pipe_cpus) / gib:.2f} / {statistics.median(pipe_cpus) / gib:.2f} "
         "(the server's CPU is not counted)"
     )
+    c = statistics.median(checked_rates)
+    print(
+        f"verified pipeline MiB/s min/median/max: {min(checked_rates):.1f} / {c:.1f} / "
+        f"{max(checked_rates):.1f}  (the same + tee | sha256, dd iflag=direct | sha256)"
+    )
+    print(f"ratio to the verified pipeline: {o / c:.2f}")
     ratios = [a / b for a, b in zip(otad_rates, pipe_rates, strict=True)]
     print(f"ratios per rep (same server, back to back): {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"ratio: {o / p:.2f}")
