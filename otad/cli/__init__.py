@@ -14,7 +14,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-from otad import __version__, logs
+from otad import logs
 from otad.cli import agent, bundle, cloud, demo, fleet, shadow
 from otad.errors import OtadError
 
@@ -23,11 +23,27 @@ __layer__ = "cli"
 _GROUPS = (bundle, agent, cloud, shadow, fleet, demo)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked: importlib.metadata costs ~1 MiB resident in
+    every process that builds the parser, the agent included."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings, dest, default=argparse.SUPPRESS, nargs=0, help="show the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        import otad
+
+        print(f"otad {otad.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otad", description="Safe over-the-air A/B updates for embedded-Linux fleets."
     )
-    parser.add_argument("--version", action="version", version=f"otad {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(
         "--log-json", action="store_true", help="log JSON lines instead of key=value"
     )
