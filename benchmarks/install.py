@@ -316,22 +316,34 @@ async def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def curl_payload(url: str, offset: int, tls: dict[str, str]) -> str:
+    """The shell command that fetches the bundle's payload (Range skips the preamble)."""
+    return (
+        f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
+        f"-r {offset}- '{url}'"
+    )
+
+
+async def run_timed_shell(cmd: str, what: str) -> tuple[float, float]:
+    """Run ``cmd`` under bash with pipefail: (seconds, CPU seconds of its processes)."""
+    cpu = children_cpu()
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec("/bin/bash", "-o", "pipefail", "-c", cmd)
+    code = await proc.wait()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{what} failed with {code}")
+    return elapsed, children_cpu() - cpu
+
+
 async def run_pipeline(
     url: str, offset: int, slot: Path, tls: dict[str, str]
 ) -> tuple[float, float]:
     cmd = (
-        f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
-        f"-r {offset}- '{url}' | zstd -d -q | "
+        f"{curl_payload(url, offset, tls)} | zstd -d -q | "
         f"dd of={slot} bs=1M iflag=fullblock conv=fsync,notrunc status=none"
     )
-    cpu = children_cpu()
-    start = time.perf_counter()
-    proc = await asyncio.create_subprocess_shell(cmd, executable="/bin/bash")
-    code = await proc.wait()
-    elapsed = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"pipeline failed with {code}")
-    return elapsed, children_cpu() - cpu
+    return await run_timed_shell(cmd, "pipeline")
 
 
 async def run_verified_pipeline(
@@ -343,21 +355,14 @@ async def run_verified_pipeline(
     os.mkfifo(fifo)
     cmd = (
         f"openssl dgst -sha256 -r < {fifo} > {payload_sum} & "
-        f"curl -s --fail --cacert {tls['ca']} --cert {tls['cert']} --key {tls['key']} "
-        f"-r {offset}- '{url}' | tee {fifo} | zstd -d -q | "
+        f"{curl_payload(url, offset, tls)} | tee {fifo} | zstd -d -q | "
         f"dd of={slot} bs=1M iflag=fullblock conv=fsync,notrunc status=none && wait $! && "
         f"dd if={slot} bs=1M iflag=direct,count_bytes count={size} status=none "
         f"| openssl dgst -sha256 -r > {image_sum}"
     )
-    cpu = children_cpu()
-    start = time.perf_counter()
-    proc = await asyncio.create_subprocess_shell(cmd, executable="/bin/bash")
-    code = await proc.wait()
-    elapsed = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"verified pipeline failed with {code}")
-    sums = [f.read_text().split()[0] for f in (payload_sum, image_sum)]
-    return elapsed, children_cpu() - cpu, sums[0], sums[1]
+    elapsed, cpu = await run_timed_shell(cmd, "verified pipeline")
+    payload_digest, image_digest = (f.read_text().split()[0] for f in (payload_sum, image_sum))
+    return elapsed, cpu, payload_digest, image_digest
 
 
 def sha256_of(path: Path, size: int) -> str:

@@ -7,8 +7,8 @@ names the pattern and the last lines of the console.
 
 A wait also ends early, with :class:`EarlyKernelHang`, when the kernel has printed nothing for
 ``EARLY_HANG_SILENCE`` seconds before it started userspace. Under TCG the guest kernel very rarely
-stops for good in its early initcalls (seen once in ~60 boots, after "pnp: PnP ACPI: found 6
-devices"); its longest normal pause there is under 1 s. No otad code runs at that point, so a
+stops for good in its early initcalls (seen once in about 80 boots, after "pnp: PnP ACPI: found
+6 devices"); its longest normal pause there is under 1 s. No otad code runs at that point, so a
 test may power-cycle once on its first power-on (:meth:`Guest.power_on`); a hang anywhere else
 fails the test with that name, instead of a generic timeout minutes later.
 """
