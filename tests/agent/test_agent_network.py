@@ -13,7 +13,9 @@ from plugins.agent_env import (
     FaultProxy,
     offer_bundle,
     run_agent_process,
+    stop_agent_process,
     store_proxy,
+    wait_for_path,
     wait_reported,
 )
 from structlog.testing import capture_logs
@@ -149,15 +151,9 @@ async def test_agent_killed_mid_download_finishes_the_job_after_restart(
         proxy.rate = None
         process = await run_agent_process(dev.config_path)
         await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
-        for _ in range(100):
-            if marker.exists():
-                break
-            await asyncio.sleep(0.1)
-        assert marker.exists()
+        assert await wait_for_path(marker)
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 20)
+        await stop_agent_process(process)
         await proxy.close()
     assert process.returncode == 0  # SIGTERM: a graceful stop
     assert dev.slot_sha("B", len(image)) == sha256(image)
@@ -215,14 +211,7 @@ async def test_agent_crash_point_mid_write_then_restart_converges(
         process = await run_agent_process(healthy)
         await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()  # never leave a process behind, but a hung stop is a failure
-                await process.wait()
-                raise AssertionError("the agent did not stop within 20 s of SIGTERM") from None
+        await stop_agent_process(process)
     assert process.returncode == 0  # SIGTERM: a graceful stop
     assert dev.slot_sha("B", len(image)) == sha256(image)
     assert dev.slot_bytes("A") == dev.factory["A"]

@@ -9,12 +9,10 @@ the bundle keyring format, the GRUB env format), with the real tools where they 
 from __future__ import annotations
 
 import ast
-import asyncio
 import hashlib
 import importlib.metadata
 import os
 import re
-import signal
 import subprocess
 import sys
 import tomllib
@@ -23,7 +21,14 @@ from typing import Any
 
 import pytest
 import yaml
-from plugins.agent_env import offer_bundle, run_agent_process, wait_reported
+from plugins.agent_env import (
+    offer_bundle,
+    otad_cli,
+    run_agent_process,
+    stop_agent_process,
+    wait_for_path,
+    wait_reported,
+)
 
 from integration_files.layerfiles import (
     LAYER,
@@ -191,26 +196,14 @@ async def test_agent_updates_with_only_the_device_packages_libraries(
         await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle", within=30)
         image, _ = await offer_bundle(cloud, cloud_dir, tmp_path)
         await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
-        for _ in range(100):
-            if marker.exists():
-                break
-            await asyncio.sleep(0.1)
+        assert await wait_for_path(marker), log.read_text()[-3000:]
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 20)
-    assert marker.exists(), log.read_text()[-3000:]
+        await stop_agent_process(process)
     assert process.returncode == 0, log.read_text()[-3000:]
     assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
 
 
 def test_cloud_command_without_its_library_names_it(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['aiohttp'] = None\n"
-        "from otad.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     cloud = tmp_path / "cloud"
     init = subprocess.run(
         [sys.executable, "-m", "otad", "cloud", "init", str(cloud), "--devices", "dev1"],
@@ -220,7 +213,7 @@ def test_cloud_command_without_its_library_names_it(tmp_path: Path) -> None:
     )
     assert init.returncode == 0, init.stderr
     result = subprocess.run(
-        [sys.executable, "-c", code, "cloud", "serve", str(cloud)],
+        [*otad_cli(["aiohttp"]), "cloud", "serve", str(cloud)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -239,16 +232,10 @@ def test_native_tool_runs_with_only_its_rdepends(tmp_path: Path) -> None:
     image = tmp_path / "rootfs.img"
     image.write_bytes(os.urandom(4096) * 16)
     key = CONF_FILES / "example-bundle-signing-key.pem"
-    code = (
-        "import sys\n"
-        f"for m in {blocked!r}: sys.modules[m] = None\n"
-        "from otad.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     argv = ["bundle", "create", "--image", str(image), "--version", "1", "--compatible", "c"]
     argv += ["--key", str(key), "-o", str(tmp_path / "b.otab")]
     result = subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+        [*otad_cli(blocked), *argv], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "b.otab").stat().st_size > 0

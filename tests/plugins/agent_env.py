@@ -31,7 +31,9 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -271,35 +273,56 @@ async def wait_reported(
     raise AssertionError(f"{device_id}: reported software never matched; last: {last}")
 
 
+def otad_cli(unimportable: Sequence[str] = ()) -> list[str]:
+    """argv that runs the ``otad`` command line with these top-level modules unimportable
+    (``sys.modules[name] = None``): the libraries a device image or a build host lacks."""
+    code = (
+        "import sys\n"
+        f"for name in {sorted(unimportable)!r}: sys.modules[name] = None\n"
+        "from otad.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return [sys.executable, "-c", code]
+
+
 async def run_agent_process(
     config: Path, *, unimportable: Sequence[str] = (), stderr: Path | None = None
 ) -> asyncio.subprocess.Process:
     """``otad agent run --config config`` as a child process, its output discarded.
 
-    ``unimportable``: top-level modules the child cannot import (``sys.modules[name] = None``),
-    to run the agent with only the libraries a device image carries. ``stderr``: a file for
-    the child's log instead of discarding it.
+    ``unimportable``: see :func:`otad_cli`. ``stderr``: a file for the child's log instead.
     """
-    code = (
-        "import sys\n"
-        f"for name in {list(unimportable)!r}: sys.modules[name] = None\n"
-        "from otad.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    with contextlib.ExitStack() as stack:
-        err = stack.enter_context(stderr.open("ab")) if stderr is not None else None
+    argv = [*otad_cli(unimportable), "--log-json", "agent", "run", "--config", str(config)]
+    log: Any = contextlib.nullcontext(asyncio.subprocess.DEVNULL)
+    if stderr is not None:
+        log = stderr.open("ab")
+    with log as err:
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            code,
-            "--log-json",
-            "agent",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err if err is not None else asyncio.subprocess.DEVNULL,
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=err
         )
+
+
+async def stop_agent_process(process: asyncio.subprocess.Process, within: float = 20.0) -> None:
+    """SIGTERM and wait; a process that does not stop is killed and the test fails."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), within)
+    except TimeoutError:
+        process.kill()  # never leave a process behind, but a hung stop is a failure
+        await process.wait()
+        raise AssertionError(f"the agent did not stop within {within:.0f} s of SIGTERM") from None
+
+
+async def wait_for_path(path: Path, within: float = 10.0) -> bool:
+    """Whether ``path`` exists within ``within`` seconds (polled every 0.1 s)."""
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(path.exists):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 @pytest.fixture
