@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import re
 import stat
@@ -54,7 +55,12 @@ CMDLINE_PATH = Path("/proc/cmdline")
 BY_PARTLABEL = Path("/dev/disk/by-partlabel")
 SYS_BLOCK = Path("/sys/class/block")
 MOUNTINFO = Path("/proc/self/mountinfo")
-_READ_CHUNK = 1 << 20  # re-read buffer: large reads, reused (hashlib releases the GIL on it)
+# re-read buffers, reused (hashlib releases the GIL on them). Through the page cache the
+# kernel's readahead batches device reads, so a small buffer costs no speed; a direct read is
+# one device request, so it stays large.
+_READ_CHUNK = 256 << 10
+_DIRECT_READ = 1 << 20
+_DIRECT_ALIGN = 4096  # O_DIRECT offsets and sizes: a multiple of any logical block size
 _DROP_EVERY = 32 << 20  # re-read pages are dropped from the cache in steps of this size
 _WRITEBACK_STEP = 16 << 20  # written pages are sent to the medium in steps of this size
 # the writer's read-back thread flushes and re-reads the slot in steps of this size (0: only
@@ -331,6 +337,8 @@ class SlotWriter:
                 f"slots: slot {slot} at {self.target} is neither a block device nor a file"
             )
         flags = os.O_WRONLY | os.O_CLOEXEC
+        # A block device is re-read with O_DIRECT (see _hash_range); a file through the cache.
+        self._direct_reads = stat.S_ISBLK(st.st_mode)
         if stat.S_ISBLK(st.st_mode):
             # O_EXCL on a block device: the kernel refuses it while the device is mounted or
             # held exclusively by anyone else - a last guard below the identity checks
@@ -520,43 +528,114 @@ class SlotWriter:
     ) -> None:
         """Hash ``[start, end)`` of the slot as read back, into one reused buffer.
 
-        ``drop_cache``: read the medium, not the page cache. After fsync the written pages are
-        clean, so POSIX_FADV_DONTNEED evicts them and the reads go to the device (for a file
-        slot: to the file system's blocks on it). The bytes a later boot sees are the ones on the
-        medium, so those are the ones to hash; hashing the cache would only re-hash what we
-        wrote. Pages read are dropped again as we go, so a 2 GiB re-read does not push the
-        device's working set out of memory. (O_DIRECT would also bypass the cache, but needs
-        aligned buffers and sizes and is refused by some file systems; the fadvise route works
-        for block devices and files alike.)
+        ``drop_cache``: read the medium, not the page cache. The bytes a later boot sees are the
+        ones on the medium, so those are the ones to hash; hashing the cache would only re-hash
+        what we wrote. A block device is read with O_DIRECT: the kernel writes back any dirty
+        cached pages of the range first and then reads from the device, whatever the cache
+        holds, and it costs ~0.6 CPU-s per GiB less than going through the cache (measured on a
+        loop device). A file slot (tests, the simulator, the benchmark) goes through the cache:
+        after fsync the written pages are clean, POSIX_FADV_DONTNEED evicts them and the reads
+        go to the file system's blocks, dropped again as we go so a 2 GiB re-read does not push
+        the working set out of memory. (On ext4, direct reads of a file wait for its inode lock
+        against the buffered writes still going on: 7 % slower installs measured.) A medium
+        that refuses O_DIRECT is read the cache way.
         """
+        if drop_cache and self._direct_reads and end > start:
+            try:
+                direct = os.open(self.target, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:
+                direct = -1  # the medium refuses O_DIRECT (or is gone: the cache way says so)
+            if direct >= 0:
+                try:
+                    if _hash_direct(direct, start, end, hasher, cancelled, self.slot):
+                        return
+                except OSError as exc:
+                    raise SlotVerifyFailed(
+                        f"slots: re-reading slot {self.slot} failed: {exc}"
+                    ) from exc
+                finally:
+                    os.close(direct)
         try:
             fd = os.open(self.target, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SlotVerifyFailed(f"slots: cannot re-open slot {self.slot}: {exc}") from exc
         try:
-            if end > start:
-                if drop_cache:
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
-            buffer = memoryview(bytearray(_READ_CHUNK))
-            pos = dropped = start
-            while pos < end:
-                if cancelled is not None and cancelled.is_set():
-                    return
-                n = os.preadv(fd, [buffer[: min(_READ_CHUNK, end - pos)]], pos)
-                if not n:
-                    raise SlotVerifyFailed(
-                        f"slots: slot {self.slot} ends at {pos} bytes, expected {end}"
-                    )
-                hasher.update(buffer[:n])
-                pos += n
-                if drop_cache and pos - dropped >= _DROP_EVERY:
-                    os.posix_fadvise(fd, dropped, pos - dropped, os.POSIX_FADV_DONTNEED)
-                    dropped = pos
+            self._hash_cached(fd, start, end, hasher, drop_cache, cancelled)
         except OSError as exc:
             raise SlotVerifyFailed(f"slots: re-reading slot {self.slot} failed: {exc}") from exc
         finally:
             os.close(fd)
+
+    def _hash_cached(
+        self,
+        fd: int,
+        start: int,
+        end: int,
+        hasher: _Hasher,
+        drop_cache: bool,
+        cancelled: threading.Event | None,
+    ) -> None:
+        if end > start:
+            if drop_cache:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
+        buffer = memoryview(bytearray(_READ_CHUNK))
+        pos = dropped = start
+        while pos < end:
+            if cancelled is not None and cancelled.is_set():
+                return
+            n = os.preadv(fd, [buffer[: min(_READ_CHUNK, end - pos)]], pos)
+            if not n:
+                raise SlotVerifyFailed(
+                    f"slots: slot {self.slot} ends at {pos} bytes, expected {end}"
+                )
+            hasher.update(buffer[:n])
+            pos += n
+            if drop_cache and pos - dropped >= _DROP_EVERY:
+                os.posix_fadvise(fd, dropped, pos - dropped, os.POSIX_FADV_DONTNEED)
+                dropped = pos
+
+
+def _hash_direct(
+    fd: int,
+    start: int,
+    end: int,
+    hasher: _Hasher,
+    cancelled: threading.Event | None,
+    slot: str,
+) -> bool:
+    """Hash ``[start, end)`` read with O_DIRECT through ``fd``; False if the medium refuses it.
+
+    Reads are aligned: from ``start`` rounded down, in whole aligned buffers (the last one may
+    come back short at the end of the device); only ``[start, end)`` is hashed."""
+    with mmap.mmap(-1, _DIRECT_READ) as buffer:  # page-aligned, as O_DIRECT needs
+        view = memoryview(buffer)
+        try:
+            pos = start - start % _DIRECT_ALIGN
+            skip = start - pos
+            first = True
+            while pos < end:
+                if cancelled is not None and cancelled.is_set():
+                    return True
+                want = min(_DIRECT_READ, -(-(end - pos) // _DIRECT_ALIGN) * _DIRECT_ALIGN)
+                try:
+                    n = os.preadv(fd, [view[:want]], pos)
+                except OSError as exc:
+                    if first and exc.errno == errno.EINVAL:
+                        return False  # alignment rules we do not meet: the cache way then
+                    raise
+                first = False
+                take = min(n, end - pos)
+                if take <= skip:
+                    raise SlotVerifyFailed(
+                        f"slots: slot {slot} ends at {pos + n} bytes, expected {end}"
+                    )
+                hasher.update(view[skip:take])
+                skip = 0
+                pos += n
+            return True
+        finally:
+            view.release()
 
 
 class _ReadBack:

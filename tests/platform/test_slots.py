@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import resource
 import signal
@@ -402,6 +403,50 @@ def test_slots_writer_on_a_real_block_device(loop_slots: tuple[Path, Path]) -> N
         SlotWriter(b, booted=b, slot="B")
     with pytest.raises(SlotTooSmall):
         open_target(layout, "A", image_size=4 * MiB + 1)
+
+
+def test_slots_writer_reads_a_block_device_from_the_medium_not_the_cache(
+    loop_slots: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A page of the device that stays cached (here: mapped by another reader, which
+    POSIX_FADV_DONTNEED does not evict) must not stand in for the medium: the re-read goes
+    to the device, and a medium that changed underneath fails the check."""
+    a, b = loop_slots
+    layout = SlotLayout.from_config({"A": str(a), "B": str(b)})
+    image = os.urandom(2 * MiB)
+    with open_target(layout, "A", hash_writes=False) as w:
+        w.write(image)
+        w.flush()
+        reader = os.open(b, os.O_RDONLY)
+        try:
+            with mmap.mmap(reader, len(image), prot=mmap.PROT_READ) as pinned:
+                assert pinned[:] == image  # every page of the image is now cached and mapped
+                with (tmp_path / "b.img").open("r+b") as medium:  # the loop device's backing
+                    medium.seek(MiB + 4096)
+                    medium.write(b"\0" * 4096)
+                    medium.flush()
+                    os.fsync(medium.fileno())
+                assert pinned[MiB + 4096 : MiB + 8192] == image[MiB + 4096 : MiB + 8192]
+                with pytest.raises(SlotVerifyFailed, match="expected"):
+                    w.finish(hashlib.sha256(image).hexdigest())
+        finally:
+            os.close(reader)
+
+
+def test_slots_writer_rereads_unaligned_ranges_of_a_block_device(
+    loop_slots: tuple[Path, Path],
+) -> None:
+    """Direct reads need aligned offsets and sizes; a resumed write and an image that ends
+    inside a block still hash exactly [0, size)."""
+    a, b = loop_slots
+    image = os.urandom(3 * MiB + 1234)
+    with SlotWriter(b, booted=a, slot="B", hash_writes=False, read_back_step=MiB + 777) as w:
+        for at in range(0, len(image), 700_001):  # read back from unaligned ends of writes
+            w.write(image[at : at + 700_001])
+        assert w.finish(hashlib.sha256(image).hexdigest()).size == len(image)
+    with SlotWriter(b, booted=a, slot="B", offset=MiB + 99) as w:  # [0, offset) re-read first
+        w.write(image[MiB + 99 :])
+        assert w.finish(hashlib.sha256(image).hexdigest()).size == len(image)
 
 
 def test_slots_writer_without_running_hash_still_verifies_the_medium(
