@@ -100,7 +100,7 @@ class DownloadConfig:
     # after an expired URL (403) the job waits this long for the cloud to hand out a fresh one,
     # then fails (download_url_expired): a device must not sit in a job nobody will finish
     url_refresh_timeout: float = 3600.0
-    block_size: int = 1024 * 1024  # bytes handed to the disk thread at once
+    block_size: int = 256 * 1024  # bytes handed to the disk thread at once
     queue_chunks: int = 2  # blocks between the network and the disk thread (memory bound)
 
 

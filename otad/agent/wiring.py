@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_MMAP_THRESHOLD = 256 * 1024
+_MMAP_THRESHOLD = 512 * 1024
 _TRIM_THRESHOLD = 1024 * 1024
 ENV_HALF_WRITTEN = "bootloader_env_half_written"  # the crash point inside an env copy write
 
@@ -37,10 +37,12 @@ def limit_malloc_arenas(count: int = 1) -> bool:
     * one arena: glibc gives every thread that allocates its own arena and keeps freed chunks
       there; with the network on the event loop and the disk and hash threads handing buffers
       to each other, a 1 GiB install grew the peak RSS by ~70 MiB of retained free memory;
-    * a fixed mmap threshold: by default glibc raises it after the first large free, so later
-      1 MiB buffers come from the heap and their memory stays resident after they are freed
-      (the peak RSS of an install wandered by ~8 MiB between runs). Blocks of 256 KiB and more
-      are now always their own mappings, returned to the kernel when freed.
+    * a fixed mmap threshold: by default glibc raises it after the first large free, so what
+      stays resident after an install wandered by ~8 MiB between runs. It is fixed at 512 KiB:
+      the download's 256 KiB blocks, allocated and freed over and over, reuse heap memory (as
+      their own mappings, fresh pages were faulted in for every block: the event loop spent
+      ~0.3 CPU-s per 340 MiB bundle on them), and bigger buffers (the zstd window) are their
+      own mappings, returned when freed.
 
     A no-op (False) where the C library is not glibc.
     """
