@@ -54,19 +54,33 @@ class Decoder(Protocol):
     def complete(self) -> bool:
         """Whether the input so far ends exactly at the end of a frame (or stream)."""
 
+    @property
+    def last_frame_end(self) -> tuple[int, int] | None:
+        """(input bytes, output bytes) at the end of the last frame decoded so far, counted
+        from this decoder's first byte: decoding can start afresh there. None if unknown."""
+
 
 class PassthroughDecoder:
     """``compression: none``: the payload is the image, handed out as it was fed (no copy)."""
 
     def __init__(self) -> None:
         self._queue: deque[bytes] = deque()
+        self._pulled = 0
 
     def push(self, data: bytes) -> None:
         if data:
             self._queue.append(data)
 
     def pull(self) -> bytes | None:
-        return self._queue.popleft() if self._queue else None
+        if not self._queue:
+            return None
+        data = self._queue.popleft()
+        self._pulled += len(data)
+        return data
+
+    @property
+    def last_frame_end(self) -> tuple[int, int] | None:
+        return (self._pulled, self._pulled)  # the image is the payload: any byte will do
 
     @property
     def pending(self) -> bool:
@@ -92,6 +106,9 @@ class ZstdStreamDecoder:
         self._flush_pending = False  # output buffer came back full: libzstd may hold more
         self._frame_done = False
         self._started = False
+        self._input_base = 0  # input bytes before the chunk being decoded
+        self._output_total = 0
+        self.last_frame_end: tuple[int, int] | None = None
 
     def push(self, data: bytes) -> None:
         if data:
@@ -106,6 +123,7 @@ class ZstdStreamDecoder:
         while True:
             if inbuf.pos == inbuf.size:
                 if self._queue:
+                    self._input_base += inbuf.size
                     data = self._queue.popleft()
                     self._current = _ffi.from_buffer(data)
                     inbuf.src = self._current
@@ -119,12 +137,18 @@ class ZstdStreamDecoder:
             # Otherwise a full output buffer means libzstd may still hold decoded bytes.
             self._frame_done = hint == 0
             self._flush_pending = hint != 0 and outbuf.pos == outbuf.size
+            if self._frame_done:
+                self.last_frame_end = (
+                    self._input_base + inbuf.pos,
+                    self._output_total + outbuf.pos,
+                )
             if outbuf.pos == outbuf.size:
                 break
         if inbuf.pos == inbuf.size and not self._queue:
             self._current = None
         outbuf.dst = _ffi.NULL  # ``target`` pins ``out``; it is released when this returns
         written: int = outbuf.pos
+        self._output_total += written
         return written
 
     @property
@@ -147,6 +171,9 @@ class ZstdObjectDecoder:
         self._ready_at = 0
         self._started = False
         self._in_frame = False
+
+    # frame ends are not tracked here: resuming needs the cffi backend
+    last_frame_end: tuple[int, int] | None = None
 
     def push(self, data: bytes) -> None:
         if data:
