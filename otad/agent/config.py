@@ -102,6 +102,9 @@ class DownloadConfig:
     url_refresh_timeout: float = 3600.0
     block_size: int = 256 * 1024  # bytes handed to the disk thread at once
     queue_chunks: int = 2  # blocks between the network and the disk thread (memory bound)
+    # image bytes between flushes of the slot, each followed by the re-read of what it made
+    # durable; a restarted agent resumes the download from the last flushed frame end
+    read_back_step: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,9 @@ def _download(t: _Table) -> DownloadConfig:
         url_refresh_timeout=t.number("url_refresh_timeout", d.url_refresh_timeout, minimum=1.0),
         block_size=t.integer("block_size", d.block_size, minimum=4096, maximum=64 * 1024**2),
         queue_chunks=t.integer("queue_chunks", d.queue_chunks, minimum=1, maximum=64),
+        read_back_step=t.integer(
+            "read_back_step", d.read_back_step, minimum=1024**2, maximum=1024**4
+        ),
     )
     t.done()
     if cfg.backoff_max < cfg.backoff_initial:

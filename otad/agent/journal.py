@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -45,6 +46,8 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION = 1
 JOURNAL_NAME = "journal.json"
 LOCK_NAME = "agent.lock"
+# the signed start of the bundle being downloaded, kept so a restarted agent can resume it
+PREAMBLE_NAME = "download.preamble"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -237,6 +240,24 @@ class Journal:
         os.replace(self.path, aside)
         log.warning("journal_quarantined", path=str(aside))
         return aside
+
+    def save_preamble(self, preamble: bytes) -> str:
+        """Keep the bundle preamble of the job in flight (durably); returns its SHA-256."""
+        self._require_lock()
+        path = self.state_dir / PREAMBLE_NAME
+        try:
+            replace_file(path, preamble)
+        except OSError as exc:
+            raise JournalError(f"journal: cannot write {path}: {exc}") from exc
+        return hashlib.sha256(preamble).hexdigest()
+
+    def load_preamble(self, sha256: str) -> bytes | None:
+        """The kept preamble if it is the one with ``sha256``; None if gone or another one."""
+        try:
+            data = (self.state_dir / PREAMBLE_NAME).read_bytes()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
     def _require_lock(self) -> None:
         if self._lock_fd is None:

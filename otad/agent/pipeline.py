@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -34,6 +35,12 @@ class DiskPipe:
     than ``depth`` chunks in it (an asyncio semaphore released by the thread), so the network is
     back-pressured by the disk and memory stays bounded. The thread runs ``StreamVerifier.feed``
     (payload hash + decompression) and the slot writes, so neither ever blocks the loop.
+
+    ``checkpoint`` is the latest (payload offset, image offset) an install interrupted now could
+    resume from: the end of a zstd frame whose image bytes are all on the medium. A pipe for a
+    resumed install starts with ``verifier`` (made with ``resume_from``), ``writer`` opened at
+    the image offset and ``written`` set to it; a restart of the download from byte 0 then
+    makes a fresh verifier and writer as usual.
     """
 
     def __init__(
@@ -44,14 +51,19 @@ class DiskPipe:
         depth: int,
         crash: CrashPoints,
         on_manifest: Callable[[Manifest], None],
+        *,
+        verifier: StreamVerifier | None = None,
+        written: int = 0,
     ) -> None:
         self.on_manifest = on_manifest
         self.make_verifier = make_verifier
         self.make_writer = make_writer
-        self.verifier = make_verifier()
+        self.verifier = verifier if verifier is not None else make_verifier()
         self.writer: SlotWriter | None = writer
         self.crash = crash
-        self.written = 0
+        self.written = written
+        self.checkpoint: tuple[int, int] | None = None
+        self._frame_ends: deque[tuple[int, int]] = deque(maxlen=256)
         self.error: BaseException | None = None
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(depth)
@@ -106,6 +118,8 @@ class DiskPipe:
                     self.verifier.close()
                     self.verifier = self.make_verifier()
                     self.written = 0
+                    self.checkpoint = None
+                    self._frame_ends.clear()
                     self._close_writer()
                     continue
                 try:
@@ -134,6 +148,17 @@ class DiskPipe:
                 percent = self.written * 100 // manifest.image_size
                 while self._marks and percent >= self._marks[0]:
                     self.crash.hit(f"write:{self._marks.pop(0)}")
+        self._advance_checkpoint()
+
+    def _advance_checkpoint(self) -> None:
+        point = self.verifier.resume_point
+        if point is not None and (not self._frame_ends or self._frame_ends[-1] != point):
+            self._frame_ends.append(point)
+        if self.writer is None:
+            return
+        durable = self.writer.durable_offset
+        while self._frame_ends and self._frame_ends[0][1] <= durable:
+            self.checkpoint = self._frame_ends.popleft()
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

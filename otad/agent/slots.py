@@ -372,6 +372,7 @@ class SlotWriter:
             self.close()
             raise
         self.offset = offset
+        self._flushed = offset  # [0, _flushed) is on the medium (see durable_offset)
         self._advised = self._dropped = offset  # see _write_back
         self._read_back_asked = offset
         log.info("slot_opened", slot=slot, path=str(self.target), capacity=self.capacity)
@@ -452,10 +453,21 @@ class SlotWriter:
     def flush(self) -> None:
         """fsync what was written so far (a resume point that survives a power cut)."""
         fd = self._require_open()
+        offset = self.offset
         try:
             os.fsync(fd)
         except OSError as exc:
             raise self._translate(exc, self.offset) from exc
+        self._flushed = max(self._flushed, offset)
+
+    @property
+    def durable_offset(self) -> int:
+        """Bytes from the slot's start known to be on the medium: by :meth:`flush`, or by the
+        read-back thread's flushes behind the writes. (Bytes written at a resumed writer's
+        start offset were made durable by the writer before it.)"""
+        read_back = self._read_back
+        synced = read_back.synced if read_back is not None else 0
+        return max(self._flushed, synced)
 
     def finish(self, expected_sha256: str | None = None) -> WriteResult:
         """fsync, drop the cached pages, re-read and hash; SlotVerifyFailed on any mismatch."""
@@ -656,6 +668,7 @@ class _ReadBack:
         self._writer = writer
         self._hash = hashlib.sha256()
         self._done = 0  # [0, _done) is hashed
+        self.synced = 0  # [0, synced) is on the medium
         self._asked = 0
         self._error: SlotVerifyFailed | None = None
         self._cancelled = threading.Event()
@@ -702,6 +715,7 @@ class _ReadBack:
                         return
                     upto = self._asked
                 os.fdatasync(fd)  # flushes the file's dirty pages, whoever's fd wrote them
+                self.synced = upto
                 writer._hash_range(
                     self._done, upto, self._hash, drop_cache=True, cancelled=self._cancelled
                 )
@@ -723,6 +737,7 @@ def open_target(
     image_size: int | None = None,
     offset: int = 0,
     hash_writes: bool = True,
+    read_back_step: int = READ_BACK_STEP,
 ) -> SlotWriter:
     """A writer for the slot that is not ``booted``, refusing the booted one by identity."""
     target = other_slot(booted)
@@ -733,4 +748,5 @@ def open_target(
         offset=offset,
         slot=target,
         hash_writes=hash_writes,
+        read_back_step=read_back_step,
     )

@@ -224,6 +224,17 @@ class RebootPending(Exception):
     """Internal: the runner asked for a reboot; nothing more happens in this boot."""
 
 
+@dataclass(frozen=True)
+class _Resume:
+    """A kept download checkpoint: payload and image offsets of a frame end, the entity's
+    ETag and the bundle preamble to verify again."""
+
+    payload: int
+    image: int
+    etag: str
+    preamble: bytes
+
+
 class UpdateRunner:
     """Runs jobs and the post-reboot steps for one device (one instance per Agent)."""
 
@@ -269,6 +280,8 @@ class UpdateRunner:
         self.record: JobRecord | None = None
         self._fresh_url: asyncio.Queue[DesiredSoftware] = asyncio.Queue()
         self._last_progress_report = 0.0
+        self._checkpoint: tuple[int, int] | None = None  # journaled for the download in flight
+        self._saved_preamble: bytes | None = None
 
     # --- facts ---------------------------------------------------------------------------------
 
@@ -471,7 +484,7 @@ class UpdateRunner:
                 record,
                 Event.PAYLOAD_VERIFIED,
                 runtime={
-                    **record.runtime,
+                    **{k: v for k, v in record.runtime.items() if k != "resume"},
                     "image_sha256": manifest.image_sha256,
                     "image_size": manifest.image_size,
                     "security_version": manifest.security_version,
@@ -518,33 +531,66 @@ class UpdateRunner:
             max_image_size=capacity,
         )
 
-    def _open_writer(self) -> SlotWriter:
+    def _open_writer(self, offset: int = 0) -> SlotWriter:
         # finish() re-reads the slot and compares it with the manifest's image hash: a running
         # hash of the writes would only check the same bytes before they reached the medium.
-        return open_target(self.layout, self.booted, hash_writes=False)
+        return open_target(
+            self.layout,
+            self.booted,
+            hash_writes=False,
+            offset=offset,
+            read_back_step=self.config.download.read_back_step,
+        )
 
     async def _stream(
         self, record: JobRecord, desired: DesiredSoftware
     ) -> tuple[Manifest, SlotWriter]:
         """Download, verify and write the bundle into the target; the writer is left open."""
-        first = await asyncio.to_thread(self._open_writer)
+        self._checkpoint = self._saved_preamble = None
+        resume = None if desired.url.startswith("file://") else await self._resume_point(record)
+        if resume is not None:
+            self._checkpoint, self._saved_preamble = (resume.payload, resume.image), resume.preamble
+        first = await asyncio.to_thread(self._open_writer, resume.image if resume else 0)
         capacity = first.capacity
         transfer: Transfer | FileTransfer
         if desired.url.startswith("file://"):
             transfer = FileTransfer(Path(desired.url[len("file://") :]), self.config.download)
         else:
             transfer = self.downloader.transfer(desired.source, max_size=desired.size)
-        pipe = DiskPipe(
-            # the image hash is checked where it matters, on the medium: _check_slot re-reads the
-            # slot after fsync against the signed manifest.image_sha256 before anything can
+
+        def make_verifier(resume_from: tuple[int, int] | None = None) -> StreamVerifier:
+            # the image hash is checked where it matters, on the medium: _check_slot re-reads
+            # the slot after fsync against the signed manifest.image_sha256 before anything can
             # boot it; hashing the decompressor's output too costs ~0.8 CPU-s/GiB for nothing
-            lambda: StreamVerifier(self.keyring, self._policy(capacity), hash_image=False),
+            return StreamVerifier(
+                self.keyring,
+                self._policy(capacity),
+                hash_image=False,
+                resume_from=resume_from,
+            )
+
+        pipe = DiskPipe(
+            make_verifier,
             self._open_writer,
             first,
             self.config.download.queue_chunks,
             self.crash,
             lambda manifest: self._check_manifest(manifest, desired),
+            verifier=make_verifier((resume.payload, resume.image)) if resume else None,
+            written=resume.image if resume else 0,
         )
+        if resume is not None and isinstance(transfer, Transfer):
+            # the kept preamble is verified again (keys, policy, expiry as of now), then the
+            # payload continues at the checkpoint, with If-Range on the entity it came from
+            await pipe.put(resume.preamble)
+            transfer.offset = len(resume.preamble) + resume.payload
+            transfer.etag = resume.etag
+            log.info(
+                "download_resumed_after_restart",
+                job_id=record.job_id,
+                offset=transfer.offset,
+                image_offset=resume.image,
+            )
         try:
             manifest = await self._pump(record, desired, transfer, pipe)
         except BaseException:
@@ -562,7 +608,7 @@ class UpdateRunner:
         transfer: Transfer | FileTransfer,
         pipe: DiskPipe,
     ) -> Manifest:
-        expected = 0
+        expected = transfer.offset
         limited = False
         # Network reads come in pieces of up to ~256 KiB; the disk thread gets blocks of
         # `block` bytes, so there are few hand-offs (each one is a GIL and scheduler round trip
@@ -596,6 +642,8 @@ class UpdateRunner:
                         transfer.limit(pipe.verifier.total_size)
                         limited = True
                     self._maybe_progress(record, transfer)
+                    if isinstance(transfer, Transfer) and pipe.checkpoint != self._checkpoint:
+                        await self._store_checkpoint(transfer, pipe)
                 await flush()
                 break
             except UrlExpired as exc:
@@ -613,6 +661,52 @@ class UpdateRunner:
             restarts=transfer.restarts,
         )
         return manifest
+
+    async def _resume_point(self, record: JobRecord) -> _Resume | None:
+        """Where this job's download can continue after a restart, if a checkpoint was kept."""
+        entry = record.runtime.get("resume")
+        if not isinstance(entry, dict):
+            return None
+        payload, image = entry.get("payload"), entry.get("image")
+        etag, sha256 = entry.get("etag"), entry.get("preamble_sha256")
+        if not (
+            isinstance(payload, int)
+            and isinstance(image, int)
+            and payload >= 0
+            and image >= 0
+            and isinstance(etag, str)
+            and etag
+            and isinstance(sha256, str)
+        ):
+            log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="malformed")
+            return None
+        preamble = await asyncio.to_thread(self.journal.load_preamble, sha256)
+        if preamble is None:
+            log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="no preamble")
+            return None
+        return _Resume(payload, image, etag, preamble)
+
+    async def _store_checkpoint(self, transfer: Transfer, pipe: DiskPipe) -> None:
+        """Journal where a restarted agent can resume this download (``DiskPipe.checkpoint``).
+
+        Only for an entity with an ETag: nothing else proves that a later request returns the
+        same bytes (with it, ``If-Range`` does)."""
+        point, preamble, record = pipe.checkpoint, pipe.verifier.preamble, self.record
+        if point is None or preamble is None or record is None or not transfer.etag:
+            return
+        self._checkpoint = point
+        if preamble != self._saved_preamble:
+            await asyncio.to_thread(self.journal.save_preamble, preamble)
+            self._saved_preamble = preamble
+        resume = {
+            "payload": point[0],
+            "image": point[1],
+            "etag": transfer.etag,
+            "preamble_sha256": hashlib.sha256(preamble).hexdigest(),
+        }
+        self.record = await asyncio.to_thread(
+            self.journal.update, record, runtime={**record.runtime, "resume": resume}
+        )
 
     @staticmethod
     def _check_manifest(manifest: Manifest, desired: DesiredSoftware) -> None:

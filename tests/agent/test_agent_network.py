@@ -164,6 +164,111 @@ async def test_agent_killed_mid_download_finishes_the_job_after_restart(
     assert state["state"] == "rebooting" and state["job_id"] == "j1"
 
 
+MiB = 1 << 20
+
+
+async def _kill_after_a_checkpoint(
+    cloud: Any,
+    cloud_dir: Any,
+    make_device: Any,
+    tmp_path: Path,
+) -> tuple[Any, FaultProxy, bytes, int, dict[str, Any], Path]:
+    """An agent process killed mid-download once its journal holds a checkpoint past half
+    the image; (device, proxy, image, bundle size, checkpoint, reboot marker)."""
+    marker = tmp_path / "rebooted"
+    size = 12 * MiB
+    dev = make_device(
+        "dev1",
+        config={
+            "slots": {"booted": "A"},
+            "reboot_command": ["touch", str(marker)],
+            "download": {"read_back_step": MiB},
+        },
+        slot_size=16 * MiB,
+    )
+    proxy = await store_proxy(cloud).start()
+    process = await run_agent_process(dev.config_path)
+    try:
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle")
+        image, entry = await offer_bundle(
+            cloud,
+            cloud_dir,
+            tmp_path,
+            proxy=proxy,
+            publish=False,
+            image_size=size,
+            frame_size=256 << 10,
+        )
+        bundle_size = (tmp_path / "j1.otb").stat().st_size
+        proxy.rate = bundle_size / 8
+        await cloud.set_desired("dev1", {"software": entry})
+        journal = Journal(dev.state_dir, boot_id="x")
+        checkpoint: dict[str, Any] = {}
+        for _ in range(300):  # bounded: 30 s
+            record = journal.load()
+            checkpoint = record.runtime.get("resume") or {} if record is not None else {}
+            if checkpoint.get("image", 0) >= size // 2:
+                break
+            await asyncio.sleep(0.1)
+        assert checkpoint.get("image", 0) >= size // 2, checkpoint
+        process.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    except BaseException:
+        await stop_agent_process(process)
+        await proxy.close()
+        raise
+    record = journal.load()
+    assert record is not None and record.state.value == "downloading"
+    assert not dev.sim.state().slot("B").bootable
+    return dev, proxy, image, bundle_size, record.runtime["resume"], marker
+
+
+async def _finish_after_restart(dev: Any, cloud: Any, proxy: FaultProxy, marker: Path) -> int:
+    """Restart the agent unthrottled until it reboots; bytes the store sent meanwhile."""
+    before = proxy.down_bytes
+    proxy.rate = None
+    process = await run_agent_process(dev.config_path)
+    try:
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "rebooting", within=60)
+        assert await wait_for_path(marker)
+    finally:
+        await stop_agent_process(process)
+        await proxy.close()
+    assert process.returncode == 0
+    return proxy.down_bytes - before
+
+
+async def test_agent_killed_mid_download_resumes_at_its_checkpoint(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    dev, proxy, image, bundle_size, checkpoint, marker = await _kill_after_a_checkpoint(
+        cloud, cloud_dir, make_device, tmp_path
+    )
+    fetched = await _finish_after_restart(dev, cloud, proxy, marker)
+    # only the bytes after the checkpoint were fetched again (+ TLS and HTTP overhead)
+    preamble = (dev.state_dir / "download.preamble").read_bytes()
+    left = bundle_size - len(preamble) - checkpoint["payload"]
+    assert checkpoint["payload"] > 0 and left < bundle_size // 2
+    assert left <= fetched < left * 1.05 + 32 * 1024, (left, fetched)
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.slot_bytes("A") == dev.factory["A"]
+    state = json.loads((dev.state_dir / "journal.json").read_text())
+    assert state["state"] == "rebooting" and "resume" not in state["runtime"]
+
+
+async def test_agent_restart_without_its_kept_preamble_downloads_from_the_start(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    dev, proxy, image, bundle_size, _, marker = await _kill_after_a_checkpoint(
+        cloud, cloud_dir, make_device, tmp_path
+    )
+    (dev.state_dir / "download.preamble").write_bytes(b"not the preamble")
+    fetched = await _finish_after_restart(dev, cloud, proxy, marker)
+    assert fetched >= bundle_size  # the checkpoint was not trusted: everything again
+    assert dev.slot_sha("B", len(image)) == sha256(image)
+    assert dev.slot_bytes("A") == dev.factory["A"]
+
+
 async def test_agent_broker_restart_mid_download_continues_one_job(
     cloud: Any, cloud_dir: Any, broker: Any, make_device: Any, tmp_path: Path
 ) -> None:
