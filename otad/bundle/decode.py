@@ -171,9 +171,9 @@ class ZstdObjectDecoder:
         self._ready_at = 0
         self._started = False
         self._in_frame = False
-
-    # frame ends are not tracked here: resuming needs the cffi backend
-    last_frame_end: tuple[int, int] | None = None
+        self._input_total = 0  # taken from the queue (what went back to it not counted)
+        self._output_total = 0  # decoded, handed out or not
+        self.last_frame_end: tuple[int, int] | None = None
 
     def push(self, data: bytes) -> None:
         if data:
@@ -198,14 +198,18 @@ class ZstdObjectDecoder:
                 self._queue.popleft()
             self._started = True
             self._in_frame = True
+            self._input_total += len(piece)
             try:
                 out = self._obj.decompress(piece)
             except zstandard.ZstdError as exc:
                 raise DecompressFailed(f"bundle: payload does not decompress: {exc}") from exc
+            self._output_total += len(out)
             if self._obj.eof:
                 # A frame ended; anything after it starts the next frame.
                 self._in_frame = False
                 leftover = self._obj.unused_data
+                self._input_total -= len(leftover)
+                self.last_frame_end = (self._input_total, self._output_total)
                 self._obj = self._dctx.decompressobj(write_size=_FALLBACK_WRITE)
                 if leftover:
                     self._queue.appendleft(memoryview(leftover))

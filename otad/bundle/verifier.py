@@ -128,8 +128,7 @@ class StreamVerifier:
     def resume_point(self) -> tuple[int, int] | None:
         """(payload offset, image offset) of the last frame end decoded so far: a verifier made
         with ``resume_from=`` it, fed the preamble and then the payload from that offset, goes
-        on with the image from that offset. None before the first frame ended (or without the
-        zstd cffi backend)."""
+        on with the image from that offset. None before the first frame ended."""
         end = None if self._decoder is None else self._decoder.last_frame_end
         if end is None:
             return None

@@ -67,11 +67,15 @@ def test_builder_writes_one_frame_per_frame_size(bundle: bytes, keyring: Keyring
     assert points[-1] == (len(payload), IMAGE_SIZE)
 
 
-@pytest.mark.parametrize("chunk", [7, 999, 65536, 1 << 20])
+@pytest.mark.parametrize(
+    ("chunk", "fallback"),
+    [(7, False), (999, False), (65536, False), (1 << 20, False), (999, True), (65536, True)],
+)
 def test_verifier_resumes_at_every_frame_end(
-    bundle: bytes, image: bytes, keyring: Keyring, chunk: int
+    bundle: bytes, image: bytes, keyring: Keyring, chunk: int, fallback: bool
 ) -> None:
-    first = StreamVerifier(keyring, hash_image=False)
+    """Also with the decompressobj fallback (zstandard without its cffi backend)."""
+    first = StreamVerifier(keyring, hash_image=False, zstd_fallback=fallback)
     out, points = run(first, pieces(bundle, 10_007))
     assert out == image
     # frame ends, as seen after each feed: multiples of FRAME image bytes, last the image's end
@@ -80,7 +84,9 @@ def test_verifier_resumes_at_every_frame_end(
     preamble = first.preamble
     assert preamble is not None and bundle.startswith(preamble)
     for payload_at, image_at in [(0, 0), *points[:: 1 if chunk > 999 else 7]]:
-        again = StreamVerifier(keyring, hash_image=False, resume_from=(payload_at, image_at))
+        again = StreamVerifier(
+            keyring, hash_image=False, resume_from=(payload_at, image_at), zstd_fallback=fallback
+        )
         rest, _ = run(again, [preamble, *pieces(bundle[len(preamble) + payload_at :], chunk)])
         assert rest == image[image_at:], (payload_at, image_at)
         assert again.image_produced == IMAGE_SIZE
