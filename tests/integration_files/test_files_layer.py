@@ -175,6 +175,8 @@ def test_agent_recipe_rdepends_cover_package_dependencies() -> None:
     # Only the cloud side's HTTP server library stays off devices; the agent test below proves
     # the agent does not need it.
     assert libraries_a_device_lacks() == ["aiohttp"]
+    # zstandard[cffi]: the extra's library must be on the device too (the fast decoder)
+    assert "python3-cffi" in recipe_rdepends("class-target")
     native = recipe_rdepends("class-native")
     assert native <= {f"python3-{n}-native" for n in package_dependencies()}
     # Every dependency the layer does not carry itself must come from oe-core or meta-python.
