@@ -56,9 +56,10 @@ from otad.agent.machine import (
 from otad.agent.notify import Notifier
 from otad.agent.pipeline import DiskPipe, FileTransfer
 from otad.agent.slots import SlotLayout, SlotWriter, open_target
-from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy
+from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy, parse_preamble
 from otad.errors import (
     BootloaderEnvCorrupt,
+    BundleError,
     DesiredStateInvalid,
     HealthCheckFailed,
     JobCancelled,
@@ -233,6 +234,7 @@ class _Resume:
     image: int
     etag: str
     preamble: bytes
+    preamble_sha256: str
 
 
 class UpdateRunner:
@@ -281,7 +283,7 @@ class UpdateRunner:
         self._fresh_url: asyncio.Queue[DesiredSoftware] = asyncio.Queue()
         self._last_progress_report = 0.0
         self._checkpoint: tuple[int, int] | None = None  # journaled for the download in flight
-        self._saved_preamble: bytes | None = None
+        self._saved_preamble: tuple[bytes, str] | None = None  # kept preamble, its SHA-256
 
     # --- facts ---------------------------------------------------------------------------------
 
@@ -549,7 +551,8 @@ class UpdateRunner:
         self._checkpoint = self._saved_preamble = None
         resume = None if desired.url.startswith("file://") else await self._resume_point(record)
         if resume is not None:
-            self._checkpoint, self._saved_preamble = (resume.payload, resume.image), resume.preamble
+            self._checkpoint = (resume.payload, resume.image)
+            self._saved_preamble = (resume.preamble, resume.preamble_sha256)
         first = await asyncio.to_thread(self._open_writer, resume.image if resume else 0)
         capacity = first.capacity
         transfer: Transfer | FileTransfer
@@ -684,7 +687,16 @@ class UpdateRunner:
         if preamble is None:
             log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="no preamble")
             return None
-        return _Resume(payload, image, etag, preamble)
+        # Offsets beyond the bundle the preamble describes would fail the job as a bad bundle;
+        # a checkpoint that does not fit is only a lost shortcut: start over instead.
+        try:
+            manifest = parse_preamble(preamble).manifest()
+        except BundleError:
+            manifest = None
+        if manifest is None or payload > manifest.size or image > manifest.image_size:
+            log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="not in bundle")
+            return None
+        return _Resume(payload, image, etag, preamble, sha256)
 
     async def _store_checkpoint(self, transfer: Transfer, pipe: DiskPipe) -> None:
         """Journal where a restarted agent can resume this download (``DiskPipe.checkpoint``).
@@ -695,14 +707,14 @@ class UpdateRunner:
         if point is None or preamble is None or record is None or not transfer.etag:
             return
         self._checkpoint = point
-        if preamble != self._saved_preamble:
-            await asyncio.to_thread(self.journal.save_preamble, preamble)
-            self._saved_preamble = preamble
+        if self._saved_preamble is None or preamble != self._saved_preamble[0]:
+            sha256 = await asyncio.to_thread(self.journal.save_preamble, preamble)
+            self._saved_preamble = (preamble, sha256)
         resume = {
             "payload": point[0],
             "image": point[1],
             "etag": transfer.etag,
-            "preamble_sha256": hashlib.sha256(preamble).hexdigest(),
+            "preamble_sha256": self._saved_preamble[1],
         }
         self.record = await asyncio.to_thread(
             self.journal.update, record, runtime={**record.runtime, "resume": resume}

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from plugins.agent_env import (
     FaultProxy,
     offer_bundle,
@@ -206,7 +207,7 @@ async def _kill_after_a_checkpoint(
         checkpoint: dict[str, Any] = {}
         for _ in range(300):  # bounded: 30 s
             record = journal.load()
-            checkpoint = record.runtime.get("resume") or {} if record is not None else {}
+            checkpoint = (record.runtime.get("resume") or {}) if record is not None else {}
             if checkpoint.get("image", 0) >= size // 2:
                 break
             await asyncio.sleep(0.1)
@@ -256,15 +257,39 @@ async def test_agent_killed_mid_download_resumes_at_its_checkpoint(
     assert state["state"] == "rebooting" and "resume" not in state["runtime"]
 
 
-async def test_agent_restart_without_its_kept_preamble_downloads_from_the_start(
-    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+def _replace_preamble(dev: Any) -> None:
+    (dev.state_dir / "download.preamble").write_bytes(b"not the preamble")
+
+
+def _edit_checkpoint(**changes: Any) -> Any:
+    def edit(dev: Any) -> None:
+        path = dev.state_dir / "journal.json"
+        doc = json.loads(path.read_text())
+        doc["runtime"]["resume"].update(changes)
+        path.write_text(json.dumps(doc))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _replace_preamble,
+        _edit_checkpoint(payload="12"),  # malformed
+        _edit_checkpoint(image=1 << 40),  # beyond the image the kept preamble describes
+    ],
+    ids=["preamble-replaced", "malformed", "outside-the-bundle"],
+)
+async def test_agent_restart_with_an_unusable_checkpoint_downloads_from_the_start(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path, spoil: Any
 ) -> None:
+    """A checkpoint that cannot be trusted is a lost shortcut, not a failed job."""
     dev, proxy, image, bundle_size, _, marker = await _kill_after_a_checkpoint(
         cloud, cloud_dir, make_device, tmp_path
     )
-    (dev.state_dir / "download.preamble").write_bytes(b"not the preamble")
+    spoil(dev)
     fetched = await _finish_after_restart(dev, cloud, proxy, marker)
-    assert fetched >= bundle_size  # the checkpoint was not trusted: everything again
+    assert fetched >= bundle_size  # the checkpoint was not used: everything again
     assert dev.slot_sha("B", len(image)) == sha256(image)
     assert dev.slot_bytes("A") == dev.factory["A"]
 

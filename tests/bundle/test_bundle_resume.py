@@ -123,3 +123,22 @@ def test_builder_refuses_tiny_frames(tmp_path: Path, ed_key: PrivateKey) -> None
             source, tmp_path / "o.otb", key=ed_key, version="1", compatible="c", frame_size=100
         )
     assert FRAME_SIZE >= 1 << 20
+
+
+def test_verifier_resumes_an_uncompressed_payload_anywhere(
+    tmp_path: Path, image: bytes, ed_key: PrivateKey, keyring: Keyring
+) -> None:
+    """``compression: none``: the image is the payload, every byte handed out is a resume point."""
+    source = tmp_path / "rootfs.img"
+    source.write_bytes(image)
+    out = tmp_path / "plain.otb"
+    build_bundle(source, out, key=ed_key, version="2", compatible="c", compression="none")
+    bundle = out.read_bytes()
+    first = StreamVerifier(keyring, hash_image=False)
+    _, points = run(first, pieces(bundle, 100_003))
+    assert first.preamble is not None
+    assert all(p == i for p, i in points) and points[-1] == (IMAGE_SIZE, IMAGE_SIZE)
+    at = points[len(points) // 2][0]
+    again = StreamVerifier(keyring, hash_image=False, resume_from=(at, at))
+    rest, _ = run(again, [first.preamble, bundle[len(first.preamble) + at :]])
+    assert rest == image[at:]
