@@ -169,7 +169,8 @@ class Agent:
         if session is None:
             return False
         try:
-            await asyncio.wait_for(session.connected.wait(), within)
+            async with asyncio.timeout(within):
+                await session.connected.wait()
         except TimeoutError:
             return False
         return True

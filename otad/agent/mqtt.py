@@ -125,7 +125,8 @@ class ShadowSession:
                 await self._acked_cond.wait_for(lambda: self._acked >= target)
 
         try:
-            await asyncio.wait_for(done(), within)
+            async with asyncio.timeout(within):
+                await done()
         except TimeoutError:
             return False
         return self._rejected < target
@@ -162,9 +163,8 @@ class ShadowSession:
                 payload = json.dumps({"state": {"reported": snapshot}, "clientToken": token})
                 await client.publish(self.topics.update, payload, qos=1)
                 try:
-                    accepted, body = await asyncio.wait_for(
-                        future, self.config.broker.report_timeout
-                    )
+                    async with asyncio.timeout(self.config.broker.report_timeout):
+                        accepted, body = await future
                 except TimeoutError:
                     log.warning("report_unanswered", client_token=token)
                     continue  # same token again: the replica treats it as the same update

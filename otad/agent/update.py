@@ -747,7 +747,8 @@ class UpdateRunner:
         deadline = time.monotonic() + self.config.download.url_refresh_timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                fresh = await asyncio.wait_for(self._fresh_url.get(), min(30.0, left))
+                async with asyncio.timeout(min(30.0, left)):
+                    fresh = await self._fresh_url.get()
             except TimeoutError:
                 self.beat()  # waiting for the cloud is not a hang: keep the watchdog fed
                 continue

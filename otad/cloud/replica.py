@@ -462,7 +462,8 @@ class _Wire(asyncio.Protocol):
         )
         self._write(_packet(0x10, body))
         try:
-            code = await asyncio.wait_for(self._connack, _HANDSHAKE_SECONDS)
+            async with asyncio.timeout(_HANDSHAKE_SECONDS):
+                code = await self._connack
         except TimeoutError as exc:
             raise BrokerError("replica: no CONNACK from the broker") from exc
         if code != 0:
@@ -477,7 +478,8 @@ class _Wire(asyncio.Protocol):
         self._subacks[packet_id] = future
         self._write(_packet(0x82, body))
         try:
-            codes = await asyncio.wait_for(future, _HANDSHAKE_SECONDS)
+            async with asyncio.timeout(_HANDSHAKE_SECONDS):
+                codes = await future
         except TimeoutError as exc:
             raise BrokerError("replica: no SUBACK from the broker") from exc
         refused = [f for f, code in zip(filters, codes, strict=False) if code & 0x80]
@@ -622,7 +624,8 @@ class Replica:
                 self.ready.clear()
                 log.warning("broker_connection_lost", error=str(exc), retry_in=backoff)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
+                async with asyncio.timeout(backoff):
+                    await stop.wait()
             backoff = min(backoff * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
@@ -630,16 +633,14 @@ class Replica:
         settings = self.broker
         wire = _Wire(self._received, self._acked, self.window, self.stats)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(30):
+                await loop.create_connection(
                     lambda: wire,
                     settings.host,
                     settings.port,
                     ssl=settings.tls_context,
                     server_hostname=settings.host if settings.tls_context else None,
-                ),
-                30,
-            )
+                )
         except (OSError, TimeoutError) as exc:
             raise BrokerError(
                 f"replica: cannot connect to {settings.host}:{settings.port}: {exc}"
@@ -687,9 +688,8 @@ class Replica:
         # Then the PUBACKs, so the outbox is empty after a clean stop.
         if self._wire is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wire.idle.wait(), max(0.0, deadline - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._wire.idle.wait()
 
     async def _republish_outbox(self) -> None:
         pending = await self.store.outbox_pending()
@@ -918,7 +918,8 @@ class ShadowClient:
             except aiomqtt.MqttError as exc:
                 raise BrokerError(f"shadow client: cannot publish to {topic}: {exc}") from exc
             try:
-                return await asyncio.wait_for(future, self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    return await future
             except TimeoutError as exc:
                 raise BrokerError(
                     f"shadow client: no answer from the replica for {topics.device_id} "

@@ -129,7 +129,8 @@ class RolloutService:
             except BrokerError as exc:
                 log.warning("rollout_service_disconnected", error=str(exc), retry_in=delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
                 delay = min(RECONNECT_MAX, delay * 2)
         await self._flush()
         log.info("rollout_service_stopped")

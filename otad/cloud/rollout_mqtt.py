@@ -126,7 +126,8 @@ class FleetShadow:
         if self.closed:
             raise BrokerError("rollout: broker connection lost")
         try:
-            return await asyncio.wait_for(self._reports.get(), within)
+            async with asyncio.timeout(within):
+                return await self._reports.get()
         except TimeoutError:
             return None
 
@@ -156,7 +157,8 @@ class FleetShadow:
                 json.dumps(payload, separators=(",", ":")).encode(),
                 qos=1,
             )
-            await asyncio.wait_for(future, ANSWER_TIMEOUT)
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await future
         except aiomqtt.MqttError as exc:
             raise BrokerError(f"rollout: cannot publish to the broker: {exc}") from exc
         except TimeoutError as exc:

@@ -201,9 +201,10 @@ class CloudServer:
             return
         self._stop.set()
         try:
-            await asyncio.wait_for(task, STOP_TIMEOUT)
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await task
         except TimeoutError:
-            # wait_for has cancelled the task and waited for its finally blocks (store, db).
+            # the timeout cancelled the task and waited for its finally blocks (store, db)
             log.warning("cloud_stop_timed_out", timeout=STOP_TIMEOUT)
 
     async def _announce_ready(self, stop: asyncio.Event) -> None:

@@ -164,6 +164,29 @@ async def test_mqtt_report_rejected_as_throttled_is_retried_until_accepted(
     assert len(peer.updates) == 2
 
 
+async def test_mqtt_stop_is_not_lost_when_the_answer_arrives_in_the_same_instant(
+    peer: Peer, cloud_dir: Any, broker: Any
+) -> None:
+    # The agent stops right after its final report (a reboot sends SIGTERM): the replica's
+    # answer and the cancellation reach the sender in one loop iteration. asyncio.wait_for on
+    # 3.11 returned the answer and dropped the cancellation; the sender waited for the next
+    # report forever and the agent never stopped. The answer is delivered through the same
+    # dispatch the reader uses, in the same step as the cancel, to make the instant exact.
+    session = ShadowSession(device_config(cloud_dir, broker, report_timeout=30), [].append)
+    task = asyncio.create_task(session.run())
+    await asyncio.wait_for(session.connected.wait(), 30)
+    peer.drop_updates = 1  # the report stays unanswered until the test answers it
+    session.report({"software": {"state": "rebooting"}})
+    await eventually(lambda: session._waiters)
+    token = next(iter(session._waiters))
+    answer = json.dumps({"clientToken": token}).encode()
+    session._dispatch(session.topics.update_accepted, answer)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert task in done, "the session outlived its cancellation"
+    assert task.cancelled()
+
+
 async def test_mqtt_named_report_keeps_its_token_across_retries_and_sessions(
     peer: Peer, session_docs: Any, cloud_dir: Any, broker: Any
 ) -> None:
