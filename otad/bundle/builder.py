@@ -19,18 +19,21 @@ import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import structlog
 import zstandard
 
 from otad.bundle.decode import WINDOW_LOG_MAX
 from otad.bundle.header import FORMAT_VERSION, Header
-from otad.bundle.keys import PrivateKey, algorithm_of, key_id_of, sign
+from otad.bundle.keys import algorithm_of, key_id_of
 from otad.bundle.manifest import COMPRESSIONS, KNOWN_FIELDS, Manifest
 from otad.bundle.preamble import signed_message
 from otad.bundle.signatures import SignatureEntry, encode_signatures
 from otad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from otad.bundle.signing import PrivateKey
 
 __layer__ = "pure"
 
@@ -267,6 +270,8 @@ def _preamble(manifest: Manifest, keys: list[PrivateKey]) -> bytes:
     # the header is built with a placeholder and fixed up; signed_fields() skips that field.
     provisional = Header(FORMAT_VERSION, 0, len(manifest_bytes), 0, manifest.size)
     message = signed_message(provisional, manifest_bytes)
+    from otad.bundle.signing import sign  # cryptography: only where bundles are made
+
     entries = [SignatureEntry(key_id_of(k), algorithm_of(k), sign(k, message)) for k in keys]
     block = encode_signatures(entries)
     header = Header(FORMAT_VERSION, 0, len(manifest_bytes), len(block), manifest.size)

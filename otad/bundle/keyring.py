@@ -2,10 +2,10 @@
 
 On disk a keyring is a directory of ``<key id>.pem`` public keys plus an optional ``revoked``
 file (one key id per line, ``#`` starts a comment). The file name must equal the key id computed
-from the key (:func:`otad.bundle.keys.key_id_of`): a renamed or swapped file is refused at load
-time instead of silently trusting a key under the wrong name. A single PEM file is also accepted
-as a one-key keyring. Rotation: add the new key's file, sign with both keys for a while, then
-list the old id in ``revoked``.
+from the key (:attr:`otad.bundle.keys.PublicKey.key_id`): a renamed or swapped file is refused
+at load time instead of silently trusting a key under the wrong name. A single PEM file is also
+accepted as a one-key keyring. Rotation: add the new key's file, sign with both keys for a
+while, then list the old id in ``revoked``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from otad.bundle.keys import PublicKey, key_id_of, load_public_key, public_key_pem
+from otad.bundle.keys import PublicKey, as_public_key, load_public_key
 from otad.errors import KeyringError, RevokedKey, UnknownKey
+
+if TYPE_CHECKING:
+    from otad.bundle.signing import CryptographyKey
 
 __layer__ = "pure"
 
@@ -28,16 +31,21 @@ _KEY_ID = re.compile(r"[0-9a-f]{16}")
 class Keyring:
     """Trusted public keys by key id, plus revoked key ids (which win over trust)."""
 
-    def __init__(self, keys: Mapping[str, PublicKey], revoked: Iterable[str] = ()) -> None:
-        for key_id, key in keys.items():
-            if key_id_of(key) != key_id:
+    def __init__(
+        self, keys: Mapping[str, PublicKey | CryptographyKey], revoked: Iterable[str] = ()
+    ) -> None:
+        self._keys = {key_id: as_public_key(key) for key_id, key in keys.items()}
+        for key_id, key in self._keys.items():
+            if key.key_id != key_id:
                 raise KeyringError(f"bundle: key id {key_id} does not match its key")
-        self._keys = dict(keys)
         self.revoked = frozenset(revoked)
 
     @classmethod
-    def from_keys(cls, keys: Iterable[PublicKey], revoked: Iterable[str] = ()) -> Keyring:
-        return cls({key_id_of(k): k for k in keys}, revoked)
+    def from_keys(
+        cls, keys: Iterable[PublicKey | CryptographyKey], revoked: Iterable[str] = ()
+    ) -> Keyring:
+        public = [as_public_key(k) for k in keys]
+        return cls({k.key_id: k for k in public}, revoked)
 
     @classmethod
     def load(cls, path: Path) -> Keyring:
@@ -49,7 +57,7 @@ class Keyring:
         keys: dict[str, PublicKey] = {}
         for pem in sorted(path.glob("*.pem")):
             key = load_public_key(pem)
-            key_id = key_id_of(key)
+            key_id = key.key_id
             if pem.stem != key_id:
                 raise KeyringError(
                     f"bundle: keyring file {pem.name} holds key {key_id}; rename it to {key_id}.pem"
@@ -74,12 +82,13 @@ class Keyring:
         return key
 
 
-def add_public_key(directory: Path, key: PublicKey) -> Path:
+def add_public_key(directory: Path, key: PublicKey | CryptographyKey) -> Path:
     """Write ``key`` into a keyring directory under its key id; returns the file written."""
+    public = as_public_key(key)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{key_id_of(key)}.pem"
+    target = directory / f"{public.key_id}.pem"
     tmp = target.with_suffix(".pem.tmp")
-    tmp.write_bytes(public_key_pem(key))
+    tmp.write_bytes(public.pem())
     os.replace(tmp, target)
     return target
 

@@ -1,133 +1,179 @@
-"""Signing keys: Ed25519 (default) and ECDSA P-256 with SHA-256, and their stable key ids.
+"""Verification keys: Ed25519 (default) and ECDSA P-256 with SHA-256, and their stable key ids.
 
 A key id is the first 16 hex digits of the SHA-256 of the public key's DER SubjectPublicKeyInfo:
 a pure function of the public key, so a signer and a device always agree on it, whatever the
 file is called.
+
+A :class:`PublicKey` is that DER and nothing else. Only the one encoding each algorithm has is
+accepted (what ``otad bundle keygen`` and ``openssl pkey -pubout`` write): Ed25519, and P-256 as
+a named curve with an uncompressed point, so the bytes hashed for the key id are the bytes a
+signer hashes too. Checking a signature goes through :mod:`otad.bundle.openssl` (the libcrypto
+``ssl`` already loaded) and falls back to the cryptography package; nothing here imports
+cryptography, so a device verifying bundles never loads it. Private keys and signing are in
+:mod:`otad.bundle.signing`; the functions below also take its key objects.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import hashlib
+import re
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+import structlog
 
+from otad.bundle import openssl
 from otad.errors import KeyringError
+
+if TYPE_CHECKING:
+    from otad.bundle.signing import CryptographyKey
 
 __layer__ = "pure"
 
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+log = structlog.get_logger(__name__)
 
-ED25519: Final = "ed25519"
-P256: Final = "p256"
+ED25519: Final = openssl.ED25519
+P256: Final = openssl.P256
 ALGORITHMS: Final = (ED25519, P256)
 
+_SPKI_PREFIXES: Final = {
+    ED25519: (bytes.fromhex("302a300506032b6570032100"), 44),
+    P256: (bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"), 91),
+}
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN PUBLIC KEY-----\r?\n([A-Za-z0-9+/=\s]*?)-----END PUBLIC KEY-----"
+)
 
-def generate_private_key(algorithm: str = ED25519) -> PrivateKey:
-    """A fresh signing key for ``algorithm`` (``ed25519`` or ``p256``)."""
-    if algorithm == ED25519:
-        return ed25519.Ed25519PrivateKey.generate()
-    if algorithm == P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    raise KeyringError(f"bundle: unknown key algorithm {algorithm!r} (use ed25519 or p256)")
+
+class SignatureBackend(Protocol):
+    def accepts(self, algorithm: str, spki: bytes) -> bool: ...
+
+    def verify(self, algorithm: str, spki: bytes, signature: bytes, message: bytes) -> bool: ...
 
 
-def algorithm_of(key: PrivateKey | PublicKey) -> str:
+class PublicKey:
+    """A verification key: its algorithm and its DER SubjectPublicKeyInfo."""
+
+    __slots__ = ("algorithm", "key_id", "spki")
+
+    def __init__(self, spki: bytes) -> None:
+        """Take the DER SubjectPublicKeyInfo; KeyringError unless it is a key otad can use."""
+        spki = bytes(spki)
+        algorithm = _algorithm_of_spki(spki)
+        if algorithm is None:
+            raise KeyringError(
+                "bundle: not an Ed25519 or P-256 public key (P-256 must be a named curve with "
+                "an uncompressed point, as `openssl pkey -pubout` writes it)"
+            )
+        if not _backend().accepts(algorithm, spki):
+            raise KeyringError(f"bundle: the {algorithm} public key is not a valid point")
+        self.algorithm: Final = algorithm
+        self.spki: Final = spki
+        self.key_id: Final = hashlib.sha256(spki).hexdigest()[:16]
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> PublicKey:
+        """The key in the one ``PUBLIC KEY`` PEM block of ``data`` (text around it is ignored)."""
+        blocks = _PEM_BLOCK.findall(data)
+        if len(blocks) != 1:
+            private = b"PRIVATE KEY-----" in data
+            raise KeyringError(
+                "bundle: a private key where a public key belongs"
+                if private and not blocks
+                else f"bundle: expected one PUBLIC KEY PEM block, found {len(blocks)}"
+            )
+        try:
+            der = base64.b64decode(b"".join(blocks[0].split()), validate=True)
+        except binascii.Error as exc:
+            raise KeyringError(f"bundle: PUBLIC KEY PEM block is not base64: {exc}") from exc
+        return cls(der)
+
+    def pem(self) -> bytes:
+        body = base64.b64encode(self.spki)
+        lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+        return b"\n".join([b"-----BEGIN PUBLIC KEY-----", *lines, b"-----END PUBLIC KEY-----", b""])
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """True when ``signature`` is valid for ``message`` under this key."""
+        return _backend().verify(self.algorithm, self.spki, bytes(signature), bytes(message))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and other.spki == self.spki
+
+    def __hash__(self) -> int:
+        return hash(self.spki)
+
+    def __repr__(self) -> str:
+        return f"PublicKey({self.algorithm}, id={self.key_id})"
+
+
+def as_public_key(key: PublicKey | CryptographyKey) -> PublicKey:
+    """``key`` itself, or the public half of a cryptography key object (private or public)."""
+    if isinstance(key, PublicKey):
+        return key
+    from otad.bundle.signing import public_key_of  # the caller already holds cryptography keys
+
+    return public_key_of(key)
+
+
+def algorithm_of(key: PublicKey | CryptographyKey) -> str:
     """The signature algorithm name a key signs or verifies with."""
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return ED25519
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and isinstance(
-        key.curve, ec.SECP256R1
-    ):
-        return P256
-    raise KeyringError(f"bundle: unsupported key type {type(key).__name__}")
+    return as_public_key(key).algorithm
 
 
-def public_key_of(key: PrivateKey | PublicKey) -> PublicKey:
-    if isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
-        return key.public_key()
-    return key
-
-
-def key_id_of(key: PrivateKey | PublicKey) -> str:
+def key_id_of(key: PublicKey | CryptographyKey) -> str:
     """First 16 hex digits of SHA-256 over the DER SubjectPublicKeyInfo of the public key."""
-    der = public_key_of(key).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()[:16]
+    return as_public_key(key).key_id
 
 
-def public_key_pem(key: PrivateKey | PublicKey) -> bytes:
-    return public_key_of(key).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def private_key_pem(key: PrivateKey) -> bytes:
-    """Unencrypted PKCS#8 PEM; the caller protects the file (mode 0600)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def load_private_key(source: Path | bytes, password: bytes | None = None) -> PrivateKey:
-    """A signing key from a PEM file (or PEM bytes)."""
-    data = _read(source, "private key")
-    try:
-        key = serialization.load_pem_private_key(data, password=password)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyringError(f"bundle: cannot load private key {_name(source)}: {exc}") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
-        raise KeyringError(f"bundle: {_name(source)} is not an Ed25519 or P-256 key")
-    algorithm_of(key)
-    return key
+def public_key_pem(key: PublicKey | CryptographyKey) -> bytes:
+    return as_public_key(key).pem()
 
 
 def load_public_key(source: Path | bytes) -> PublicKey:
     """A verification key from a PEM file (or PEM bytes)."""
-    data = _read(source, "public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyringError(f"bundle: cannot load public key {_name(source)}: {exc}") from exc
-    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-        raise KeyringError(f"bundle: {_name(source)} is not an Ed25519 or P-256 key")
-    algorithm_of(key)
-    return key
-
-
-def sign(key: PrivateKey, message: bytes) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(message)
-    return key.sign(message, ec.ECDSA(hashes.SHA256()))
-
-
-def verify(key: PublicKey, signature: bytes, message: bytes) -> bool:
-    """True when ``signature`` is valid for ``message`` under ``key``."""
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, message)
-        else:
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _read(source: Path | bytes, what: str) -> bytes:
     if isinstance(source, bytes):
-        return source
+        data, name = source, "<bytes>"
+    else:
+        name = str(source)
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"bundle: cannot read public key {source}: {exc.strerror}") from exc
     try:
-        return source.read_bytes()
-    except OSError as exc:
-        raise KeyringError(f"bundle: cannot read {what} {source}: {exc.strerror}") from exc
+        return PublicKey.from_pem(data)
+    except KeyringError as exc:
+        detail = exc.message.removeprefix("bundle: ")
+        raise KeyringError(f"bundle: cannot load public key {name}: {detail}") from exc
 
 
-def _name(source: Path | bytes) -> str:
-    return "<bytes>" if isinstance(source, bytes) else str(source)
+def verify(key: PublicKey | CryptographyKey, signature: bytes, message: bytes) -> bool:
+    """True when ``signature`` is valid for ``message`` under ``key``."""
+    return as_public_key(key).verify(signature, message)
+
+
+def _algorithm_of_spki(spki: bytes) -> str | None:
+    for algorithm, (prefix, size) in _SPKI_PREFIXES.items():
+        if spki.startswith(prefix) and len(spki) == size:
+            return algorithm
+    return None
+
+
+def _backend() -> SignatureBackend:
+    binding = openssl.default()
+    return binding if binding is not None else _fallback()
+
+
+@functools.cache
+def _fallback() -> SignatureBackend:
+    from otad.bundle.signing import CryptographyBackend
+
+    log.warning(
+        "signature_checks_use_cryptography",
+        reason="the libcrypto of Python's ssl module is older than 1.1.1 or failed its self-test",
+        cost="about 9 MiB more resident memory",
+    )
+    return CryptographyBackend()

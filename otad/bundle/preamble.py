@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from otad.bundle.header import HEADER_SIZE, SIGNING_CONTEXT, Header, parse_header
 from otad.bundle.keyring import Keyring
-from otad.bundle.keys import ALGORITHMS, algorithm_of, verify
+from otad.bundle.keys import ALGORITHMS
 from otad.bundle.manifest import Manifest
 from otad.bundle.policy import VerifyPolicy
 from otad.bundle.signatures import SignatureEntry, decode_signatures
@@ -118,15 +118,15 @@ def _verify_signatures(preamble: Preamble, keyring: Keyring, policy: VerifyPolic
         except (RevokedKey, UnknownKey) as exc:
             failures.append(exc)
             continue
-        if algorithm_of(key) != entry.algorithm:
+        if key.algorithm != entry.algorithm:
             failures.append(
                 BadSignature(
-                    f"bundle: key {entry.key_id} is {algorithm_of(key)}, the signature claims "
+                    f"bundle: key {entry.key_id} is {key.algorithm}, the signature claims "
                     f"{entry.algorithm}"
                 )
             )
             continue
-        if not verify(key, entry.signature, message):
+        if not key.verify(entry.signature, message):
             failures.append(
                 BadSignature(f"bundle: signature by key {entry.key_id} does not verify")
             )

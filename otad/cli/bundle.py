@@ -18,10 +18,7 @@ from otad.bundle import (
     StreamVerifier,
     VerifyPolicy,
     build_bundle,
-    generate_private_key,
     key_id_of,
-    load_private_key,
-    private_key_pem,
     public_key_pem,
     read_preamble,
 )
@@ -110,6 +107,9 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def keygen_command(args: argparse.Namespace) -> int:
+    # signing needs cryptography; importing it here keeps it out of every other otad process
+    from otad.bundle.signing import generate_private_key, private_key_pem
+
     out: Path = args.out
     pub = _public_path(out)
     key = generate_private_key(args.algorithm)
@@ -124,6 +124,8 @@ def keygen_command(args: argparse.Namespace) -> int:
 
 
 def create_command(args: argparse.Namespace) -> int:
+    from otad.bundle.signing import load_private_key
+
     keys = [load_private_key(path) for path in args.key]
     with _progress("building") as progress:
         manifest = _io(

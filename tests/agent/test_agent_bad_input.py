@@ -95,9 +95,10 @@ def lying_bundle(cloud_dir: Any, image: bytes) -> bytes:
 
     from otad.bundle import canonical, key_id_of
     from otad.bundle.header import FORMAT_VERSION, Header
-    from otad.bundle.keys import algorithm_of, sign
+    from otad.bundle.keys import algorithm_of
     from otad.bundle.preamble import signed_message
     from otad.bundle.signatures import SignatureEntry, encode_signatures
+    from otad.bundle.signing import sign
 
     key = load_private_key(cloud_dir.signing_key)
     payload = zstandard.ZstdCompressor(level=3).compress(image)

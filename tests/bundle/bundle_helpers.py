@@ -25,9 +25,10 @@ from otad.bundle import (
     key_id_of,
 )
 from otad.bundle.header import FORMAT_VERSION, Header
-from otad.bundle.keys import algorithm_of, sign
+from otad.bundle.keys import algorithm_of
 from otad.bundle.preamble import signed_message
 from otad.bundle.signatures import SignatureEntry, encode_signatures
+from otad.bundle.signing import sign
 
 
 def make_image(size: int, seed: int = 1) -> bytes:
