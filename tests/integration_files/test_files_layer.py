@@ -172,9 +172,9 @@ def libraries_a_device_lacks() -> list[str]:
 
 
 def test_agent_recipe_rdepends_cover_package_dependencies() -> None:
-    # Only the cloud side's HTTP server library stays off devices; the agent test below proves
-    # the agent does not need it.
-    assert libraries_a_device_lacks() == ["aiohttp"]
+    # The cloud side's HTTP server library and the signing library stay off devices; the agent
+    # test below proves the agent needs neither.
+    assert libraries_a_device_lacks() == ["aiohttp", "cryptography"]
     # zstandard[cffi]: the extra's library must be on the device too (the fast decoder)
     assert "python3-cffi" in recipe_rdepends("class-target")
     native = recipe_rdepends("class-native")
@@ -186,7 +186,8 @@ def test_agent_recipe_rdepends_cover_package_dependencies() -> None:
 async def test_agent_updates_with_only_the_device_packages_libraries(
     cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
 ) -> None:
-    """`otad agent run` takes a whole update to the reboot with aiohttp & co. unimportable."""
+    """`otad agent run` takes a whole update to the reboot with aiohttp, cryptography & co.
+    unimportable."""
     marker = tmp_path / "rebooted"
     dev = make_device(
         "dev1", config={"slots": {"booted": "A"}, "reboot_command": ["touch", str(marker)]}
@@ -223,6 +224,37 @@ def test_cloud_command_without_its_library_names_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "missing_library" in result.stderr and "'aiohttp'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_device_verifies_bundles_but_cannot_sign_without_cryptography(tmp_path: Path) -> None:
+    """What the device package lacks: `otad bundle verify` works, keygen names the library."""
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(os.urandom(4096) * 16)
+    bundle = tmp_path / "b.otab"
+    argv = ["bundle", "create", "--image", str(image), "--version", "1", "--compatible", "c"]
+    argv += ["--key", str(CONF_FILES / "example-bundle-signing-key.pem"), "-o", str(bundle)]
+    made = subprocess.run([*otad_cli(), *argv], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    lacking = libraries_a_device_lacks()
+    assert "cryptography" in lacking
+    keyring = CONF_FILES / "example-keyring"
+    verify = subprocess.run(
+        [*otad_cli(lacking), "bundle", "verify", str(bundle), "--keyring", str(keyring)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    refused = subprocess.run(
+        [*otad_cli(lacking), "bundle", "keygen", "--out", str(tmp_path / "k.pem")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "missing_library" in refused.stderr and "'cryptography'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "k.pem").exists()
 
 
 def test_native_tool_runs_with_only_its_rdepends(tmp_path: Path) -> None:

@@ -31,14 +31,16 @@ FILES:${PN}:append:class-target = " ${systemd_system_unitdir} ${nonarch_libdir}/
 # sqlite3 (cloud side) and more of the standard library; trim to single python3-<module>
 # packages if image size matters more than the risk of an ImportError on a device.
 # python3-aiohttp is left out: only the cloud side (`otad cloud ...`) uses it, and without it
-# those commands end with a one-line error naming it. tests/integration_files runs the agent
-# through a whole update with every library outside this list unimportable.
+# those commands end with a one-line error naming it. So is python3-cryptography: the agent
+# checks signatures with the libcrypto Python's ssl module uses, and only making keys and
+# signing bundles (`otad bundle keygen|create`, never done on a device) needs it.
+# tests/integration_files runs the agent through a whole update with every library outside
+# this list unimportable.
 # python3-cffi: zstandard's cffi backend, which decodes straight into the agent's buffers;
 # without it the agent falls back to a decoder about 13 times slower.
 RDEPENDS:${PN}:class-target = "\
     python3-aiomqtt \
     python3-cffi \
-    python3-cryptography \
     python3-modules \
     python3-pyudev \
     python3-rich \
