@@ -169,11 +169,16 @@ def _backend() -> SignatureBackend:
 
 @functools.cache
 def _fallback() -> SignatureBackend:
-    from otad.bundle.signing import CryptographyBackend
-
+    try:
+        from otad.bundle.signing import CryptographyBackend
+    except ImportError as exc:
+        raise KeyringError(
+            "bundle: cannot check signatures: no usable libcrypto (OpenSSL 1.1.1 or later) "
+            "and the cryptography package is not installed"
+        ) from exc
     log.warning(
         "signature_checks_use_cryptography",
-        reason="the libcrypto of Python's ssl module is older than 1.1.1 or failed its self-test",
+        reason="no usable libcrypto: older than 1.1.1, or it failed its self-test",
         cost="about 9 MiB more resident memory",
     )
     return CryptographyBackend()

@@ -160,11 +160,19 @@ def load(path: str | None) -> LibCrypto | None:
 
 @functools.cache
 def default() -> LibCrypto | None:
-    """The libcrypto ``ssl`` uses (already mapped, so loading it costs nothing), or None."""
+    """The libcrypto ``ssl`` uses (already mapped, so loading it costs nothing), else the
+    system's libcrypto (a Python with OpenSSL linked into _ssl and its symbols hidden), or None.
+    """
     try:
         import _ssl
 
         path: str | None = _ssl.__file__  # libcrypto's symbols resolve through _ssl's needs
     except (ImportError, AttributeError):  # no ssl, or _ssl built into the interpreter
         path = None
-    return load(path)
+    binding = load(path)
+    if binding is None:
+        import ctypes.util
+
+        system = ctypes.util.find_library("crypto")
+        binding = load(system) if system is not None else None
+    return binding

@@ -344,3 +344,30 @@ def test_bundle_keys_openssl_cli_keys_and_signatures_verify(
     assert public.verify(signature.read_bytes(), message.read_bytes())
     assert not public.verify(signature.read_bytes(), message.read_bytes() + b"!")
     assert both(algorithm, public.spki, signature.read_bytes(), message.read_bytes())
+
+
+def test_bundle_keys_without_libcrypto_or_cryptography_the_error_says_so(tmp_path: Path) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(PublicKey(_SPKI["ed25519"]).pem())
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["cryptography"] = None  # not installed
+        from pathlib import Path
+        from otad.bundle import openssl
+        from otad.bundle.keys import load_public_key
+        from otad.errors import KeyringError
+        openssl.default = lambda: None  # no usable libcrypto either
+        try:
+            load_public_key(Path({str(pem)!r}))
+        except KeyringError as exc:
+            print(exc.code, exc)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"keyring_invalid bundle: cannot load public key {pem}:")
+    assert "cannot check signatures: no usable libcrypto" in done.stdout
+    assert "cryptography package is not installed" in done.stdout
