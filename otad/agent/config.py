@@ -35,6 +35,7 @@ class BrokerConfig:
     topic_template: str = "state/{device_id}"
     client_id: str | None = None  # default: the device id
     report_timeout: float = 5.0  # seconds to wait for update/accepted before re-sending
+    connect_timeout: float = 10.0  # seconds to wait for CONNACK; then the broker counts as down
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
 
@@ -277,6 +278,7 @@ def _broker(t: _Table, device_id: str) -> BrokerConfig:
         topic_template=template,
         client_id=t.text("client_id", None) or device_id,
         report_timeout=t.number("report_timeout", 5.0, minimum=0.1),
+        connect_timeout=t.number("connect_timeout", 10.0, minimum=0.1),
         reconnect_initial=t.number("reconnect_initial", 0.5, minimum=0.01),
         reconnect_max=t.number("reconnect_max", 30.0, minimum=0.01),
     )

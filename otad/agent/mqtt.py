@@ -28,6 +28,7 @@ import structlog
 from otad.agent.config import AgentConfig
 from otad.agent.download import backoff_delay
 from otad.errors import BrokerError
+from otad.mqtt_connect import Connected
 from otad.shadow import Topics
 
 __layer__ = "adapter"
@@ -247,7 +248,7 @@ class ShadowSession:
             keepalive=broker.keepalive,
             tls_context=self._tls,
             clean_session=True,
-            timeout=10.0,
+            timeout=broker.connect_timeout,
         )
 
     async def run(self) -> None:
@@ -264,7 +265,7 @@ class ShadowSession:
         while True:
             delay = broker.reconnect_initial
             try:
-                async with self._client_for() as client:
+                async with Connected(self._client_for()) as client:
                     await client.subscribe([(topic, 1) for topic in topics])
                     attempt = 0
                     self.connects += 1
@@ -333,7 +334,7 @@ async def probe_broker(config: AgentConfig, within: float) -> None:
         timeout=within,
     )
     try:
-        async with asyncio.timeout(within), client:
+        async with asyncio.timeout(within), Connected(client):
             pass
     except (aiomqtt.MqttError, TimeoutError) as exc:
         raise BrokerError(f"mqtt: broker {broker.host}:{broker.port} not reachable: {exc}") from exc

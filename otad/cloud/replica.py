@@ -67,6 +67,7 @@ from otad.errors import (
     ShadowInternal,
     ShadowThrottled,
 )
+from otad.mqtt_connect import enter
 from otad.shadow import JsonObject, Topics
 
 __layer__ = "service"
@@ -847,7 +848,7 @@ class ShadowClient:
             timeout=self.timeout,
         )
         try:
-            await client.__aenter__()
+            await enter(client)
         except aiomqtt.MqttError as exc:
             raise BrokerError(
                 f"shadow client: cannot connect to {self.broker.host}:{self.broker.port}: {exc}"

@@ -28,6 +28,7 @@ import aiomqtt
 import structlog
 
 from otad.errors import BrokerError, ShadowError, ShadowInternal
+from otad.mqtt_connect import enter
 from otad.shadow import Topics, merge_state
 
 __layer__ = "adapter"
@@ -89,7 +90,7 @@ class FleetShadow:
 
     async def __aenter__(self) -> FleetShadow:
         try:
-            await self._client.__aenter__()
+            await enter(self._client)
             for topic_filter in self._filters:
                 await self._client.subscribe(topic_filter, qos=1)
         except aiomqtt.MqttError as exc:

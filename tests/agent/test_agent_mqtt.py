@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiomqtt
@@ -185,6 +187,50 @@ async def test_mqtt_stop_is_not_lost_when_the_answer_arrives_in_the_same_instant
     done, _ = await asyncio.wait([task], timeout=10)
     assert task in done, "the session outlived its cancellation"
     assert task.cancelled()
+
+
+async def test_mqtt_a_broker_that_never_answers_costs_no_descriptor_per_attempt(
+    cloud_dir: Any,
+) -> None:
+    # TLS completes, CONNECT arrives, no CONNACK ever comes. aiomqtt left paho's socket and a
+    # 1 Hz task behind at every timed-out attempt: 32 descriptors in 6 s before the fix.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0, ssl=cloud_dir.server_context())
+    port = server.sockets[0].getsockname()[1]
+    config = device_config(
+        cloud_dir,
+        SimpleNamespace(host="127.0.0.1", port=port),
+        connect_timeout=0.3,
+        reconnect_max=0.1,
+    )
+    session = ShadowSession(config, [].append)
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_descriptors()
+    task = asyncio.create_task(session.run())
+    try:
+        await eventually(lambda: len(accepted) >= 8, within=20)
+        servicing = [t for t in asyncio.all_tasks() if "_misc_loop" in repr(t.get_coro())]
+        # the attempt in flight holds one client socket (and the server its end): no more
+        assert open_descriptors() - before <= 4, open_descriptors() - before
+        assert len(servicing) <= 1
+        assert not session.connected.is_set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
 
 
 async def test_mqtt_named_report_keeps_its_token_across_retries_and_sessions(
