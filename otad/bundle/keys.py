@@ -4,12 +4,14 @@ A key id is the first 16 hex digits of the SHA-256 of the public key's DER Subje
 a pure function of the public key, so a signer and a device always agree on it, whatever the
 file is called.
 
-A :class:`PublicKey` is that DER and nothing else. Only the one encoding each algorithm has is
-accepted (what ``otad bundle keygen`` and ``openssl pkey -pubout`` write): Ed25519, and P-256 as
-a named curve with an uncompressed point, so the bytes hashed for the key id are the bytes a
-signer hashes too. Checking a signature goes through :mod:`otad.bundle.openssl` (the libcrypto
-``ssl`` already loaded) and falls back to the cryptography package; nothing here imports
-cryptography, so a device verifying bundles never loads it. Private keys and signing are in
+A :class:`PublicKey` is that DER and nothing else, in the one encoding each algorithm has
+(what ``otad bundle keygen`` and ``openssl pkey -pubout`` write): Ed25519, and P-256 as a named
+curve with an uncompressed point, so the bytes hashed for the key id are the bytes a signer
+hashes too. A compressed P-256 point is re-encoded to that form; Ed25519 keys of small order or
+not canonically encoded are refused (OpenSSL would take them). Checking a signature goes
+through :mod:`otad.bundle.openssl` (the libcrypto ``ssl`` already loaded) and falls back to the
+cryptography package; nothing here imports cryptography, so a device verifying bundles never
+loads it. Private keys and signing are in
 :mod:`otad.bundle.signing`; the functions below also take its key objects.
 """
 
@@ -40,9 +42,29 @@ P256: Final = openssl.P256
 ALGORITHMS: Final = (ED25519, P256)
 
 _SPKI_PREFIXES: Final = {
-    ED25519: (bytes.fromhex("302a300506032b6570032100"), 44),
-    P256: (bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"), 91),
+    ED25519: (openssl.ED25519_SPKI_PREFIX, 44),
+    P256: (openssl.P256_SPKI_PREFIX, 91),
 }
+# P-256 with a compressed point (02/03 || x): accepted and re-encoded uncompressed, the form
+# whose hash is the key id everywhere else.
+_P256_COMPRESSED_PREFIX: Final = bytes.fromhex(
+    "3039301306072a8648ce3d020106082a8648ce3d030107032200"
+)
+_P256_P: Final = 2**256 - 2**224 + 2**192 + 2**96 - 1
+_P256_B: Final = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_ED25519_P: Final = 2**255 - 19
+# y of the 8 points of small order (either sign of x): under such a key one signature can
+# verify for many messages (the identity point: for every message). OpenSSL and cryptography
+# accept them; a keyring must not.
+_ED25519_SMALL_ORDER_Y: Final = frozenset(
+    {
+        0,
+        1,
+        _ED25519_P - 1,
+        0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+        0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+    }
+)
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN PUBLIC KEY-----\r?\n([A-Za-z0-9+/=\s]*?)-----END PUBLIC KEY-----"
 )
@@ -61,13 +83,15 @@ class PublicKey:
 
     def __init__(self, spki: bytes) -> None:
         """Take the DER SubjectPublicKeyInfo; KeyringError unless it is a key otad can use."""
-        spki = bytes(spki)
+        spki = _uncompressed(bytes(spki))
         algorithm = _algorithm_of_spki(spki)
         if algorithm is None:
             raise KeyringError(
-                "bundle: not an Ed25519 or P-256 public key (P-256 must be a named curve with "
-                "an uncompressed point, as `openssl pkey -pubout` writes it)"
+                "bundle: not an Ed25519 or P-256 public key (P-256 must name its curve, as "
+                "`openssl pkey -pubout` writes it, not spell out its parameters)"
             )
+        if algorithm == ED25519:
+            _check_ed25519_point(spki[-32:])
         if not _backend().accepts(algorithm, spki):
             raise KeyringError(f"bundle: the {algorithm} public key is not a valid point")
         self.algorithm: Final = algorithm
@@ -77,14 +101,11 @@ class PublicKey:
     @classmethod
     def from_pem(cls, data: bytes) -> PublicKey:
         """The key in the one ``PUBLIC KEY`` PEM block of ``data`` (text around it is ignored)."""
+        if b"PRIVATE KEY-----" in data:  # a signing key must never be shipped to devices
+            raise KeyringError("bundle: a private key where only a public key belongs")
         blocks = _PEM_BLOCK.findall(data)
         if len(blocks) != 1:
-            private = b"PRIVATE KEY-----" in data
-            raise KeyringError(
-                "bundle: a private key where a public key belongs"
-                if private and not blocks
-                else f"bundle: expected one PUBLIC KEY PEM block, found {len(blocks)}"
-            )
+            raise KeyringError(f"bundle: expected one PUBLIC KEY PEM block, found {len(blocks)}")
         try:
             der = base64.b64decode(b"".join(blocks[0].split()), validate=True)
         except binascii.Error as exc:
@@ -153,6 +174,33 @@ def load_public_key(source: Path | bytes) -> PublicKey:
 def verify(key: PublicKey | CryptographyKey, signature: bytes, message: bytes) -> bool:
     """True when ``signature`` is valid for ``message`` under ``key``."""
     return as_public_key(key).verify(signature, message)
+
+
+def _uncompressed(spki: bytes) -> bytes:
+    """A compressed P-256 SubjectPublicKeyInfo re-encoded uncompressed; anything else as is."""
+    if not spki.startswith(_P256_COMPRESSED_PREFIX) or len(spki) != 59:
+        return spki
+    parity, x = spki[-33], int.from_bytes(spki[-32:], "big")
+    if parity not in (2, 3) or x >= _P256_P:
+        return spki  # refused below as an unknown encoding
+    rhs = (pow(x, 3, _P256_P) - 3 * x + _P256_B) % _P256_P
+    y = pow(rhs, (_P256_P + 1) // 4, _P256_P)  # p = 3 (mod 4): the square root, if any
+    if y * y % _P256_P != rhs:
+        raise KeyringError("bundle: the p256 public key is not a valid point")
+    if y & 1 != parity & 1:
+        y = _P256_P - y
+    return openssl.P256_SPKI_PREFIX + x.to_bytes(32, "big") + y.to_bytes(32, "big")
+
+
+def _check_ed25519_point(raw: bytes) -> None:
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _ED25519_P:
+        raise KeyringError("bundle: the ed25519 public key is not canonically encoded")
+    if y in _ED25519_SMALL_ORDER_Y:
+        raise KeyringError(
+            "bundle: the ed25519 public key is a point of small order (signatures under it "
+            "prove nothing)"
+        )
 
 
 def _algorithm_of_spki(spki: bytes) -> str | None:

@@ -30,13 +30,15 @@ P256: Final = "p256"
 
 _EVP_PKEY_EC: Final = 408
 _EVP_PKEY_ED25519: Final = 1087
-_ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
-_P256_SPKI_PREFIX: Final = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004")
+# The one SubjectPublicKeyInfo encoding of each algorithm's keys: these bytes, then the key
+# (Ed25519: 32 bytes; P-256: x and y of an uncompressed point, 32 bytes each).
+ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
+P256_SPKI_PREFIX: Final = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004")
 
 # Known answers, checked once before the binding is trusted: RFC 8032 section 7.1 test 1, and a
 # P-256 signature made with cryptography.
 _ED25519_KAT: Final = (
-    _ED25519_SPKI_PREFIX
+    ED25519_SPKI_PREFIX
     + bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"),
     bytes.fromhex(
         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
@@ -96,6 +98,7 @@ class LibCrypto:
 
     def verify(self, algorithm: str, spki: bytes, signature: bytes, message: bytes) -> bool:
         """True only when OpenSSL reports ``signature`` valid for ``message`` under the key."""
+        signature, message = bytes(signature), bytes(message)  # c_char_p takes bytes only
         pkey = self._load(algorithm, spki)
         ctx = self._ctx_new() if pkey else None
         try:
@@ -127,11 +130,11 @@ class LibCrypto:
         # OpenSSL 3's decoders consult the error queue; start from an empty one
         self._clear_errors()
         if algorithm == ED25519:
-            if not spki.startswith(_ED25519_SPKI_PREFIX) or len(spki) != 44:
+            if not spki.startswith(ED25519_SPKI_PREFIX) or len(spki) != 44:
                 return None
             pkey: int | None = self._new_raw_public_key(_EVP_PKEY_ED25519, None, spki[12:], 32)
             return pkey
-        if algorithm != P256 or not spki.startswith(_P256_SPKI_PREFIX) or len(spki) != 91:
+        if algorithm != P256 or not spki.startswith(P256_SPKI_PREFIX) or len(spki) != 91:
             return None
         cursor = c_char_p(spki)
         pkey = self._d2i_pubkey(None, ctypes.byref(cursor), len(spki))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from otad.bundle import (
     key_id_of,
     load_public_key,
     openssl,
+    public_key_pem,
 )
 from otad.bundle import keys as keys_module
 from otad.bundle.signing import CryptographyBackend, sign
@@ -164,13 +166,28 @@ def test_bundle_keys_parse_to_cryptographys_bytes_ids_and_pem(algorithm: str) ->
     assert key.verify(sign(private, b"m"), b"m")
 
 
-def _compressed_p256_spki() -> bytes:
-    point = (
-        _PRIVATE["p256"]
-        .public_key()
-        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+_ED25519_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_SMALL_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+_P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+
+
+def _compressed_p256_spki(key: object = None, x: int | None = None) -> bytes:
+    public = (key or _PRIVATE["p256"]).public_key()  # type: ignore[attr-defined]
+    point = public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
     )
+    if x is not None:
+        point = b"\x02" + x.to_bytes(32, "big")
     return bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200") + point
+
+
+def _off_curve_x() -> int:
+    # an x with no y on P-256: x^3 - 3x + b is not a square (about half of all x)
+    b = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+    x = 1
+    while pow((x**3 - 3 * x + b) % _P256_P, (_P256_P - 1) // 2, _P256_P) == 1:
+        x += 1
+    return x
 
 
 def _pem(der: bytes, label: str = "PUBLIC KEY") -> bytes:
@@ -190,7 +207,21 @@ def _off_curve_p256() -> bytes:
 @pytest.mark.parametrize(
     ("pem", "message"),
     [
-        (lambda: _pem(_compressed_p256_spki()), "uncompressed point"),
+        (lambda: _pem(_compressed_p256_spki(x=_off_curve_x())), "not a valid point"),
+        (lambda: _pem(_ED25519_PREFIX + b"\x01" + bytes(31)), "small order"),
+        (lambda: _pem(_ED25519_PREFIX + b"\xc7\x17j" + _SMALL_8[3:]), "small order"),
+        (lambda: _pem(_ED25519_PREFIX + b"\xed" + b"\xff" * 30 + b"\x7f"), "not canonically"),
+        (
+            lambda: (
+                _pem(_SPKI["ed25519"])
+                + _PRIVATE["ed25519"].private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            ),
+            "a private key where only a public key belongs",
+        ),
         (
             lambda: (
                 ec.generate_private_key(ec.SECP384R1())
@@ -218,13 +249,26 @@ def _off_curve_p256() -> bytes:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
-            "a private key where a public key belongs",
+            "a private key where only a public key belongs",
         ),
         (lambda: _pem(_SPKI["ed25519"]) * 2, "expected one PUBLIC KEY PEM block, found 2"),
         (lambda: b"-----BEGIN PUBLIC KEY-----\nab=c\n-----END PUBLIC KEY-----\n", "not base64"),
         (lambda: b"", "found 0"),
     ],
-    ids=["compressed", "p384", "rsa", "off-curve", "private", "two-blocks", "base64", "empty"],
+    ids=[
+        "compressed-off-curve",
+        "ed25519-identity",
+        "ed25519-order-8",
+        "ed25519-non-canonical",
+        "public-and-private",
+        "p384",
+        "rsa",
+        "off-curve",
+        "private",
+        "two-blocks",
+        "base64",
+        "empty",
+    ],
 )
 def test_bundle_keys_unusable_public_keys_are_refused_by_name(
     tmp_path: Path, pem: object, message: str
@@ -234,6 +278,29 @@ def test_bundle_keys_unusable_public_keys_are_refused_by_name(
     with pytest.raises(KeyringError, match=message) as raised:
         load_public_key(path)
     assert str(path) in str(raised.value)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_bundle_keys_compressed_p256_keys_load_under_the_signers_key_id(seed: int) -> None:
+    del seed  # each example: a fresh key, so both parities of y come up
+    private = generate_private_key("p256")
+    key = PublicKey.from_pem(_pem(_compressed_p256_spki(private)))
+    assert key.spki == PublicKey.from_pem(public_key_pem(private)).spki
+    assert key.key_id == key_id_of(private)
+    assert key.verify(sign(private, b"m"), b"m")
+
+
+def test_bundle_keys_why_small_order_ed25519_keys_are_refused() -> None:
+    # OpenSSL (like cryptography) takes the identity point as a key, and then one signature
+    # verifies for every message: a keyring holding it would accept any bundle.
+    assert _LIBCRYPTO is not None
+    identity = _ED25519_PREFIX + b"\x01" + bytes(31)
+    universal = b"\x01" + bytes(63)
+    for message in (b"", b"any bundle", os.urandom(64)):
+        assert _LIBCRYPTO.verify("ed25519", identity, universal, message)
+    with pytest.raises(KeyringError, match="small order"):
+        PublicKey(identity)
 
 
 def test_bundle_keys_text_around_the_pem_block_is_ignored() -> None:
