@@ -48,6 +48,12 @@ async def test_simulator_wait_connected_counts_agents_on_the_broker(
         # Without a broker the agents lose their connections, and the wait ends at its bound.
         await asyncio.to_thread(broker.stop)
         loop = asyncio.get_running_loop()
+        # each agent notices on its next read of the closed connection: not necessarily before
+        # the broker process is gone, so wait for that (a wait that finds all connected returns)
+        noticed_by = loop.time() + 10.0
+        while any(d.connected for d in fleet.devices):
+            assert loop.time() < noticed_by, "agents still connected 10 s after the broker stopped"
+            await asyncio.sleep(0.05)
         started = loop.time()
         assert await fleet.wait_connected(2.0) < len(IDS)
         assert 2.0 <= loop.time() - started < 10.0
