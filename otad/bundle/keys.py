@@ -119,7 +119,7 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is valid for ``message`` under this key."""
-        return _backend().verify(self.algorithm, self.spki, bytes(signature), bytes(message))
+        return _backend().verify(self.algorithm, self.spki, signature, message)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and other.spki == self.spki

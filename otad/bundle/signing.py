@@ -82,25 +82,36 @@ class CryptographyBackend:
     """Signature checks with cryptography, where :func:`otad.bundle.openssl.default` is None."""
 
     def accepts(self, algorithm: str, spki: bytes) -> bool:
-        try:
-            key = serialization.load_der_public_key(spki)
-        except (ValueError, UnsupportedAlgorithm):
-            return False
-        if algorithm == ED25519:
-            return isinstance(key, ed25519.Ed25519PublicKey)
-        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+        return _load(algorithm, spki) is not None
 
     def verify(self, algorithm: str, spki: bytes, signature: bytes, message: bytes) -> bool:
-        if not self.accepts(algorithm, spki):
-            return False
-        key = serialization.load_der_public_key(spki)
+        key = _load(algorithm, spki)
         try:
             if isinstance(key, ed25519.Ed25519PublicKey):
                 key.verify(signature, message)
             elif isinstance(key, ec.EllipticCurvePublicKey):
                 key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-            else:  # pragma: no cover - accepts() admits only the two types
+            else:
                 return False
         except InvalidSignature:
             return False
         return True
+
+
+def _load(
+    algorithm: str, spki: bytes
+) -> ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | None:
+    """The key ``spki`` holds if it is one of ``algorithm`` (P-256 for p256), else None."""
+    try:
+        key = serialization.load_der_public_key(spki)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if algorithm == ED25519 and isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if (
+        algorithm == P256
+        and isinstance(key, ec.EllipticCurvePublicKey)
+        and isinstance(key.curve, ec.SECP256R1)
+    ):
+        return key
+    return None
