@@ -42,7 +42,7 @@ from otad.agent.update import (
 )
 from otad.agent.wiring import command_rebooter, make_bootloader, make_layout
 from otad.bundle import Keyring
-from otad.errors import OtadError, RebootFailed
+from otad.errors import KeyringError, OtadError, RebootFailed
 
 __layer__ = "root"
 
@@ -106,7 +106,7 @@ class Agent:
         try:
             layout = make_layout(config)
             self.booted = booted_slot(layout, override=self._booted_override)
-            keyring = await asyncio.to_thread(Keyring.load, config.keyring)
+            keyring = await self._load_keyring()
             self.session = ShadowSession(config, self._on_document, tls=self._broker_tls)
             runner = UpdateRunner(
                 config,
@@ -148,6 +148,20 @@ class Agent:
                 finally:
                     journal.release()
             log.info("agent_stopped", device=config.device_id)
+
+    async def _load_keyring(self) -> Keyring | KeyringError:
+        """The trusted keys, or why they could not be loaded.
+
+        An agent without a usable keyring still runs: it recovers and finishes what was in
+        flight (a freshly booted slot fails its health check and rolls back), reports, and
+        fails every job with ``keyring_invalid``. Exiting instead would leave a device that
+        says nothing and, on a new slot, never decides between commit and rollback.
+        """
+        try:
+            return await asyncio.to_thread(Keyring.load, self.config.keyring)
+        except KeyringError as exc:
+            log.error("keyring_invalid", path=str(self.config.keyring), reason=exc.message)
+            return exc
 
     async def _interrupt_job(self) -> None:
         """Cancel the running job because the agent stops (it resumes on the next start)."""

@@ -63,6 +63,7 @@ from otad.errors import (
     DesiredStateInvalid,
     HealthCheckFailed,
     JobCancelled,
+    KeyringError,
     OtadError,
     RebootFailed,
     SlotVerifyFailed,
@@ -238,7 +239,12 @@ class _Resume:
 
 
 class UpdateRunner:
-    """Runs jobs and the post-reboot steps for one device (one instance per Agent)."""
+    """Runs jobs and the post-reboot steps for one device (one instance per Agent).
+
+    ``keyring`` is the trusted keys, or the error that kept them from loading: the runner still
+    recovers and reports, but starts no job, and fails the health check of a freshly booted
+    slot (an image that cannot verify the next update must not be committed).
+    """
 
     def __init__(
         self,
@@ -252,7 +258,7 @@ class UpdateRunner:
         reporter: Reporter,
         rebooter: Rebooter,
         health: HealthCheck,
-        keyring: Keyring,
+        keyring: Keyring | KeyringError,
         notifier: Notifier | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -451,8 +457,18 @@ class UpdateRunner:
         """A fresh URL for the running job (after download_url_expired)."""
         self._fresh_url.put_nowait(desired)
 
+    def trusted_keys(self) -> Keyring:
+        """The keyring bundles are verified against; KeyringError if it could not be loaded."""
+        if isinstance(self.keyring, KeyringError):
+            raise self.keyring
+        return self.keyring
+
     async def run_job(self, desired: DesiredSoftware) -> None:
-        """Install ``desired``; returns after a failure, raises RebootPending after the switch."""
+        """Install ``desired``; returns after a failure, raises RebootPending after the switch.
+
+        Raises an OtadError before anything is journaled or marked when the job cannot start
+        (no usable keyring, the journal refuses it)."""
+        self.trusted_keys()
         log.info("job_started", job_id=desired.job_id, version=desired.version)
         record = await asyncio.to_thread(
             self.journal.begin,
@@ -566,7 +582,7 @@ class UpdateRunner:
             # the slot after fsync against the signed manifest.image_sha256 before anything can
             # boot it; hashing the decompressor's output too costs ~0.8 CPU-s/GiB for nothing
             return StreamVerifier(
-                self.keyring,
+                self.trusted_keys(),
                 self._policy(capacity),
                 hash_image=False,
                 resume_from=resume_from,
@@ -887,11 +903,17 @@ class UpdateRunner:
 
     async def _verify(self, record: JobRecord) -> None:
         self.report_state("verifying", job_id=record.job_id, progress=100)
-        try:
-            result = await self.health()
-        except Exception as exc:  # a crashing check is a failed check, never a pass
-            log.exception("health_check_crashed", job_id=record.job_id)
-            result = HealthResult(False, f"the health check itself failed: {exc}")
+        if isinstance(self.keyring, KeyringError):
+            # committing an image that cannot verify bundles would leave no way to update it
+            result = HealthResult(
+                False, f"this image cannot verify updates: {self.keyring.message}"
+            )
+        else:
+            try:
+                result = await self.health()
+            except Exception as exc:  # a crashing check is a failed check, never a pass
+                log.exception("health_check_crashed", job_id=record.job_id)
+                result = HealthResult(False, f"the health check itself failed: {exc}")
         self.beat()
         if result.ok:
             await self._commit(record)

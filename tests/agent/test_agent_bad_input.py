@@ -7,12 +7,13 @@ slot is byte-for-byte untouched, no reboot is asked for, and the job is never re
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.agent_env import wait_reported
+from plugins.agent_env import offer_bundle, wait_reported, weak_keyring
 from plugins.cloud_env import make_image
 
 from otad.agent.update import DeviceState
@@ -181,3 +182,50 @@ async def test_agent_desired_version_differing_from_bundle_fails_before_writing(
     assert sw["error"]["code"] == "desired_invalid"
     await assert_untouched(dev)
     assert dev.slot_bytes("B") == dev.factory["B"]  # refused before the first byte
+
+
+async def test_agent_without_a_usable_keyring_fails_each_job_and_changes_nothing(
+    cloud: Any, cloud_dir: Any, make_device: Any, blob_server: Any, tmp_path: Path
+) -> None:
+    keyring, weak = weak_keyring(tmp_path)
+    dev = make_device("dev1", config={"keyring": str(keyring)})
+    await dev.start()  # runs and reports instead of exiting
+    await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle")
+    boot_before = dev.sim.state()
+    url = blob_server.add("bundle", bundle_bytes(cloud_dir, tmp_path, "expired"))
+    for job in ("k1", "k2"):  # each new job is answered, none is retried
+        await cloud.set_desired("dev1", {"software": {"version": "2.0", "url": url, "jobId": job}})
+        sw = await wait_reported(cloud, "dev1", lambda s, j=job: s.get("jobId") == j)
+        assert sw["state"] == "failed" and sw["error"]["code"] == "keyring_invalid", sw
+        assert str(weak) in sw["error"]["message"] and "small order" in sw["error"]["message"]
+    assert blob_server.requests == 0  # not a byte fetched
+    assert dev.sim.state() == boot_before  # the target was not even marked bad
+    assert dev.slot_bytes("A") == dev.factory["A"] and dev.slot_bytes("B") == dev.factory["B"]
+    assert dev.reboot_requests == 0 and not (dev.state_dir / "journal.json").exists()
+    assert dev.agent is not None and dev.agent.jobs_started == 2
+
+
+async def test_agent_rolls_back_an_image_that_cannot_verify_updates(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    # The new image boots and is healthy otherwise, but its keyring is unusable: committing it
+    # would leave a device no update can reach. Its health check fails and the old slot returns.
+    dev = make_device("dev1")
+    await dev.start()
+    await offer_bundle(cloud, cloud_dir, tmp_path)
+    await dev.wait_reboot_requested()
+    good_config = dev.config
+    keyring, weak = weak_keyring(tmp_path)
+    dev.config = dataclasses.replace(good_config, keyring=keyring)  # the new image's keyring
+
+    assert await dev.reboot() == "B"
+    await dev.wait_reboot_requested()  # the rollback reboot
+    assert dev.sim.state().slot("B").bad
+    dev.config = good_config  # the old image, with its keyring
+    assert await dev.reboot() == "A"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "rolled_back")
+    assert sw["version"] == "1.0" and sw["slot"] == "A" and sw["jobId"] == "j1"
+    assert sw["error"]["code"] == "health_check_failed", sw
+    assert "cannot verify updates" in sw["error"]["message"]
+    assert str(weak) in sw["error"]["message"]
+    assert dev.slot_bytes("A") == dev.factory["A"] and dev.sim.state().next_boot() == "A"

@@ -28,6 +28,7 @@ Helpers
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import random
@@ -45,6 +46,7 @@ from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, load
 from otad.agent.daemon import Agent
 from otad.agent.update import DeviceState
+from otad.bundle.openssl import ED25519_SPKI_PREFIX
 from otad.errors import BrokerError, ShadowNotFound
 
 SLOT_SIZE = 4 * 1024 * 1024
@@ -313,6 +315,17 @@ async def stop_agent_process(process: asyncio.subprocess.Process, within: float 
         process.kill()  # never leave a process behind, but a hung stop is a failure
         await process.wait()
         raise AssertionError(f"the agent did not stop within {within:.0f} s of SIGTERM") from None
+
+
+def weak_keyring(root: Path) -> tuple[Path, Path]:
+    """A keyring trusting the Ed25519 identity point (any signature would verify under it):
+    refused when loaded. Returns (keyring dir, the offending file)."""
+    keyring = root / "weak-keyring"
+    keyring.mkdir()
+    body = base64.b64encode(ED25519_SPKI_PREFIX + b"\x01" + bytes(31)).decode()
+    weak = keyring / "0000000000000000.pem"
+    weak.write_text(f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n")
+    return keyring, weak
 
 
 async def wait_for_path(path: Path, within: float = 10.0) -> bool:
