@@ -119,6 +119,7 @@ class Agent:
                 rebooter=self.rebooter,
                 health=self._health or self._configured_health,
                 keyring=keyring,
+                keyring_path=config.keyring,
                 notifier=self.notifier,
             )
             self.runner = runner
@@ -154,8 +155,9 @@ class Agent:
 
         An agent without a usable keyring still runs: it recovers and finishes what was in
         flight (a freshly booted slot fails its health check and rolls back), reports, and
-        fails every job with ``keyring_invalid``. Exiting instead would leave a device that
-        says nothing and, on a new slot, never decides between commit and rollback.
+        fails every job with ``keyring_invalid`` until a job finds the keyring fixed. Exiting
+        instead would leave a device that says nothing and, on a new slot, never decides
+        between commit and rollback.
         """
         try:
             return await asyncio.to_thread(Keyring.load, self.config.keyring)

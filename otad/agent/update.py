@@ -243,7 +243,9 @@ class UpdateRunner:
 
     ``keyring`` is the trusted keys, or the error that kept them from loading: the runner still
     recovers and reports, but starts no job, and fails the health check of a freshly booted
-    slot (an image that cannot verify the next update must not be committed).
+    slot (an image that cannot verify the next update must not be committed). With
+    ``keyring_path`` every new job loads the keyring again, so a fixed or rotated keyring
+    takes effect without a restart.
     """
 
     def __init__(
@@ -259,6 +261,7 @@ class UpdateRunner:
         rebooter: Rebooter,
         health: HealthCheck,
         keyring: Keyring | KeyringError,
+        keyring_path: Path | None = None,
         notifier: Notifier | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -273,6 +276,7 @@ class UpdateRunner:
         self.rebooter = rebooter
         self.health = health
         self.keyring = keyring
+        self.keyring_path = keyring_path
         self.notifier = notifier or Notifier("")
         self.now = now
         self.crash = CrashPoints(config.testing.crash_points, config.testing.exit_code)
@@ -468,6 +472,11 @@ class UpdateRunner:
 
         Raises an OtadError before anything is journaled or marked when the job cannot start
         (no usable keyring, the journal refuses it)."""
+        if self.keyring_path is not None:
+            try:
+                self.keyring = await asyncio.to_thread(Keyring.load, self.keyring_path)
+            except KeyringError as exc:
+                self.keyring = exc
         self.trusted_keys()
         log.info("job_started", job_id=desired.job_id, version=desired.version)
         record = await asyncio.to_thread(

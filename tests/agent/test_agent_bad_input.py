@@ -204,6 +204,14 @@ async def test_agent_without_a_usable_keyring_fails_each_job_and_changes_nothing
     assert dev.reboot_requests == 0 and not (dev.state_dir / "journal.json").exists()
     assert dev.agent is not None and dev.agent.jobs_started == 2
 
+    # The keyring is fixed: the next job loads it again and installs, no restart needed.
+    weak.unlink()
+    for pem in cloud_dir.keyring_dir.glob("*.pem"):
+        (keyring / pem.name).write_bytes(pem.read_bytes())
+    await offer_bundle(cloud, cloud_dir, tmp_path, job="k3")
+    await dev.wait_reboot_requested()
+    assert dev.sim.state().next_boot() == "B"
+
 
 async def test_agent_rolls_back_an_image_that_cannot_verify_updates(
     cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
