@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 from collections.abc import AsyncIterator
@@ -230,6 +231,62 @@ async def test_mqtt_a_broker_that_never_answers_costs_no_descriptor_per_attempt(
         server.close()
         for writer in accepted:
             writer.close()
+        await server.wait_closed()
+
+
+async def test_mqtt_a_stop_during_the_connect_leaves_no_connection_behind(
+    cloud_dir: Any, broker: Any
+) -> None:
+    # paho connects in an executor thread. A session cancelled while that thread is still in
+    # the TLS handshake (the agent stops during a reconnect) got its socket opened and
+    # registered afterwards, by the thread: before the fix each such stop left a connection,
+    # its 1 Hz task and an unretrieved "Unexpected disconnection" error behind.
+    accepted = asyncio.Event()
+    pipes: list[asyncio.Task[None]] = []
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def slow_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await asyncio.sleep(0.5)  # the client's connect thread waits in the TLS handshake
+        up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
+        pipes.extend(
+            [
+                asyncio.create_task(pipe(reader, up_writer)),
+                asyncio.create_task(pipe(up_reader, writer)),
+            ]
+        )
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    server = await asyncio.start_server(slow_proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = device_config(cloud_dir, SimpleNamespace(host="127.0.0.1", port=port))
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(3):
+            accepted.clear()
+            task = asyncio.create_task(ShadowSession(config, [].append).run())
+            await asyncio.wait_for(accepted.wait(), 10)
+            await asyncio.sleep(0.1)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # once each connect thread is done the connection is closed, and the proxy's ends
+        await eventually(lambda: len(pipes) == 6 and all(p.done() for p in pipes))
+        await eventually(lambda: len(os.listdir("/proc/self/fd")) == before)
+        assert not [t for t in asyncio.all_tasks() if "_misc_loop" in repr(t.get_coro())]
+        gc.collect()  # an unretrieved future error is reported when the future is collected
+        await asyncio.sleep(0)
+        assert not errors, errors
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
         await server.wait_closed()
 
 
