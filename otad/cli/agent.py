@@ -131,6 +131,7 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
     from otad.agent.slots import booted_slot
     from otad.agent.update import DeviceState
     from otad.agent.wiring import make_bootloader, make_layout
+    from otad.bundle import Keyring
 
     booted = booted_slot(make_layout(config), override=config.slots.booted)
     device = DeviceState.load(config.state_dir)
@@ -149,6 +150,16 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
         }
     except OtadError as exc:
         out["bootloader"] = {"type": config.bootloader.type, "error": exc.to_wire()}
+    try:
+        keyring = Keyring.load(config.keyring)
+    except OtadError as exc:
+        out["keyring"] = {"path": str(config.keyring), "error": exc.to_wire()}
+    else:
+        out["keyring"] = {
+            "path": str(config.keyring),
+            "keyIds": keyring.key_ids,
+            "revoked": sorted(keyring.revoked),
+        }
     try:
         record = Journal(config.state_dir, boot_id="").load()
     except OtadError as exc:
@@ -187,6 +198,12 @@ def _status(args: argparse.Namespace) -> int:
         for name, slot in boot["slots"].items():
             flags = ", ".join(f for f, on in (("good", slot["good"]), ("bad", slot["bad"])) if on)
             print(f"  slot {name}: tries left {slot['triesLeft']}{', ' + flags if flags else ''}")
+    keyring = status["keyring"]
+    if "error" in keyring:
+        print(f"keyring:     {keyring['error']['code']}: {keyring['error']['message']}")
+    else:
+        revoked = f", revoked {' '.join(keyring['revoked'])}" if keyring["revoked"] else ""
+        print(f"keyring:     trusts {' '.join(keyring['keyIds'])}{revoked}")
     job = status["job"]
     if job is None:
         print("job:         none")

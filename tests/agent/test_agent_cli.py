@@ -32,8 +32,23 @@ async def test_cli_status_json(make_device: Any, capsys: pytest.CaptureFixture[s
     status = json.loads(out)
     assert code == 0 and status["booted"] == "A" and status["version"] == "1.0"
     assert status["bootloader"]["next"] == "A" and status["job"] is None
+    pems = await asyncio.to_thread(lambda: list(Path(dev.document["keyring"]).glob("*.pem")))
+    key_ids = sorted(p.stem for p in pems)
+    assert status["keyring"]["keyIds"] == key_ids and status["keyring"]["revoked"] == []
     code, out, _ = await run(capsys, "agent", "status", "--config", str(dev.config_path))
-    assert code == 0 and "booted slot: A" in out
+    assert code == 0 and "booted slot: A" in out and f"trusts {' '.join(key_ids)}" in out
+
+
+async def test_cli_status_names_an_unusable_keyring(
+    make_device: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keyring, weak = weak_keyring(tmp_path)
+    dev = make_device("dev1", config={"slots": {"booted": "A"}, "keyring": str(keyring)})
+    code, out, _ = await run(capsys, "agent", "status", "--json", "--config", str(dev.config_path))
+    error = json.loads(out)["keyring"]["error"]
+    assert code == 0 and error["code"] == "keyring_invalid" and str(weak) in error["message"]
+    code, out, _ = await run(capsys, "agent", "status", "--config", str(dev.config_path))
+    assert code == 0 and "keyring:     keyring_invalid: " in out and "small order" in out
 
 
 async def test_cli_mark_bad_and_good(make_device: Any, capsys: pytest.CaptureFixture[str]) -> None:
