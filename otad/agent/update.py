@@ -464,19 +464,25 @@ class UpdateRunner:
     def trusted_keys(self) -> Keyring:
         """The keyring bundles are verified against; KeyringError if it could not be loaded."""
         if isinstance(self.keyring, KeyringError):
-            raise self.keyring
+            # a fresh error: raising the stored one would chain every raise's frames onto it
+            raise KeyringError(self.keyring.message)
         return self.keyring
+
+    async def _reload_keyring(self) -> None:
+        """Load the keyring again (with ``keyring_path``): a fixed or rotated one counts now."""
+        if self.keyring_path is None:
+            return
+        try:
+            self.keyring = await asyncio.to_thread(Keyring.load, self.keyring_path)
+        except KeyringError as exc:
+            self.keyring = exc
 
     async def run_job(self, desired: DesiredSoftware) -> None:
         """Install ``desired``; returns after a failure, raises RebootPending after the switch.
 
         Raises an OtadError before anything is journaled or marked when the job cannot start
         (no usable keyring, the journal refuses it)."""
-        if self.keyring_path is not None:
-            try:
-                self.keyring = await asyncio.to_thread(Keyring.load, self.keyring_path)
-            except KeyringError as exc:
-                self.keyring = exc
+        await self._reload_keyring()
         self.trusted_keys()
         log.info("job_started", job_id=desired.job_id, version=desired.version)
         record = await asyncio.to_thread(
@@ -502,6 +508,7 @@ class UpdateRunner:
         self.cancellable = True
         writer: SlotWriter | None = None
         try:
+            self.trusted_keys()  # a download resumed at start: fail it before touching the slot
             await self._bl("mark_bad", self.target)
             self.report_state("downloading", job_id=record.job_id, progress=0)
             manifest, writer = await self._stream(record, desired)
@@ -579,6 +586,42 @@ class UpdateRunner:
             self._checkpoint = (resume.payload, resume.image)
             self._saved_preamble = (resume.preamble, resume.preamble_sha256)
         first = await asyncio.to_thread(self._open_writer, resume.image if resume else 0)
+        try:
+            pipe, transfer = self._make_pipe(desired, first, resume)
+        except BaseException:
+            # nothing owns the open slot yet (on a block device an O_EXCL open: left open, it
+            # would refuse every later job)
+            await asyncio.to_thread(first.close)
+            raise
+        try:
+            if resume is not None and isinstance(transfer, Transfer):
+                # the kept preamble is verified again (keys, policy, expiry as of now), then the
+                # payload continues at the checkpoint, with If-Range on the entity it came from
+                await pipe.put(resume.preamble)
+                transfer.offset = len(resume.preamble) + resume.payload
+                transfer.etag = resume.etag
+                log.info(
+                    "download_resumed_after_restart",
+                    job_id=record.job_id,
+                    offset=transfer.offset,
+                    image_offset=resume.image,
+                )
+            manifest = await self._pump(record, desired, transfer, pipe)
+        except BaseException:
+            await pipe.abort()
+            raise
+        writer = pipe.writer
+        if writer is None:  # an empty image: nothing was written, still verify the slot
+            writer = await asyncio.to_thread(self._open_writer)
+        return manifest, writer
+
+    def _make_pipe(
+        self,
+        desired: DesiredSoftware,
+        first: SlotWriter,
+        resume: _Resume | None,
+    ) -> tuple[DiskPipe, Transfer | FileTransfer]:
+        """The transfer for ``desired`` and the disk pipe that writes it through ``first``."""
         capacity = first.capacity
         transfer: Transfer | FileTransfer
         if desired.url.startswith("file://"):
@@ -607,27 +650,7 @@ class UpdateRunner:
             verifier=make_verifier((resume.payload, resume.image)) if resume else None,
             written=resume.image if resume else 0,
         )
-        if resume is not None and isinstance(transfer, Transfer):
-            # the kept preamble is verified again (keys, policy, expiry as of now), then the
-            # payload continues at the checkpoint, with If-Range on the entity it came from
-            await pipe.put(resume.preamble)
-            transfer.offset = len(resume.preamble) + resume.payload
-            transfer.etag = resume.etag
-            log.info(
-                "download_resumed_after_restart",
-                job_id=record.job_id,
-                offset=transfer.offset,
-                image_offset=resume.image,
-            )
-        try:
-            manifest = await self._pump(record, desired, transfer, pipe)
-        except BaseException:
-            await pipe.abort()
-            raise
-        writer = pipe.writer
-        if writer is None:  # an empty image: nothing was written, still verify the slot
-            writer = await asyncio.to_thread(self._open_writer)
-        return manifest, writer
+        return pipe, transfer
 
     async def _pump(
         self,
@@ -912,6 +935,7 @@ class UpdateRunner:
 
     async def _verify(self, record: JobRecord) -> None:
         self.report_state("verifying", job_id=record.job_id, progress=100)
+        await self._reload_keyring()  # a read error at start must not cost the update
         if isinstance(self.keyring, KeyringError):
             # committing an image that cannot verify bundles would leave no way to update it
             result = HealthResult(

@@ -4,11 +4,13 @@ job ends; a slot switch that fails ends the job as failed on the old slot."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
-from plugins.agent_env import offer_bundle, store_proxy, wait_reported
+from plugins.agent_env import offer_bundle, store_proxy, wait_reported, weak_keyring
 from structlog.testing import capture_logs
 
 from otad.agent.bootloader.sim import SimBootloader
@@ -104,3 +106,51 @@ async def test_agent_switch_error_fails_the_job_and_keeps_the_old_slot(
     assert await dev.reboot() == "A"
     assert dev.agent.runner is not None and dev.agent.runner.record is not None
     assert dev.agent.runner.record.state == State.FAILED
+
+
+async def test_agent_download_resumed_with_an_unusable_keyring_fails_and_releases_the_slot(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    # Stopped mid-download, started again with a keyring that no longer loads: the resumed
+    # job fails with keyring_invalid and leaves the target closed (on a block device a slot
+    # left open, O_EXCL, would refuse every later job) and not bootable.
+    proxy = await store_proxy(cloud).start()
+    dev = make_device("dev1")
+    good_config = dev.config
+    keyring, weak = weak_keyring(tmp_path)
+    try:
+        await dev.start()
+        _, entry = await offer_bundle(cloud, cloud_dir, tmp_path, proxy=proxy, publish=False)
+        proxy.rate = (tmp_path / "j1.otb").stat().st_size / 10
+        await cloud.set_desired("dev1", {"software": entry})
+        await wait_reported(cloud, "dev1", lambda s: s["state"] == "downloading")
+        await dev.stop()
+        proxy.rate = None
+        dev.config = dataclasses.replace(good_config, keyring=keyring)
+        await dev.start()
+        sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    finally:
+        await proxy.close()
+    assert sw["jobId"] == "j1" and sw["error"]["code"] == "keyring_invalid", sw
+    assert str(weak) in sw["error"]["message"]
+    slot_b = str(dev.slot_paths["B"])
+    fds = await asyncio.to_thread(os.listdir, "/proc/self/fd")
+    assert not [fd for fd in fds if _link(f"/proc/self/fd/{fd}") == slot_b]
+    boot = dev.sim.state()
+    assert not boot.slot("B").bootable and boot.next_boot() == "A"
+    assert dev.slot_bytes("A") == dev.factory["A"] and dev.reboot_requests == 0
+
+    # the keyring fixed: the next job installs, no restart needed
+    weak.unlink()
+    for pem in cloud_dir.keyring_dir.glob("*.pem"):
+        (keyring / pem.name).write_bytes(pem.read_bytes())
+    image, _ = await offer_bundle(cloud, cloud_dir, tmp_path, job="j2", seed=7)
+    await dev.wait_reboot_requested()
+    assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
