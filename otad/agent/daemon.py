@@ -192,7 +192,9 @@ class Agent:
         return True
 
     async def _configured_health(self) -> HealthResult:
-        checker = HealthChecker.from_config(self.config.health, broker=self._broker_reachable)
+        checker = HealthChecker.from_config(
+            self.config.health, broker=self._broker_reachable, keyring=self.config.keyring
+        )
         report = await checker.run()
         return HealthResult(report.ok, report.reason)
 

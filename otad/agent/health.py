@@ -19,6 +19,9 @@ Checks, all bounded in time, run concurrently (scripts one after the other, in n
 ``script:<name>``
     every executable in the health.d directory, run with a timeout (its process group is
     killed when it expires); exit status 0 passes. Non-executable files are reported as skipped.
+``keyring``
+    the agent's keyring must load (a new image that cannot verify bundles would never be
+    updated again); passes naming the trusted key ids. Only when a keyring path is given.
 ``broker``
     the agent passes an async callable ``reachable(within_seconds) -> bool``; policy
     ``required`` fails the check when it returns False or raises, ``ignore`` reports it skipped.
@@ -41,6 +44,9 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+
+from otad.bundle import Keyring
+from otad.errors import KeyringError
 
 __layer__ = "adapter"
 
@@ -131,6 +137,7 @@ class HealthChecker:
     broker: BrokerProbe | None = None
     broker_policy: str = "required"  # required | ignore
     broker_timeout: float = 60.0
+    keyring: Path | None = None
     systemctl: str = "systemctl"
     systemd_marker: Path = SYSTEMD_MARKER
     env: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +171,7 @@ class HealthChecker:
             self._units(deadline),
             self._scripts(deadline),
             self._broker(deadline),
+            self._keyring(),
         ]
         results = await asyncio.gather(*groups)
         report = HealthReport(tuple(c for group in results for c in group))
@@ -289,6 +297,17 @@ class HealthChecker:
         if reachable:
             return [CheckResult("broker", Outcome.PASSED, "reachable", took)]
         return [CheckResult("broker", Outcome.FAILED, why, took)]
+
+    async def _keyring(self) -> list[CheckResult]:
+        if self.keyring is None:
+            return []
+        start = time.monotonic()
+        try:
+            keyring = await asyncio.to_thread(Keyring.load, self.keyring)
+        except KeyringError as exc:
+            return [CheckResult("keyring", Outcome.FAILED, exc.message, time.monotonic() - start)]
+        trusted = f"trusts {' '.join(keyring.key_ids)}"
+        return [CheckResult("keyring", Outcome.PASSED, trusted, time.monotonic() - start)]
 
 
 def _left(deadline: float) -> float:

@@ -264,7 +264,7 @@ async def run_health(config: AgentConfig) -> HealthResult:
     async def broker(within: float) -> bool:
         return await broker_reachable(config, within)
 
-    checker = HealthChecker.from_config(config.health, broker=broker)
+    checker = HealthChecker.from_config(config.health, broker=broker, keyring=config.keyring)
     report = await checker.run()
     for check in report.checks:
         print(f"{check.outcome.value:8} {check.name} {check.detail}".rstrip())

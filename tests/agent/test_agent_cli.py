@@ -117,12 +117,22 @@ async def test_cli_health_check_exit_codes(
     dev = make_device("dev1", config={"slots": {"booted": "A"}})
     cfg = str(dev.config_path)
     code, out, _ = await run(capsys, "agent", "health-check", "--config", cfg)
-    assert code == 0 and "healthy" in out and "broker" in out
+    assert code == 0 and "healthy" in out and "broker" in out and "passed   keyring trusts" in out
     script = dev.health_d / "50-fail"
     script.write_text("#!/bin/sh\nexit 1\n")
     script.chmod(0o755)
     code, _, err = await run(capsys, "agent", "health-check", "--config", cfg)
     assert code == 1 and "unhealthy" in err and "50-fail" in err
+
+
+async def test_cli_health_check_fails_when_the_keyring_does_not_load(
+    make_device: Any, broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # what otad-health.service runs: it must agree with the agent, which rolls such an image back
+    keyring, weak = weak_keyring(tmp_path)
+    dev = make_device("dev1", config={"slots": {"booted": "A"}, "keyring": str(keyring)})
+    code, out, err = await run(capsys, "agent", "health-check", "--config", str(dev.config_path))
+    assert code == 1 and "unhealthy: keyring: " in err and str(weak) in err, (out, err)
 
 
 async def test_cli_bad_config_names_the_key(
@@ -149,6 +159,7 @@ async def test_cli_agent_run_names_an_unusable_keyring_and_keeps_running(
                 break
             await asyncio.sleep(0.1)
         assert process.returncode is None, log.read_text()  # running, not exited
+        assert any(e.get("event") == "agent_ready" for e in events), log.read_text()
         invalid = [e for e in events if e.get("event") == "keyring_invalid"]
         assert invalid and invalid[0]["level"] == "error", log.read_text()
         assert str(weak) in invalid[0]["reason"] and "small order" in invalid[0]["reason"]

@@ -270,3 +270,23 @@ def test_health_report_serialises() -> None:
         "reason": "x: why",
         "checks": [{"name": "x", "outcome": "failed", "detail": "why", "seconds": 0.123}],
     }
+
+
+async def test_health_keyring_must_load(fake_systemd: Path, tmp_path: Path) -> None:
+    from otad.bundle import generate_private_key, key_id_of, public_key_pem
+
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    missing = await checker(fake_systemd, keyring=keyring / "missing").run()
+    assert not missing.ok and "keyring: " in missing.reason and "missing" in missing.reason
+    key = generate_private_key()
+    key_id = key_id_of(key)
+    (keyring / f"{key_id}.pem").write_bytes(public_key_pem(key))
+    report = await checker(fake_systemd, keyring=keyring).run()
+    assert report.ok
+    assert [c.detail for c in report.checks if c.name == "keyring"] == [f"trusts {key_id}"]
+    (keyring / "revoked").write_text("not-a-key-id\n")
+    report = await checker(fake_systemd, keyring=keyring).run()
+    assert not report.ok and "keyring: " in report.reason and "revoked" in report.reason
+    # no keyring given (a checker of scripts only): no keyring check at all
+    assert not [c for c in (await checker(fake_systemd).run()).checks if c.name == "keyring"]
