@@ -29,25 +29,34 @@ __layer__ = "adapter"
 
 
 class _ConnectGuard:
-    """Tracks a client's connect thread so that an abandoned client is closed exactly once,
-    after that thread (and the loop callbacks it queued) are done with the socket."""
+    """Tracks one connect attempt's thread so that an abandoned client is closed exactly once,
+    after that thread (and the loop callbacks it queued) are done with the socket.
+
+    The thread is in one of three states: not started (abandoning it means it never connects),
+    running (it closes the client itself when it ends), done (the loop closes the client, after
+    the callbacks the thread queued)."""
+
+    _NOT_STARTED, _RUNNING, _DONE = range(3)
 
     def __init__(self, client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
         self._loop = loop
         self._lock = threading.Lock()
-        self._connecting = False
+        self._state = self._NOT_STARTED
         self._abandoned = False
 
     def wrap(self, connect: Callable[[], None]) -> Callable[[], None]:
         def guarded() -> None:
             with self._lock:
-                self._connecting = True
+                if self._abandoned:
+                    self._state = self._DONE
+                    return  # given up before the thread got to it: never connect
+                self._state = self._RUNNING
             try:
                 connect()
             finally:
                 with self._lock:
-                    self._connecting = False
+                    self._state = self._DONE
                     abandoned = self._abandoned
                 if abandoned:
                     with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left
@@ -58,35 +67,37 @@ class _ConnectGuard:
     def abandon(self) -> None:
         with self._lock:
             self._abandoned = True
-            connecting = self._connecting
-        if not connecting:
-            # call_soon: after the registrations a finished connect thread queued
+            state = self._state
+        if state == self._DONE:
+            # call_soon: after the registrations the finished connect thread queued
             self._loop.call_soon(_close, self._client)
 
 
 async def enter(client: aiomqtt.Client) -> aiomqtt.Client:
     """``await client.__aenter__()``; on any failure, close the half-open connection."""
     guard = _ConnectGuard(client, asyncio.get_running_loop())
-    connect = getattr(client, "_client_connect", None)  # aiomqtt 2.x; < 3 is pinned
+    connect = getattr(type(client), "_client_connect", None)  # aiomqtt 2.x; < 3 is pinned
     if callable(connect):
-        client._client_connect = guard.wrap(connect)  # type: ignore[method-assign]
-    client._otad_guard = guard  # type: ignore[attr-defined]
+        # this attempt's guard only: the executor keeps its reference to the wrapper, and
+        # a later `enter` of the same client starts from aiomqtt's own method again
+        client._client_connect = guard.wrap(connect.__get__(client))  # type: ignore[method-assign]
     try:
         return await client.__aenter__()
     except BaseException:
-        _abandon(client)
+        _abandon(client, guard if callable(connect) else None)
         raise
+    finally:
+        client.__dict__.pop("_client_connect", None)
 
 
-def _abandon(client: aiomqtt.Client) -> None:
+def _abandon(client: aiomqtt.Client, guard: _ConnectGuard | None) -> None:
     """Close the connection under ``client`` (at once, or when its connect thread ends)."""
     for name in ("_connected", "_disconnected"):
         future = getattr(client, name, None)
         if isinstance(future, asyncio.Future):
             # nobody waits on an abandoned client: its errors, now or later, were seen
             future.add_done_callback(_retrieve)
-    guard = getattr(client, "_otad_guard", None)
-    if isinstance(guard, _ConnectGuard):
+    if guard is not None:
         guard.abandon()
     else:
         _close(client)

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -286,6 +287,47 @@ async def test_mqtt_a_stop_during_the_connect_leaves_no_connection_behind(
         assert not errors, errors
     finally:
         loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_mqtt_a_client_entered_again_after_a_failed_connect_connects(
+    cloud_dir: Any, broker: Any
+) -> None:
+    # aiomqtt clients are reusable: the guard of a failed attempt must not close the socket
+    # of the next one
+    from otad.agent.mqtt import broker_tls_context
+    from otad.mqtt_connect import Connected
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there yet: connection refused
+    config = device_config(cloud_dir, SimpleNamespace(host="127.0.0.1", port=port))
+    client = aiomqtt.Client(
+        "127.0.0.1", port, identifier="dev1", tls_context=broker_tls_context(config), timeout=5
+    )
+    with pytest.raises(aiomqtt.MqttError):
+        async with Connected(client):
+            pass
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(forward, "127.0.0.1", port)
+    try:
+        async with Connected(client) as connected:
+            await connected.subscribe("state/dev1/update/accepted", qos=1)
+            await connected.publish("state/dev1/update", b"{}", qos=1)
+    finally:
         server.close()
         await server.wait_closed()
 
