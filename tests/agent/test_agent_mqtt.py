@@ -235,6 +235,15 @@ async def test_mqtt_a_broker_that_never_answers_costs_no_descriptor_per_attempt(
         await server.wait_closed()
 
 
+async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy one direction of a proxied connection until it ends, then close the other side."""
+    with contextlib.suppress(OSError):
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    dst.close()
+
+
 async def test_mqtt_a_stop_during_the_connect_leaves_no_connection_behind(
     cloud_dir: Any, broker: Any
 ) -> None:
@@ -245,21 +254,14 @@ async def test_mqtt_a_stop_during_the_connect_leaves_no_connection_behind(
     accepted = asyncio.Event()
     pipes: list[asyncio.Task[None]] = []
 
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.close()
-
     async def slow_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.set()
         await asyncio.sleep(0.5)  # the client's connect thread waits in the TLS handshake
         up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
         pipes.extend(
             [
-                asyncio.create_task(pipe(reader, up_writer)),
-                asyncio.create_task(pipe(up_reader, writer)),
+                asyncio.create_task(relay(reader, up_writer)),
+                asyncio.create_task(relay(up_reader, writer)),
             ]
         )
 
@@ -313,14 +315,7 @@ async def test_mqtt_a_client_entered_again_after_a_failed_connect_connects(
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
 
     server = await asyncio.start_server(forward, "127.0.0.1", port)
     try:
