@@ -237,3 +237,27 @@ async def test_agent_rolls_back_an_image_that_cannot_verify_updates(
     assert "cannot verify updates" in sw["error"]["message"]
     assert str(weak) in sw["error"]["message"]
     assert dev.slot_bytes("A") == dev.factory["A"] and dev.sim.state().next_boot() == "A"
+
+
+async def test_agent_keyring_unreadable_only_at_start_does_not_cost_the_update(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # A read error when the agent starts on the new slot (the keyring itself is fine): the
+    # health check loads the keyring again before judging, and the update is committed.
+    from otad.agent.daemon import Agent
+    from otad.errors import KeyringError
+
+    dev = make_device("dev1")
+    await dev.start()
+    await offer_bundle(cloud, cloud_dir, tmp_path)
+    await dev.wait_reboot_requested()
+
+    async def unreadable(self: Agent) -> KeyringError:
+        return KeyringError(f"bundle: cannot read public key {self.config.keyring}: I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Agent, "_load_keyring", unreadable)
+        assert await dev.reboot() == "B"  # the start-time load fails; the health check follows
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded")
+    assert sw["version"] == "2.0" and sw["slot"] == "B" and dev.reboot_requests == 1
+    assert dev.sim.state().slot("B").good
