@@ -75,16 +75,17 @@ class _ConnectGuard:
 
 async def enter(client: aiomqtt.Client) -> aiomqtt.Client:
     """``await client.__aenter__()``; on any failure, close the half-open connection."""
-    guard = _ConnectGuard(client, asyncio.get_running_loop())
+    guard = None
     connect = getattr(type(client), "_client_connect", None)  # aiomqtt 2.x; < 3 is pinned
     if callable(connect):
         # this attempt's guard only: the executor keeps its reference to the wrapper, and
         # a later `enter` of the same client starts from aiomqtt's own method again
+        guard = _ConnectGuard(client, asyncio.get_running_loop())
         client._client_connect = guard.wrap(connect.__get__(client))  # type: ignore[method-assign]
     try:
         return await client.__aenter__()
     except BaseException:
-        _abandon(client, guard if callable(connect) else None)
+        _abandon(client, guard)
         raise
     finally:
         client.__dict__.pop("_client_connect", None)

@@ -39,6 +39,7 @@ from otad.agent.update import (
     Rebooter,
     RebootPending,
     UpdateRunner,
+    load_keyring,
 )
 from otad.agent.wiring import command_rebooter, make_bootloader, make_layout
 from otad.bundle import Keyring
@@ -159,11 +160,10 @@ class Agent:
         instead would leave a device that says nothing and, on a new slot, never decides
         between commit and rollback.
         """
-        try:
-            return await asyncio.to_thread(Keyring.load, self.config.keyring)
-        except KeyringError as exc:
-            log.error("keyring_invalid", path=str(self.config.keyring), reason=exc.message)
-            return exc
+        keyring = await load_keyring(self.config.keyring)
+        if isinstance(keyring, KeyringError):
+            log.error("keyring_invalid", path=str(self.config.keyring), reason=keyring.message)
+        return keyring
 
     async def _interrupt_job(self) -> None:
         """Cancel the running job because the agent stops (it resumes on the next start)."""

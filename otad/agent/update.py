@@ -470,12 +470,8 @@ class UpdateRunner:
 
     async def _reload_keyring(self) -> None:
         """Load the keyring again (with ``keyring_path``): a fixed or rotated one counts now."""
-        if self.keyring_path is None:
-            return
-        try:
-            self.keyring = await asyncio.to_thread(Keyring.load, self.keyring_path)
-        except KeyringError as exc:
-            self.keyring = exc
+        if self.keyring_path is not None:
+            self.keyring = await load_keyring(self.keyring_path)
 
     async def run_job(self, desired: DesiredSoftware) -> None:
         """Install ``desired``; returns after a failure, raises RebootPending after the switch.
@@ -977,6 +973,15 @@ class UpdateRunner:
         self.report_state("verifying", job_id=record.job_id, error=record.error)
         await self.reporter.flush(_FINAL_REPORT_WAIT)
         await self._reboot()
+
+
+async def load_keyring(path: Path) -> Keyring | KeyringError:
+    """The keyring at ``path`` (loaded in a thread), or the error that names why it does not
+    load: a runner keeps that error and fails jobs with it instead of stopping."""
+    try:
+        return await asyncio.to_thread(Keyring.load, path)
+    except KeyringError as exc:
+        return exc
 
 
 def final_report_token(device_id: str, job_id: str, state: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.agent_env import offer_bundle, wait_reported, weak_keyring
+from plugins.agent_env import fix_keyring, offer_bundle, wait_reported, weak_keyring
 from plugins.cloud_env import make_image
 
 from otad.agent.update import DeviceState
@@ -205,9 +205,7 @@ async def test_agent_without_a_usable_keyring_fails_each_job_and_changes_nothing
     assert dev.agent is not None and dev.agent.jobs_started == 2
 
     # The keyring is fixed: the next job loads it again and installs, no restart needed.
-    weak.unlink()
-    for pem in cloud_dir.keyring_dir.glob("*.pem"):
-        (keyring / pem.name).write_bytes(pem.read_bytes())
+    fix_keyring(keyring, cloud_dir.keyring_dir)
     await offer_bundle(cloud, cloud_dir, tmp_path, job="k3")
     await dev.wait_reboot_requested()
     assert dev.sim.state().next_boot() == "B"

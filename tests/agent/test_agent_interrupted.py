@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from plugins.agent_env import offer_bundle, store_proxy, wait_reported, weak_keyring
+from plugins.agent_env import fix_keyring, offer_bundle, store_proxy, wait_reported, weak_keyring
 from structlog.testing import capture_logs
 
 from otad.agent.bootloader.sim import SimBootloader
@@ -141,9 +141,7 @@ async def test_agent_download_resumed_with_an_unusable_keyring_fails_and_release
     assert dev.slot_bytes("A") == dev.factory["A"] and dev.reboot_requests == 0
 
     # the keyring fixed: the next job installs, no restart needed
-    weak.unlink()
-    for pem in cloud_dir.keyring_dir.glob("*.pem"):
-        (keyring / pem.name).write_bytes(pem.read_bytes())
+    fix_keyring(keyring, cloud_dir.keyring_dir)
     image, _ = await offer_bundle(cloud, cloud_dir, tmp_path, job="j2", seed=7)
     await dev.wait_reboot_requested()
     assert dev.slot_sha("B", len(image)) == hashlib.sha256(image).hexdigest()

@@ -328,6 +328,14 @@ def weak_keyring(root: Path) -> tuple[Path, Path]:
     return keyring, weak
 
 
+def fix_keyring(keyring: Path, source: Path) -> None:
+    """Make ``keyring`` (a :func:`weak_keyring`) trust the keys of the keyring ``source``."""
+    for pem in keyring.glob("*.pem"):
+        pem.unlink()
+    for pem in source.glob("*.pem"):
+        (keyring / pem.name).write_bytes(pem.read_bytes())
+
+
 async def wait_for_path(path: Path, within: float = 10.0) -> bool:
     """Whether ``path`` exists within ``within`` seconds (polled every 0.1 s)."""
     deadline = time.monotonic() + within
