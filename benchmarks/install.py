@@ -96,6 +96,20 @@ def preallocate(path: Path, size: int) -> None:
     )
 
 
+def evict(path: Path) -> None:
+    """Write ``path`` back and drop it from the page cache: a slot a device has not read lately.
+
+    Each timed run starts with its target slot out of the cache. Otherwise the tools would
+    overwrite pages the previous rep left cached (the agent drops what it wrote, dd does not),
+    and skip the page allocations a device's inactive slot costs every install."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def peak_rss_kib(field: str = "VmHWM") -> int:
     """This process's peak RSS since exec (VmHWM).
 
@@ -483,12 +497,15 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 "version": "2.0",
                 "job": f"bench-{rep}",
             }
+            await asyncio.to_thread(evict, slots["B"])
             own = self_cpu()
             result = await run_child(spec)
             otad_rate = size / 2**20 / result["seconds"]
+            await asyncio.to_thread(evict, slots["A"])
             mid = self_cpu()
             pipe_seconds, pipe_cpu = await run_pipeline(url, payload_offset, slots["A"], tls)
             server_cpu = (mid - own, self_cpu() - mid)  # this process serves the bundle
+            await asyncio.to_thread(evict, slots["A"])
             checked_seconds, checked_cpu, payload_sum, image_sum = await run_verified_pipeline(
                 url, payload_offset, slots["A"], tls, size, work
             )
