@@ -19,7 +19,9 @@ same run and against the same server:
   ratio, to show what the agent's verification costs.
 
 Both write into preallocated, already written slot files (a first write into a fresh file is
-several times slower on this kind of disk). MiB/s counts image bytes. Ends with the lines
+several times slower on this kind of disk), and each timed run starts with its slot out of the
+page cache, as a device's inactive slot is (see ``evict``). Odd reps run the pipeline before
+the agent, even reps after it. MiB/s counts image bytes. Ends with the lines
 ``ratio: <otad MiB/s / pipeline MiB/s>`` and ``rss: <peak MiB of the installing process>``.
 
 Per rep it also prints the installer's CPU seconds per thread (event loop = network and TLS,
@@ -497,14 +499,20 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 "version": "2.0",
                 "job": f"bench-{rep}",
             }
-            await asyncio.to_thread(evict, slots["B"])
-            own = self_cpu()
-            result = await run_child(spec)
+            # odd reps run the pipeline first: neither side always follows the other
+            order = ("otad", "pipeline") if rep % 2 == 0 else ("pipeline", "otad")
+            server_cpu: dict[str, float] = {}  # this process serves the bundle
+            for what in order:
+                await asyncio.to_thread(evict, slots["B" if what == "otad" else "A"])
+                own = self_cpu()
+                if what == "otad":
+                    result = await run_child(spec)
+                else:
+                    pipe_seconds, pipe_cpu = await run_pipeline(
+                        url, payload_offset, slots["A"], tls
+                    )
+                server_cpu[what] = self_cpu() - own
             otad_rate = size / 2**20 / result["seconds"]
-            await asyncio.to_thread(evict, slots["A"])
-            mid = self_cpu()
-            pipe_seconds, pipe_cpu = await run_pipeline(url, payload_offset, slots["A"], tls)
-            server_cpu = (mid - own, self_cpu() - mid)  # this process serves the bundle
             await asyncio.to_thread(evict, slots["A"])
             checked_seconds, checked_cpu, payload_sum, image_sum = await run_verified_pipeline(
                 url, payload_offset, slots["A"], tls, size, work
@@ -524,7 +532,7 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 f"{result['imports_kib'] / 1024:.1f} MiB)   pipeline {pipe_rate:7.1f} MiB/s "
                 f"({pipe_seconds:.2f} s); CPU s otad {result['cpu']:.2f} / "
                 f"pipeline {pipe_cpu:.2f}; "
-                f"server {server_cpu[0]:.2f} / {server_cpu[1]:.2f}",
+                f"server {server_cpu['otad']:.2f} / {server_cpu['pipeline']:.2f}",
                 flush=True,
             )
             print(
