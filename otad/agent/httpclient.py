@@ -105,7 +105,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_fill]
         self._fill = 0
-        self._read_timeout = read_timeout
+        self.read_timeout = read_timeout
         self._last_data = self._loop.time()
         self._want = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -124,9 +124,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._fill == len(self._buf):
             self._compact()
             if self._fill == len(self._buf):  # paused too late: take this read, then stop
-                self._buf.extend(bytes(64 * 1024))
-                self._view.release()
-                self._view = memoryview(self._buf)
+                # a new, larger buffer: the old one may still be exported to the transport,
+                # so it cannot be resized in place
+                grown = bytearray(len(self._buf) + 64 * 1024)
+                grown[: self._fill] = self._view[: self._fill]
+                self._buf, self._view = grown, memoryview(grown)
         return self._view[self._fill :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -180,7 +182,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self._fill == len(self._buf):
                 self._compact()
             self._resume()
-            left = self._read_timeout - (now - self._last_data)
+            left = self.read_timeout - (now - self._last_data)
             if left <= 0:
                 raise DownloadTimeout(
                     "download: read timed out (the server sent nothing within sock_read)"
@@ -218,6 +220,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         if self._paused and self._fill < len(self._buf) and self.transport is not None:
             self._paused = False
+            # the server could not send while we did not read: its silence counts from now
+            self._last_data = self._loop.time()
             self.transport.resume_reading()
 
     async def readline(self, limit: int) -> bytes:
@@ -226,7 +230,7 @@ class _Connection(asyncio.BufferedProtocol):
             end = self.find(b"\n", limit)
             if end >= 0:
                 return self.take(end)
-            if self.available >= limit:
+            if self.available >= min(limit, len(self._buf)):
                 raise DownloadProtocolError("download: response line too long")
             if self.eof:
                 raise DownloadProtocolError("download: connection closed inside a response line")
@@ -346,9 +350,13 @@ class Response:
                 yield data
             if await conn.readline(2) not in (b"\r\n", b"\n"):
                 raise DownloadProtocolError("download: chunk not followed by CRLF")
-        for _ in range(MAX_HEADERS):  # trailer fields, up to the empty line
-            if await conn.readline(8192) in (b"\r\n", b"\n"):
-                return
+        try:
+            async with asyncio.timeout(conn.read_timeout):  # a trickled trailer, as for the head
+                for _ in range(MAX_HEADERS):  # trailer fields, up to the empty line
+                    if await conn.readline(8192) in (b"\r\n", b"\n"):
+                        return
+        except TimeoutError as exc:
+            raise DownloadTimeout("download: trailer not complete within the read timeout") from exc
         raise DownloadProtocolError("download: too many trailer fields")
 
     async def _read(self, size: int) -> bytes:
@@ -357,6 +365,11 @@ class Response:
         if not conn.available and conn.eof and isinstance(conn.error, ssl.SSLError):
             raise conn.error  # a TLS failure is not a clean end; the caller translates it
         return conn.take(size)
+
+    @property
+    def complete(self) -> bool:
+        """The whole body was read (for a body without a length: the peer closed cleanly)."""
+        return self._complete
 
     async def close(self) -> None:
         """Close the connection: politely after a complete body, cut it otherwise."""
@@ -406,7 +419,8 @@ async def request(
     try:
         async with asyncio.timeout(connect_timeout):
             transport, conn = await loop.create_connection(
-                lambda: _Connection(buffer_size, read_timeout),
+                # room for the longest head line: readline needs a line whole in the buffer
+                lambda: _Connection(max(buffer_size, MAX_HEAD_BYTES), read_timeout),
                 target.host,
                 target.port,
                 ssl=ssl_context,
@@ -417,7 +431,14 @@ async def request(
         raise DownloadTimeout("download: connect or TLS handshake timed out") from exc
     try:
         transport.write(head + body if body else head)
-        status, reason, fields = await _read_head(conn)
+        try:
+            # read_timeout bounds each silence; this bounds a head trickled a byte at a time
+            async with asyncio.timeout(read_timeout):
+                status, reason, fields = await _read_head(conn)
+        except TimeoutError as exc:
+            raise DownloadTimeout(
+                f"download: response head not complete within {read_timeout:g} s"
+            ) from exc
         return Response(conn, status, reason, fields, head_only=method == "HEAD")
     except BaseException:
         conn.close(abort=True)
