@@ -51,6 +51,7 @@ __layer__ = "adapter"
 log = structlog.get_logger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 _MAX_REDIRECTS = 5
 _RETRY_AFTER_CAP = 60.0
 _MAX_JSON = 64 * 1024  # a credential answer is a few hundred bytes
@@ -275,12 +276,15 @@ class Transfer:
                 f"bundle: the server has {self.total} bytes, the bundle header declares {size}"
             )
         self.max_size = size
+        # a body without a length ends when the server closes, and a cut close can look clean:
+        # the size the signed header declares tells whether the whole bundle arrived
+        self.total = size
 
     async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(offset, data)`` until the whole entity arrived; retry transient errors."""
         cfg = self.downloader.settings
         failures = 0
-        progress_mark = self.offset
+        reached = self.offset
         while self.total is None or self.offset < self.total:
             try:
                 async for item in self._request():
@@ -290,11 +294,12 @@ class Transfer:
             except DownloadError as exc:
                 if not exc.retryable:
                     raise
-                # Progress since the last failure earns a fresh retry budget; a server that cuts
-                # every connection before sending anything still runs out of retries.
-                if self.offset - progress_mark >= cfg.chunk_size:
+                # Progress past the furthest offset reached so far earns a fresh retry budget;
+                # a server that cuts every connection before sending anything, or makes us
+                # start over and cuts at the same place again, still runs out of retries.
+                if self.offset - reached >= cfg.chunk_size:
                     failures = 0
-                progress_mark = self.offset
+                reached = max(reached, self.offset)
                 failures += 1
                 if failures > cfg.retries:
                     raise RetriesExhausted(
@@ -318,9 +323,19 @@ class Transfer:
         headers = {"Accept-Encoding": "identity"}
         if self.offset > 0:
             headers["Range"] = f"bytes={self.offset}-"
-            if self.etag:
+            if self.etag and not self.etag.startswith("W/"):
+                # only a strong tag may go in If-Range (RFC 9110 13.1.5): a server compares it
+                # strongly and would send the whole entity every time. With a weak one the
+                # 206's ETag is compared instead (_body)
                 headers["If-Range"] = self.etag
         return headers
+
+    def _start_over(self, why: str) -> DownloadProtocolError:
+        """The bytes we hold may be of another entity: the next request starts at byte 0."""
+        log.warning("download_restarted", url=self.source.safe, had=self.offset, reason=why)
+        self.offset, self.etag, self.total = 0, None, None
+        self.restarts += 1
+        return DownloadProtocolError(f"download: {why}; restarting from the first byte")
 
     async def _request(self) -> AsyncIterator[tuple[int, bytes]]:
         downloader = self.downloader
@@ -347,6 +362,8 @@ class Transfer:
                             log.info("download_redirect_unauthorised", to=_origin(target))
                         url = target
                         continue
+                    if self._complete_already(resp):
+                        return
                     self._check_status(resp)
                     async for item in self._body(resp):
                         yield item
@@ -360,6 +377,17 @@ class Transfer:
             raise
         except Exception as exc:
             raise _translate(exc, "transfer") from exc
+
+    def _complete_already(self, resp: Response) -> bool:
+        """A 416 naming our offset as the entity's length: every byte is here already (the cut
+        came after the last one, e.g. in a chunked body's trailer)."""
+        if resp.status != 416 or self.offset == 0:
+            return False
+        match = _UNSATISFIED_RANGE.match((resp.headers.get("Content-Range") or "").strip())
+        if match is None or int(match.group(1)) != self.offset:
+            return False
+        self.total = self.offset
+        return True
 
     def _check_status(self, resp: Response) -> None:
         status = resp.status
@@ -385,9 +413,8 @@ class Transfer:
         if status in (404, 410):
             raise DownloadNotFound(f"download: artifact not found ({status})", status=status)
         if status == 416:
-            # Our offset is past the entity (it changed under us): start over.
-            self.offset, self.etag, self.total = 0, None, None
-            raise DownloadProtocolError("download: range not satisfiable; restarting", status=416)
+            # Our offset is past the entity (it changed under us)
+            raise self._start_over("range not satisfiable")
         if status in (408, 425, 429) or status >= 500:
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             raise DownloadProtocolError(
@@ -407,17 +434,23 @@ class Transfer:
                 self.offset = 0
             start = 0
             total = length
+            stop = total
         else:
-            start, total = self._content_range(resp.headers.get("Content-Range") or "")
-            if etag and self.etag and etag != self.etag:
-                raise DownloadProtocolError("download: ETag changed on resume")
+            start, last, total = self._content_range(resp.headers.get("Content-Range") or "")
+            stop = last + 1
+            if resp.content_length is not None and resp.content_length != stop - start:
+                raise DownloadProtocolError(
+                    f"download: 206 of {resp.content_length} bytes for range {start}-{last}"
+                )
+            if etag and self.etag and _opaque(etag) != _opaque(self.etag):
+                raise self._start_over("ETag changed on resume")
+            if total is not None and self.total is not None and total != self.total:
+                raise self._start_over("entity length changed on resume")
         if total is not None:
             if total > self.max_size:
                 raise DownloadTooLarge(
                     f"download: server declares {total} bytes, limit is {self.max_size}"
                 )
-            if self.total is not None and total != self.total and resp.status == 206:
-                raise DownloadProtocolError("download: entity length changed on resume")
             self.total = total
         if etag:
             self.etag = etag
@@ -433,6 +466,10 @@ class Transfer:
                 raise DownloadTooLarge(
                     f"download: server sent more than the {limit} bytes declared"
                 )
+            if stop is not None and end > stop:
+                raise DownloadProtocolError(
+                    f"download: server sent more than the range it declared (up to {stop})"
+                )
             self.bytes_received += len(data)
             yield offset, data
             offset = end
@@ -446,12 +483,17 @@ class Transfer:
                             f"download: below the minimum rate of {cfg.min_rate} B/s"
                         )
                     window_start, window_bytes = time.monotonic(), 0
-        if self.total is not None and offset < self.total:
+        if stop is not None and offset < stop:
             raise DownloadProtocolError(
-                f"download: body ended at {offset} of {self.total} bytes", offset=offset
+                f"download: body ended at {offset} of {stop} bytes", offset=offset
+            )
+        if stop is None and not resp.complete:
+            # no length to check against: only a clean close ends such a body
+            raise DownloadProtocolError(
+                f"download: connection lost at {offset} bytes", offset=offset
             )
 
-    def _content_range(self, value: str) -> tuple[int, int | None]:
+    def _content_range(self, value: str) -> tuple[int, int, int | None]:
         match = _CONTENT_RANGE.match(value.strip())
         if match is None:
             raise DownloadProtocolError("download: 206 without a valid Content-Range")
@@ -461,7 +503,12 @@ class Transfer:
             raise DownloadProtocolError(
                 f"download: Content-Range {start}-{end} does not continue at {self.offset}"
             )
-        return start, total
+        return start, end, total
+
+
+def _opaque(etag: str) -> str:
+    """The tag without its weakness flag: ETags compared the weak way (RFC 9110 8.8.3.2)."""
+    return etag.removeprefix("W/")
 
 
 def _retry_after(value: str | None) -> float | None:

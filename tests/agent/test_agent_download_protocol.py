@@ -1,0 +1,470 @@
+"""The downloader against an HTTPS server scripted byte by byte: framing the real store never
+produces (bodies without a length, cut trailers, short or overlong 206s, weak ETags, a head sent
+a byte at a time) and a consumer slower than the read timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from test_agent_download import agent_config, collect
+
+from otad.agent.download import Downloader, Source, Transfer
+from otad.agent.httpclient import _Connection
+from otad.errors import DownloadProtocolError, DownloadTimeout, RetriesExhausted
+
+BODY = bytes(range(256)) * 4096  # 1 MiB
+
+
+@dataclass
+class Exchange:
+    """One request as the scripted server saw it, and the stream to answer it on."""
+
+    index: int
+    head: bytes
+    writer: asyncio.StreamWriter
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.decode("latin-1").split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return None
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def reset(self) -> None:
+        """Cut the connection with a TCP RST (no TLS close_notify)."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+@dataclass
+class Scripted:
+    origin: str
+    exchanges: list[Exchange] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin}/bundle"
+
+
+Answer = Callable[[Exchange], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(cloud_dir: Any, answer: Answer) -> AsyncIterator[Scripted]:
+    """A TLS server on loopback that hands each request head to ``answer``; the connection is
+    closed (with close_notify) when ``answer`` returns, unless it cut it itself."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        exchange = Exchange(len(script.exchanges), b"", writer)
+        try:
+            exchange.head = await reader.readuntil(b"\r\n\r\n")
+            script.exchanges.append(exchange)
+            await answer(exchange)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(serve(reader, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(track, "127.0.0.1", 0, ssl=cloud_dir.server_context())
+    script = Scripted(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        yield script
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+def head(status: str, *fields: str) -> bytes:
+    return ("\r\n".join([f"HTTP/1.1 {status}", *fields]) + "\r\n\r\n").encode("latin-1")
+
+
+def ranged_from(exchange: Exchange) -> int:
+    value = exchange.header("Range")
+    assert value is not None and value.startswith("bytes=") and value.endswith("-")
+    return int(value[len("bytes=") : -1])
+
+
+@pytest.fixture
+async def downloader(cloud_dir: Any) -> AsyncIterator[Downloader]:
+    d = Downloader(agent_config(cloud_dir))
+    yield d
+    await d.close()
+
+
+async def collect_declared(transfer: Transfer, size: int) -> bytes:
+    """Like the agent: once the first bytes are in, the size the bundle header declares is set."""
+    out = bytearray()
+    async for offset, data in transfer.chunks():
+        del out[offset:]
+        out += data
+        transfer.limit(size)
+    return bytes(out)
+
+
+async def test_download_body_without_length_cut_by_a_reset_is_resumed(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK", 'ETag: "v1"') + BODY[: len(BODY) // 2])
+            await ex.writer.drain()
+            ex.reset()
+        else:
+            start = ranged_from(ex)
+            ex.send(
+                head(
+                    "206 Partial Content",
+                    f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
+                    f"Content-Length: {len(BODY) - start}",
+                )
+                + BODY[start:]
+            )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == BODY
+    assert len(server.exchanges) == 2 and transfer.restarts == 0
+    assert transfer.bytes_received == len(BODY)  # nothing fetched twice
+
+
+async def test_download_body_without_length_closed_early_resumes_to_the_declared_size(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    """A close that looks clean (here: a TLS close_notify after half the body) ends a body
+    without a length; the size the signed bundle header declares shows it is not all."""
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK", 'ETag: "v1"') + BODY[: len(BODY) // 2])
+        else:
+            start = ranged_from(ex)
+            ex.send(
+                head(
+                    "206 Partial Content",
+                    f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
+                    f"Content-Length: {len(BODY) - start}",
+                )
+                + BODY[start:]
+            )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect_declared(transfer, len(BODY)), 20)
+    assert got == BODY
+    assert [ex.header("Range") for ex in server.exchanges] == [None, f"bytes={len(BODY) // 2}-"]
+
+
+async def test_download_consumer_slower_than_the_read_timeout_is_not_a_stalled_server(
+    cloud_dir: Any,
+) -> None:
+    """The receive buffer fills while the disk is busy; the paused connection's silence is
+    ours, not the server's."""
+    downloader = Downloader(agent_config(cloud_dir, sock_read=0.5, retries=0))
+    body = BODY * 4
+
+    async def answer(ex: Exchange) -> None:
+        ex.send(head("200 OK", f"Content-Length: {len(body)}") + body)
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            out = bytearray()
+            async for _, data in downloader.transfer(Source(server.url)).chunks():
+                if not out:
+                    await asyncio.sleep(1.2)  # a slow disk, longer than sock_read
+                out += data
+    finally:
+        await downloader.close()
+    assert bytes(out) == body
+
+
+async def test_download_header_line_longer_than_the_smallest_buffers_is_read(
+    cloud_dir: Any,
+) -> None:
+    """chunk_size and block_size at their minimum (4 KiB) once made a 6 KB header line spin the
+    event loop forever: the line could never fit the receive buffer."""
+    downloader = Downloader(agent_config(cloud_dir, chunk_size=4096, block_size=4096))
+
+    async def answer(ex: Exchange) -> None:
+        ex.send(head("200 OK", "X-Long: " + "a" * 6000, "Content-Length: 5") + b"hello")
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            got = await asyncio.wait_for(collect(downloader.transfer(Source(server.url))), 10)
+    finally:
+        await downloader.close()
+    assert got == b"hello"
+
+
+async def test_download_every_byte_then_a_cut_trailer_completes_without_fetching_again(
+    cloud_dir: Any,
+) -> None:
+    """The body arrived whole, the cut came in the chunked trailer: the resume at the end gets
+    416 with the entity's length = our offset, which means done (it once meant: start over,
+    forever, the retry budget refilled by each full download)."""
+    downloader = Downloader(agent_config(cloud_dir, retries=2))
+    body = BODY[:200_000]
+
+    async def answer(ex: Exchange) -> None:
+        if ex.header("Range"):
+            ex.send(head("416 Range Not Satisfiable", f"Content-Range: bytes */{len(body)}"))
+            return
+        ex.send(
+            head("200 OK", "Transfer-Encoding: chunked", 'ETag: "v1"')
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n"  # no final empty line
+        )
+        await ex.writer.drain()
+        ex.reset()
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            transfer = downloader.transfer(Source(server.url))
+            got = await asyncio.wait_for(collect(transfer), 10)
+    finally:
+        await downloader.close()
+    assert got == body
+    assert len(server.exchanges) == 2 and transfer.restarts == 0
+
+
+async def test_download_cut_at_the_same_place_after_each_restart_runs_out_of_retries(
+    cloud_dir: Any,
+) -> None:
+    """Starting over and getting as far as before is no progress: the retry budget is not
+    refilled by bytes fetched again."""
+    downloader = Downloader(agent_config(cloud_dir, retries=2))
+
+    async def answer(ex: Exchange) -> None:
+        if ex.header("Range"):
+            ex.send(head("416 Range Not Satisfiable", "Content-Range: bytes */999999999"))
+            return
+        ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
+        await ex.writer.drain()
+        ex.reset()
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            transfer = downloader.transfer(Source(server.url))
+            with pytest.raises(RetriesExhausted):
+                await asyncio.wait_for(collect(transfer), 10)
+    finally:
+        await downloader.close()
+    assert len(server.exchanges) <= 6
+    assert transfer.restarts >= 1  # a 416 for another length: our bytes may be stale
+
+
+async def test_download_weak_etag_is_compared_but_never_sent_in_if_range(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(
+                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"')
+                + BODY[: len(BODY) // 2]
+            )
+            await ex.writer.drain()
+            ex.reset()
+            return
+        start = ranged_from(ex)
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
+                f"Content-Length: {len(BODY) - start}",
+                'ETag: W/"v1"',
+            )
+            + BODY[start:]
+        )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == BODY
+    assert server.exchanges[1].header("Range") is not None
+    assert server.exchanges[1].header("If-Range") is None
+    assert transfer.restarts == 0 and transfer.bytes_received == len(BODY)
+
+
+async def test_download_strong_etag_goes_in_if_range(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(
+                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v1"')
+                + BODY[: len(BODY) // 2]
+            )
+            await ex.writer.drain()
+            ex.reset()
+            return
+        start = ranged_from(ex)
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
+                f"Content-Length: {len(BODY) - start}",
+                'ETag: "v1"',
+            )
+            + BODY[start:]
+        )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        assert await asyncio.wait_for(collect(downloader.transfer(Source(server.url))), 20) == BODY
+    assert server.exchanges[1].header("If-Range") == '"v1"'
+
+
+async def test_download_changed_etag_on_resume_starts_over(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    new = bytes(reversed(BODY))
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(
+                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v1"')
+                + BODY[: len(BODY) // 2]
+            )
+            await ex.writer.drain()
+            ex.reset()
+        elif ex.header("Range"):  # a server that ignores If-Range and serves the new entity
+            start = ranged_from(ex)
+            ex.send(
+                head(
+                    "206 Partial Content",
+                    f"Content-Range: bytes {start}-{len(new) - 1}/{len(new)}",
+                    f"Content-Length: {len(new) - start}",
+                    'ETag: "v2"',
+                )
+                + new[start:]
+            )
+        else:
+            ex.send(head("200 OK", f"Content-Length: {len(new)}", 'ETag: "v2"') + new)
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == new
+    assert [ex.header("Range") is not None for ex in server.exchanges] == [False, True, False]
+    assert transfer.restarts == 1
+
+
+async def test_download_206_body_longer_than_its_range_is_refused(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
+            await ex.writer.drain()
+            ex.reset()
+            return
+        start = ranged_from(ex)
+        ex.send(  # declares 100 bytes, sends the rest of the entity
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{start + 99}/{len(BODY)}",
+                f"Content-Length: {len(BODY) - start}",
+            )
+            + BODY[start:]
+        )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        with pytest.raises(RetriesExhausted) as info:
+            await asyncio.wait_for(collect(transfer), 20)
+    assert isinstance(info.value.__cause__, DownloadProtocolError)
+    assert "range" in str(info.value)
+    # nothing of those answers was taken: all bytes are the cut first answer's
+    assert 0 < transfer.offset < len(BODY) and transfer.bytes_received == transfer.offset
+
+
+async def test_download_206_with_less_than_asked_continues_with_the_next_range(
+    cloud_dir: Any,
+) -> None:
+    """A server may answer a range with less than asked; that is not a cut (no retry spent)."""
+    downloader = Downloader(agent_config(cloud_dir, retries=0))
+    step = 300_000
+
+    async def answer(ex: Exchange) -> None:
+        start = ranged_from(ex) if ex.header("Range") else 0
+        last = min(start + step, len(BODY)) - 1
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{last}/{len(BODY)}",
+                f"Content-Length: {last + 1 - start}",
+            )
+            + BODY[start : last + 1]
+        )
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            transfer = Transfer(downloader, Source(server.url), len(BODY))
+            got = await asyncio.wait_for(collect(transfer), 20)
+    finally:
+        await downloader.close()
+    assert got == BODY
+    assert len(server.exchanges) == 4  # 300k + 300k + 300k + the last 148,576 bytes
+
+
+async def test_download_head_sent_a_byte_at_a_time_times_out(cloud_dir: Any) -> None:
+    """Each byte comes well within sock_read, so only a bound on the whole head stops a
+    server that takes minutes to send it."""
+    downloader = Downloader(agent_config(cloud_dir, sock_read=0.5, retries=0))
+
+    async def answer(ex: Exchange) -> None:
+        for byte in head("200 OK", "X-Slow: " + "a" * 200, "Content-Length: 2"):
+            ex.send(bytes([byte]))
+            await ex.writer.drain()
+            await asyncio.sleep(0.05)
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(RetriesExhausted) as info:
+                await asyncio.wait_for(collect(downloader.transfer(Source(server.url))), 10)
+            took = asyncio.get_running_loop().time() - started
+    finally:
+        await downloader.close()
+    assert isinstance(info.value.__cause__, DownloadTimeout)
+    assert "head" in str(info.value)
+    assert took < 3
+
+
+async def test_connection_takes_a_read_into_a_full_buffer_without_losing_bytes() -> None:
+    """asyncio asks for a buffer once more after the connection paused too late: it gets a
+    larger one, with the unread bytes kept."""
+    conn = _Connection(4096, 1.0)
+    view = conn.get_buffer(-1)
+    view[:] = b"x" * len(view)
+    size = len(view)
+    conn.buffer_updated(size)  # full; no transport to pause
+    more = conn.get_buffer(-1)
+    assert len(more) > 0
+    more[:3] = b"abc"
+    conn.buffer_updated(3)
+    assert conn.take(size + 3) == b"x" * size + b"abc"
+    del view, more
