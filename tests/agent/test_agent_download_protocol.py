@@ -101,6 +101,20 @@ def head(status: str, *fields: str) -> bytes:
     return ("\r\n".join([f"HTTP/1.1 {status}", *fields]) + "\r\n\r\n").encode("latin-1")
 
 
+def send_the_rest(ex: Exchange, *fields: str) -> None:
+    """Answer a ``Range: bytes=N-`` request with the rest of BODY as a 206."""
+    start = ranged_from(ex)
+    ex.send(
+        head(
+            "206 Partial Content",
+            f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
+            f"Content-Length: {len(BODY) - start}",
+            *fields,
+        )
+        + BODY[start:]
+    )
+
+
 def ranged_from(exchange: Exchange) -> int:
     value = exchange.header("Range")
     assert value is not None and value.startswith("bytes=") and value.endswith("-")
@@ -133,15 +147,7 @@ async def test_download_body_without_length_cut_by_a_reset_is_resumed(
             await ex.writer.drain()
             ex.reset()
         else:
-            start = ranged_from(ex)
-            ex.send(
-                head(
-                    "206 Partial Content",
-                    f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
-                    f"Content-Length: {len(BODY) - start}",
-                )
-                + BODY[start:]
-            )
+            send_the_rest(ex)
 
     async with scripted_server(cloud_dir, answer) as server:
         transfer = downloader.transfer(Source(server.url))
@@ -161,15 +167,7 @@ async def test_download_body_without_length_closed_early_resumes_to_the_declared
         if ex.index == 0:
             ex.send(head("200 OK", 'ETag: "v1"') + BODY[: len(BODY) // 2])
         else:
-            start = ranged_from(ex)
-            ex.send(
-                head(
-                    "206 Partial Content",
-                    f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
-                    f"Content-Length: {len(BODY) - start}",
-                )
-                + BODY[start:]
-            )
+            send_the_rest(ex)
 
     async with scripted_server(cloud_dir, answer) as server:
         transfer = downloader.transfer(Source(server.url))
@@ -277,30 +275,27 @@ async def test_download_cut_at_the_same_place_after_each_restart_runs_out_of_ret
     assert transfer.restarts >= 1  # a 416 for another length: our bytes may be stale
 
 
-async def test_download_weak_etag_is_compared_but_never_sent_in_if_range(
-    cloud_dir: Any, downloader: Downloader
-) -> None:
+def cut_once_then_ranges(etag: str) -> Answer:
+    """The first answer is cut halfway (a reset); later ones serve the rest as a 206."""
+
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
             ex.send(
-                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"')
+                head("200 OK", f"Content-Length: {len(BODY)}", f"ETag: {etag}")
                 + BODY[: len(BODY) // 2]
             )
             await ex.writer.drain()
             ex.reset()
             return
-        start = ranged_from(ex)
-        ex.send(
-            head(
-                "206 Partial Content",
-                f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
-                f"Content-Length: {len(BODY) - start}",
-                'ETag: W/"v1"',
-            )
-            + BODY[start:]
-        )
+        send_the_rest(ex, f"ETag: {etag}")
 
-    async with scripted_server(cloud_dir, answer) as server:
+    return answer
+
+
+async def test_download_weak_etag_is_compared_but_never_sent_in_if_range(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async with scripted_server(cloud_dir, cut_once_then_ranges('W/"v1"')) as server:
         transfer = downloader.transfer(Source(server.url))
         got = await asyncio.wait_for(collect(transfer), 20)
     assert got == BODY
@@ -312,27 +307,7 @@ async def test_download_weak_etag_is_compared_but_never_sent_in_if_range(
 async def test_download_strong_etag_goes_in_if_range(
     cloud_dir: Any, downloader: Downloader
 ) -> None:
-    async def answer(ex: Exchange) -> None:
-        if ex.index == 0:
-            ex.send(
-                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v1"')
-                + BODY[: len(BODY) // 2]
-            )
-            await ex.writer.drain()
-            ex.reset()
-            return
-        start = ranged_from(ex)
-        ex.send(
-            head(
-                "206 Partial Content",
-                f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
-                f"Content-Length: {len(BODY) - start}",
-                'ETag: "v1"',
-            )
-            + BODY[start:]
-        )
-
-    async with scripted_server(cloud_dir, answer) as server:
+    async with scripted_server(cloud_dir, cut_once_then_ranges('"v1"')) as server:
         assert await asyncio.wait_for(collect(downloader.transfer(Source(server.url))), 20) == BODY
     assert server.exchanges[1].header("If-Range") == '"v1"'
 
