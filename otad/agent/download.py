@@ -247,6 +247,7 @@ class Transfer:
         self.downloader = downloader
         self.source = source
         self.max_size = max_size
+        self._cap = max_size  # before limit(): what a new entity after a restart may have
         self.offset = 0
         self.total: int | None = None
         self.etag: str | None = None
@@ -263,10 +264,8 @@ class Transfer:
 
     def limit(self, size: int) -> None:
         """Lower the byte limit, e.g. to the size the verified bundle header declares."""
-        if size > self.max_size:
-            raise DownloadTooLarge(
-                f"download: bundle declares {size} bytes, limit is {self.max_size}"
-            )
+        if size > self._cap:
+            raise DownloadTooLarge(f"download: bundle declares {size} bytes, limit is {self._cap}")
         if self.total is not None and self.total < size:
             raise Truncated(
                 f"bundle: the server has {self.total} bytes, the bundle header declares {size}"
@@ -289,8 +288,6 @@ class Transfer:
             try:
                 async for item in self._request():
                     yield item
-                if self.total is None:
-                    return  # a body without a length ended cleanly: that is the whole entity
             except DownloadError as exc:
                 if not exc.retryable:
                     raise
@@ -333,9 +330,12 @@ class Transfer:
     def _start_over(self, why: str) -> DownloadProtocolError:
         """The bytes we hold may be of another entity: the next request starts at byte 0."""
         log.warning("download_restarted", url=self.source.safe, had=self.offset, reason=why)
-        self.offset, self.etag, self.total = 0, None, None
-        self.restarts += 1
+        self._forget_entity()
         return DownloadProtocolError(f"download: {why}; restarting from the first byte")
+
+    def _forget_entity(self) -> None:
+        self.offset, self.etag, self.total, self.max_size = 0, None, None, self._cap
+        self.restarts += 1
 
     async def _request(self) -> AsyncIterator[tuple[int, bytes]]:
         downloader = self.downloader
@@ -381,8 +381,8 @@ class Transfer:
     def _complete_already(self, resp: Response) -> bool:
         """A 416 naming our offset as the entity's length: every byte is here already (the cut
         came after the last one, e.g. in a chunked body's trailer)."""
-        if resp.status != 416 or self.offset == 0:
-            return False
+        if resp.status != 416 or self.offset == 0 or self.total not in (None, self.offset):
+            return False  # a length other than the one the bundle header declares: start over
         match = _UNSATISFIED_RANGE.match((resp.headers.get("Content-Range") or "").strip())
         if match is None or int(match.group(1)) != self.offset:
             return False
@@ -430,8 +430,7 @@ class Transfer:
                 # Range ignored or If-Range did not match: the bytes we hold may be of another
                 # entity, so the caller must start over from the first byte.
                 log.warning("download_restarted", url=self.source.safe, had=self.offset)
-                self.restarts += 1
-                self.offset = 0
+                self._forget_entity()
             start = 0
             total = length
             stop = total
@@ -442,7 +441,14 @@ class Transfer:
                 raise DownloadProtocolError(
                     f"download: 206 of {resp.content_length} bytes for range {start}-{last}"
                 )
-            if etag and self.etag and _opaque(etag) != _opaque(self.etag):
+            # A strong tag was checked by If-Range already (an answer without one is fine); a
+            # weak one must come back on the 206, or nothing says the bytes continue ours.
+            stored = self.etag
+            if (
+                stored
+                and (etag or stored.startswith("W/"))
+                and _opaque(etag or "") != _opaque(stored)
+            ):
                 raise self._start_over("ETag changed on resume")
             if total is not None and self.total is not None and total != self.total:
                 raise self._start_over("entity length changed on resume")
@@ -487,11 +493,18 @@ class Transfer:
             raise DownloadProtocolError(
                 f"download: body ended at {offset} of {stop} bytes", offset=offset
             )
-        if stop is None and not resp.complete:
-            # no length to check against: only a clean close ends such a body
-            raise DownloadProtocolError(
-                f"download: connection lost at {offset} bytes", offset=offset
-            )
+        if stop is None:  # a 200 without a length: it ends when the server closes
+            if not resp.complete:
+                raise DownloadProtocolError(
+                    f"download: connection lost at {offset} bytes", offset=offset
+                )
+            if self.total is not None and offset < self.total:
+                # a close that looks clean can still be a cut: the bundle header said more
+                raise DownloadProtocolError(
+                    f"download: body ended at {offset} of {self.total} bytes", offset=offset
+                )
+            if self.total is None:
+                self.total = offset  # nothing declared a length: the clean close ends it
 
     def _content_range(self, value: str) -> tuple[int, int, int | None]:
         match = _CONTENT_RANGE.match(value.strip())

@@ -443,3 +443,125 @@ async def test_connection_takes_a_read_into_a_full_buffer_without_losing_bytes()
     conn.buffer_updated(3)
     assert conn.take(size + 3) == b"x" * size + b"abc"
     del view, more
+
+
+async def test_download_server_ignoring_range_with_a_short_body_runs_out_of_retries(
+    cloud_dir: Any,
+) -> None:
+    """A truncated file behind a server that ignores Range: every answer starts over and ends
+    cleanly short of the declared size. Retries, with backoff, not an endless loop."""
+    downloader = Downloader(agent_config(cloud_dir, retries=2))
+
+    async def answer(ex: Exchange) -> None:
+        ex.send(head("200 OK") + BODY[: len(BODY) // 2])  # no length, ends with close_notify
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            transfer = downloader.transfer(Source(server.url))
+            with pytest.raises(RetriesExhausted):
+                await asyncio.wait_for(collect_declared(transfer, len(BODY)), 10)
+    finally:
+        await downloader.close()
+    assert len(server.exchanges) == 3  # the first try and 2 retries
+
+
+async def test_download_416_naming_our_offset_short_of_the_declared_size_starts_over(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    """The bundle header declared more than the server now has: not done, another entity."""
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK", 'ETag: "v1"') + BODY[: len(BODY) // 2])
+            await ex.writer.drain()
+            ex.reset()
+        elif ex.header("Range"):
+            ex.send(head("416 Range Not Satisfiable", f"Content-Range: bytes */{ranged_from(ex)}"))
+        else:
+            ex.send(head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v2"') + BODY)
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect_declared(transfer, len(BODY)), 20)
+    assert got == BODY
+    assert transfer.restarts == 1 and len(server.exchanges) == 3
+
+
+async def test_download_short_206_ranges_of_unknown_length_go_on_until_the_end(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    """Cut before any length was known, then ranges of an entity whose length the server does
+    not give (`bytes a-b/*`): ask for the rest until a 416 names our offset as the end."""
+    step = 300_000
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK") + BODY[:400_000])
+            await ex.writer.drain()
+            ex.reset()
+            return
+        start = ranged_from(ex)
+        if start >= len(BODY):
+            ex.send(head("416 Range Not Satisfiable", f"Content-Range: bytes */{len(BODY)}"))
+            return
+        last = min(start + step, len(BODY)) - 1
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{last}/*",
+                f"Content-Length: {last + 1 - start}",
+            )
+            + BODY[start : last + 1]
+        )
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == BODY
+    assert server.exchanges[-1].header("Range") == f"bytes={len(BODY)}-"
+    assert transfer.restarts == 0 and transfer.bytes_received == len(BODY)
+
+
+async def test_download_weak_etag_missing_from_the_206_starts_over(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(
+                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"')
+                + BODY[: len(BODY) // 2]
+            )
+            await ex.writer.drain()
+            ex.reset()
+        elif ex.header("Range"):
+            send_the_rest(ex)  # no ETag: nothing says these bytes continue the first ones
+        else:
+            ex.send(head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"') + BODY)
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == BODY
+    assert [ex.header("Range") is not None for ex in server.exchanges] == [False, True, False]
+    assert transfer.restarts == 1
+
+
+async def test_download_restart_onto_a_smaller_entity_without_a_length_takes_it_whole(
+    cloud_dir: Any, downloader: Downloader
+) -> None:
+    """After a restart nothing of the old entity's length applies to the new one."""
+    new = bytes(reversed(BODY[:600_000]))
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:
+            ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
+            await ex.writer.drain()
+            ex.reset()
+        else:  # ignores Range: the new entity, read until the close
+            ex.send(head("200 OK") + new)
+
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert got == new
+    assert transfer.restarts == 1 and transfer.total == len(new)
