@@ -70,6 +70,7 @@ class DiskPipe:
         self._queue: queue.Queue[object] = queue.Queue()
         self._abort = threading.Event()
         self._marks = [25, 50, 75]
+        self._resets_asked = self._resets_done = 0
         self._thread_done: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="otad-slot-writer", daemon=True)
         self._thread.start()
@@ -83,7 +84,14 @@ class DiskPipe:
 
     def reset(self) -> None:
         """The download restarted at offset 0: start the verifier and the slot over."""
+        self._resets_asked += 1
         self._queue.put(_RESET)
+
+    @property
+    def current(self) -> bool:
+        """The thread has started over as often as asked: ``verifier`` and ``checkpoint`` are
+        of the entity now downloading (until then they still describe the one before)."""
+        return self._resets_done == self._resets_asked
 
     async def finish(self) -> Manifest:
         self._queue.put(_END)
@@ -121,6 +129,7 @@ class DiskPipe:
                     self.checkpoint = None
                     self._frame_ends.clear()
                     self._close_writer()
+                    self._resets_done += 1
                     continue
                 try:
                     if self.error is None and not self._abort.is_set():

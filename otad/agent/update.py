@@ -685,11 +685,17 @@ class UpdateRunner:
                     if pending_len >= block:
                         await flush()
                     self.beat()
-                    if not limited and pipe.verifier.total_size is not None:
+                    # after a reset, the verifier and checkpoint are the old entity's until the
+                    # disk thread reaches it: neither its size nor its resume point are ours
+                    if not limited and pipe.current and pipe.verifier.total_size is not None:
                         transfer.limit(pipe.verifier.total_size)
                         limited = True
                     self._maybe_progress(record, transfer)
-                    if isinstance(transfer, Transfer) and pipe.checkpoint != self._checkpoint:
+                    if (
+                        isinstance(transfer, Transfer)
+                        and pipe.current
+                        and pipe.checkpoint != self._checkpoint
+                    ):
                         await self._store_checkpoint(transfer, pipe)
                 await flush()
                 break
