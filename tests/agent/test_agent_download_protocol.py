@@ -101,6 +101,23 @@ def head(status: str, *fields: str) -> bytes:
     return ("\r\n".join([f"HTTP/1.1 {status}", *fields]) + "\r\n\r\n").encode("latin-1")
 
 
+async def cut_halfway(ex: Exchange, *fields: str) -> None:
+    """Answer 200 with BODY's length, send half of it, then reset the connection."""
+    ex.send(head("200 OK", f"Content-Length: {len(BODY)}", *fields) + BODY[: len(BODY) // 2])
+    await ex.writer.drain()
+    ex.reset()
+
+
+async def fetch_restarted_once(cloud_dir: Any, downloader: Downloader, answer: Answer) -> bytes:
+    """Download from ``answer``, expecting: a cut, a resume that is refused, one restart."""
+    async with scripted_server(cloud_dir, answer) as server:
+        transfer = downloader.transfer(Source(server.url))
+        got = await asyncio.wait_for(collect(transfer), 20)
+    assert [ex.header("Range") is not None for ex in server.exchanges] == [False, True, False]
+    assert transfer.restarts == 1
+    return got
+
+
 def send_the_rest(ex: Exchange, *fields: str) -> None:
     """Answer a ``Range: bytes=N-`` request with the rest of BODY as a 206."""
     start = ranged_from(ex)
@@ -280,12 +297,7 @@ def cut_once_then_ranges(etag: str) -> Answer:
 
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(
-                head("200 OK", f"Content-Length: {len(BODY)}", f"ETag: {etag}")
-                + BODY[: len(BODY) // 2]
-            )
-            await ex.writer.drain()
-            ex.reset()
+            await cut_halfway(ex, f"ETag: {etag}")
             return
         send_the_rest(ex, f"ETag: {etag}")
 
@@ -319,12 +331,7 @@ async def test_download_changed_etag_on_resume_starts_over(
 
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(
-                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v1"')
-                + BODY[: len(BODY) // 2]
-            )
-            await ex.writer.drain()
-            ex.reset()
+            await cut_halfway(ex, 'ETag: "v1"')
         elif ex.header("Range"):  # a server that ignores If-Range and serves the new entity
             start = ranged_from(ex)
             ex.send(
@@ -339,12 +346,7 @@ async def test_download_changed_etag_on_resume_starts_over(
         else:
             ex.send(head("200 OK", f"Content-Length: {len(new)}", 'ETag: "v2"') + new)
 
-    async with scripted_server(cloud_dir, answer) as server:
-        transfer = downloader.transfer(Source(server.url))
-        got = await asyncio.wait_for(collect(transfer), 20)
-    assert got == new
-    assert [ex.header("Range") is not None for ex in server.exchanges] == [False, True, False]
-    assert transfer.restarts == 1
+    assert await fetch_restarted_once(cloud_dir, downloader, answer) == new
 
 
 async def test_download_206_body_longer_than_its_range_is_refused(
@@ -352,9 +354,7 @@ async def test_download_206_body_longer_than_its_range_is_refused(
 ) -> None:
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
-            await ex.writer.drain()
-            ex.reset()
+            await cut_halfway(ex)
             return
         start = ranged_from(ex)
         ex.send(  # declares 100 bytes, sends the rest of the entity
@@ -527,23 +527,13 @@ async def test_download_weak_etag_missing_from_the_206_starts_over(
 ) -> None:
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(
-                head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"')
-                + BODY[: len(BODY) // 2]
-            )
-            await ex.writer.drain()
-            ex.reset()
+            await cut_halfway(ex, 'ETag: W/"v1"')
         elif ex.header("Range"):
             send_the_rest(ex)  # no ETag: nothing says these bytes continue the first ones
         else:
             ex.send(head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"') + BODY)
 
-    async with scripted_server(cloud_dir, answer) as server:
-        transfer = downloader.transfer(Source(server.url))
-        got = await asyncio.wait_for(collect(transfer), 20)
-    assert got == BODY
-    assert [ex.header("Range") is not None for ex in server.exchanges] == [False, True, False]
-    assert transfer.restarts == 1
+    assert await fetch_restarted_once(cloud_dir, downloader, answer) == BODY
 
 
 async def test_download_restart_onto_a_smaller_entity_without_a_length_takes_it_whole(
@@ -554,9 +544,7 @@ async def test_download_restart_onto_a_smaller_entity_without_a_length_takes_it_
 
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
-            await ex.writer.drain()
-            ex.reset()
+            await cut_halfway(ex)
         else:  # ignores Range: the new entity, read until the close
             ex.send(head("200 OK") + new)
 
