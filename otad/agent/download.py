@@ -263,7 +263,8 @@ class Transfer:
         self.downloader.forget_token()
 
     def limit(self, size: int) -> None:
-        """Lower the byte limit, e.g. to the size the verified bundle header declares."""
+        """The size the verified bundle header declares: the byte limit, and the length the
+        download has to reach."""
         if size > self._cap:
             raise DownloadTooLarge(f"download: bundle declares {size} bytes, limit is {self._cap}")
         if self.total is not None and self.total < size:
@@ -329,11 +330,11 @@ class Transfer:
 
     def _start_over(self, why: str) -> DownloadProtocolError:
         """The bytes we hold may be of another entity: the next request starts at byte 0."""
-        log.warning("download_restarted", url=self.source.safe, had=self.offset, reason=why)
-        self._forget_entity()
+        self._forget_entity(why)
         return DownloadProtocolError(f"download: {why}; restarting from the first byte")
 
-    def _forget_entity(self) -> None:
+    def _forget_entity(self, why: str) -> None:
+        log.warning("download_restarted", url=self.source.safe, had=self.offset, reason=why)
         self.offset, self.etag, self.total, self.max_size = 0, None, None, self._cap
         self.restarts += 1
 
@@ -429,8 +430,7 @@ class Transfer:
             if self.offset > 0:
                 # Range ignored or If-Range did not match: the bytes we hold may be of another
                 # entity, so the caller must start over from the first byte.
-                log.warning("download_restarted", url=self.source.safe, had=self.offset)
-                self._forget_entity()
+                self._forget_entity("the server sent the whole entity")
             start = 0
             total = length
             stop = total

@@ -101,7 +101,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self, capacity: int, read_timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
-        self._buf = bytearray(capacity)
+        # room for the longest head line: readline needs a line whole in the buffer
+        self._buf = bytearray(max(capacity, MAX_HEAD_BYTES))
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_fill]
         self._fill = 0
@@ -419,8 +420,7 @@ async def request(
     try:
         async with asyncio.timeout(connect_timeout):
             transport, conn = await loop.create_connection(
-                # room for the longest head line: readline needs a line whole in the buffer
-                lambda: _Connection(max(buffer_size, MAX_HEAD_BYTES), read_timeout),
+                lambda: _Connection(buffer_size, read_timeout),
                 target.host,
                 target.port,
                 ssl=ssl_context,
