@@ -1,5 +1,5 @@
 """The disk pipe after a restarted download: what it exposes to the event loop is never the
-previous entity's once a reset was asked for."""
+previous entity's once a reset was asked for (on the pipe, and in a device's job)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from plugins.cloud_env import make_bundle
+from test_agent_download_protocol import Exchange, head, scripted_server
 
 from otad.agent.crashpoints import CrashPoints
 from otad.agent.pipeline import DiskPipe
 from otad.agent.slots import SlotWriter
-from otad.bundle import Keyring, StreamVerifier
+from otad.bundle import Keyring, StreamVerifier, read_preamble
 
 
 async def test_disk_pipe_is_not_current_until_the_thread_started_over(
@@ -57,3 +58,35 @@ async def test_disk_pipe_is_not_current_until_the_thread_started_over(
         assert manifest.image_size == 1024 * 1024
     finally:
         await pipe.abort()
+
+
+async def test_agent_download_restarted_onto_a_larger_bundle_takes_its_size(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """Cut after the first bundle's header set the download's limit; the resume is answered
+    with a larger bundle from byte 0. The pump once applied the old bundle's size (its
+    verifier was still there on the same loop step): the new one failed as oversize."""
+    small = make_bundle(cloud_dir, tmp_path / "a.otb", image_size=1024 * 1024, seed=1)
+    large = make_bundle(cloud_dir, tmp_path / "b.otb", image_size=3 * 1024 * 1024, seed=2)
+    first, second = small.read_bytes(), large.read_bytes()
+
+    async def answer(ex: Exchange) -> None:
+        if ex.index == 0:  # all but the end, received before the cut: the header was parsed
+            ex.send(head("200 OK", f"Content-Length: {len(first)}", 'ETag: "a"') + first[:-1000])
+            await ex.writer.drain()
+            await asyncio.sleep(0.5)
+            ex.reset()
+        else:  # Range ignored: another bundle, whole
+            ex.send(head("200 OK", f"Content-Length: {len(second)}", 'ETag: "b"') + second)
+
+    dev = make_device("dev1")
+    async with scripted_server(cloud_dir, answer) as server:
+        await dev.start()
+        await cloud.set_desired(
+            "dev1", {"software": {"version": "2.0", "url": server.url, "jobId": "j1"}}
+        )
+        await dev.wait_reboot_requested()
+    assert len(server.exchanges) == 2
+    with large.open("rb") as f:
+        manifest = read_preamble(f).manifest()
+    assert dev.slot_sha("B", manifest.image_size) == manifest.image_sha256
