@@ -256,6 +256,9 @@ class Transfer:
         self.requests = 0
         self.bytes_received = 0
         self._token_refused = False
+        # the min_rate window: (start, bytes since). It spans responses, so a server that
+        # answers each range with a few bytes is as slow as one that trickles them
+        self._window: tuple[float, int] | None = None
 
     def replace_source(self, source: Source) -> None:
         """A fresh URL for the same artifact (after :class:`UrlExpired`); the offset is kept."""
@@ -285,6 +288,7 @@ class Transfer:
         cfg = self.downloader.settings
         failures = 0
         reached = self.offset
+        self._window = None  # a new call (after a fresh URL, say) starts a new window
         while self.total is None or self.offset < self.total:
             try:
                 async for item in self._request():
@@ -292,6 +296,7 @@ class Transfer:
             except DownloadError as exc:
                 if not exc.retryable:
                     raise
+                self._window = None  # the backoff is ours: the next try's rate starts afresh
                 # Progress past the furthest offset reached so far earns a fresh retry budget;
                 # a server that cuts every connection before sending anything, or makes us
                 # start over and cuts at the same place again, still runs out of retries.
@@ -462,7 +467,8 @@ class Transfer:
             self.etag = etag
         offset = start
         cfg = self.downloader.settings
-        window_start, window_bytes = time.monotonic(), 0
+        if self._window is None:
+            self._window = (time.monotonic(), 0)
         # whole disk blocks straight from the receive buffer: the pump hands them on as they
         # are (no joining of small pieces, one copy from the TLS layer to the disk thread)
         async for data in resp.chunks(max(cfg.chunk_size, cfg.block_size)):
@@ -481,14 +487,7 @@ class Transfer:
             offset = end
             self.offset = end
             if cfg.min_rate:
-                window_bytes += len(data)
-                elapsed = time.monotonic() - window_start
-                if elapsed >= cfg.rate_window:
-                    if window_bytes / elapsed < cfg.min_rate:
-                        raise DownloadTimeout(
-                            f"download: below the minimum rate of {cfg.min_rate} B/s"
-                        )
-                    window_start, window_bytes = time.monotonic(), 0
+                self._check_rate(len(data))
         if stop is not None and offset < stop:
             raise DownloadProtocolError(
                 f"download: body ended at {offset} of {stop} bytes", offset=offset
@@ -505,6 +504,20 @@ class Transfer:
                 )
             if self.total is None:
                 self.total = offset  # nothing declared a length: the clean close ends it
+
+    def _check_rate(self, got: int) -> None:
+        cfg = self.downloader.settings
+        assert self._window is not None
+        since, window_bytes = self._window
+        window_bytes += got
+        now = time.monotonic()
+        if now - since < cfg.rate_window:
+            self._window = (since, window_bytes)
+        elif window_bytes / (now - since) < cfg.min_rate:
+            self._window = None
+            raise DownloadTimeout(f"download: below the minimum rate of {cfg.min_rate} B/s")
+        else:
+            self._window = (now, 0)
 
     def _content_range(self, value: str) -> tuple[int, int, int | None]:
         match = _CONTENT_RANGE.match(value.strip())

@@ -405,6 +405,36 @@ async def test_download_206_with_less_than_asked_continues_with_the_next_range(
     assert len(server.exchanges) == 4  # 300k + 300k + 300k + the last 148,576 bytes
 
 
+async def test_download_206_ranges_of_a_few_bytes_each_fall_below_the_minimum_rate(
+    cloud_dir: Any,
+) -> None:
+    """Each answer is a valid 206 of 16 bytes, so no request fails and none is slow: only a
+    rate measured across responses ends a download that would take 65,536 requests."""
+    downloader = Downloader(agent_config(cloud_dir, retries=1, min_rate=100_000, rate_window=1.0))
+
+    async def answer(ex: Exchange) -> None:
+        start = ranged_from(ex) if ex.header("Range") else 0
+        last = min(start + 16, len(BODY)) - 1
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{last}/{len(BODY)}",
+                f"Content-Length: {last + 1 - start}",
+            )
+            + BODY[start : last + 1]
+        )
+
+    try:
+        async with scripted_server(cloud_dir, answer) as server:
+            transfer = Transfer(downloader, Source(server.url), len(BODY))
+            with pytest.raises(RetriesExhausted, match="minimum rate"):
+                await asyncio.wait_for(collect(transfer), 20)
+    finally:
+        await downloader.close()
+    # two windows of 1 s (the try and its one retry), not the whole body 16 bytes at a time
+    assert 2 < len(server.exchanges) < len(BODY) // 16 // 4
+
+
 async def test_download_head_sent_a_byte_at_a_time_times_out(cloud_dir: Any) -> None:
     """Each byte comes well within sock_read, so only a bound on the whole head stops a
     server that takes minutes to send it."""
