@@ -424,6 +424,9 @@ class SlotWriter:
         self.offset = end
         if end - self._advised >= 2 * _WRITEBACK_STEP:
             self._write_back(end - _WRITEBACK_STEP)
+        if self._read_back is not None and self._read_back.error is not None:
+            # the medium failed behind us: writing the rest of the image cannot help
+            raise self._read_back.error
         if self._read_back_step and end - self._read_back_asked >= self._read_back_step:
             self._read_back_asked = end
             if self._read_back is None:
@@ -670,7 +673,7 @@ class _ReadBack:
         self._done = 0  # [0, _done) is hashed
         self.synced = 0  # [0, synced) is on the medium
         self._asked = 0
-        self._error: SlotVerifyFailed | None = None
+        self.error: SlotError | None = None  # set once, by the thread
         self._cancelled = threading.Event()
         self._wake = threading.Condition()
         self._closing = False
@@ -688,8 +691,8 @@ class _ReadBack:
             self._closing = True
             self._wake.notify()
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         return self._hash, self._done
 
     def cancel(self) -> None:
@@ -704,7 +707,7 @@ class _ReadBack:
         try:
             fd = os.open(writer.target, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            self._error = SlotVerifyFailed(f"slots: cannot re-open slot {writer.slot}: {exc}")
+            self.error = SlotVerifyFailed(f"slots: cannot re-open slot {writer.slot}: {exc}")
             return
         try:
             while True:
@@ -722,10 +725,10 @@ class _ReadBack:
                 if self._cancelled.is_set():
                     return
                 self._done = upto
-        except OSError as exc:
-            self._error = SlotVerifyFailed(f"slots: flushing slot {writer.slot} failed: {exc}")
+        except OSError as exc:  # fdatasync: the medium refused what was written (ENOSPC, EIO)
+            self.error = writer._translate(exc, self.synced)
         except SlotVerifyFailed as exc:
-            self._error = exc
+            self.error = exc
         finally:
             os.close(fd)
 

@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,36 @@ def test_slots_writer_read_back_still_catches_a_wrong_image(file_slots: SlotLayo
             w.write(image[i : i + MiB // 8])
         with pytest.raises(SlotVerifyFailed, match="expected"):
             w.finish(hashlib.sha256(image[:-1] + b"?").hexdigest())
+
+
+def test_slots_writer_stops_accepting_bytes_once_the_read_back_failed(
+    file_slots: SlotLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The medium fails a re-read early on (EIO here): the next writes refuse the rest of the
+    image instead of downloading and writing it all before finish() says so."""
+    real_preadv = os.preadv
+    failed = threading.Event()
+
+    def failing_preadv(fd: int, buffers: Any, offset: int) -> int:
+        if threading.current_thread().name == "otad-slot-readback":
+            failed.set()
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    piece = os.urandom(MiB // 8)
+
+    def write_whole_slot(w: SlotWriter) -> None:
+        for _ in range(32):  # 4 MiB, the whole slot
+            w.write(piece)
+            if _read_back_threads():  # a step was asked: let it fail before the next write
+                assert failed.wait(5)
+                time.sleep(0.05)  # the thread records its error right after the read
+
+    with _writer(file_slots, hash_writes=False, read_back_step=MiB // 4) as w:
+        with pytest.raises(SlotVerifyFailed, match="Input/output error"):
+            write_whole_slot(w)
+        assert w.offset < 4 * MiB
 
 
 def test_slots_writer_close_stops_the_read_back(file_slots: SlotLayout) -> None:
