@@ -7,7 +7,6 @@ queue; :class:`FileTransfer` reads a local bundle the way a download is read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import queue
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from otad.agent.config import DownloadConfig
 from otad.agent.crashpoints import CrashPoints
 from otad.agent.download import Source
+from otad.agent.settled import settled
 from otad.agent.slots import SlotWriter
 from otad.bundle import Manifest, StreamVerifier
 from otad.errors import DesiredStateInvalid
@@ -65,6 +65,7 @@ class DiskPipe:
         self.checkpoint: tuple[int, int] | None = None
         self._frame_ends: deque[tuple[int, int]] = deque(maxlen=256)
         self.error: BaseException | None = None
+        self._manifest: Manifest | None = None
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(depth)
         self._queue: queue.Queue[object] = queue.Queue()
@@ -94,17 +95,32 @@ class DiskPipe:
         return self._resets_done == self._resets_asked
 
     async def finish(self) -> Manifest:
+        """The verified manifest once the thread has written everything queued (the verifier's
+        last checks, which wait for its hashing thread, run in the pipe's thread too)."""
         self._queue.put(_END)
         await asyncio.shield(self._thread_done)
         if self.error is not None:
             raise self.error
-        return self.verifier.finish()
+        assert self._manifest is not None
+        return self._manifest
 
     async def abort(self) -> None:
+        """Stop the thread, then close the verifier and the slot (in a thread: closing the
+        slot waits for its read-back step). A cancellation meanwhile is raised only after
+        that: the slot is never closed under a write, and never left open."""
         self._abort.set()
         self._queue.put(_END)
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(self._thread_done)
+        cancelled = False
+        while not self._thread_done.done():
+            try:
+                await asyncio.shield(self._thread_done)
+            except asyncio.CancelledError:
+                cancelled = True
+        await settled(self._close)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _close(self) -> None:
         self.verifier.close()
         self._close_writer()
 
@@ -121,14 +137,17 @@ class DiskPipe:
             while True:
                 item = self._queue.get()
                 if item is _END:
+                    if self.error is None and not self._abort.is_set():
+                        try:
+                            self._manifest = self.verifier.finish()
+                        except BaseException as exc:
+                            self.error = exc
                     return
                 if item is _RESET:
-                    self.verifier.close()
-                    self.verifier = self.make_verifier()
-                    self.written = 0
-                    self.checkpoint = None
-                    self._frame_ends.clear()
-                    self._close_writer()
+                    try:
+                        self._start_over()
+                    except BaseException as exc:
+                        self.error = exc
                     self._resets_done += 1
                     continue
                 try:
@@ -140,6 +159,14 @@ class DiskPipe:
                     self._release()
         finally:
             self._loop.call_soon_threadsafe(_set_done, self._thread_done)
+
+    def _start_over(self) -> None:
+        self.verifier.close()
+        self.verifier = self.make_verifier()
+        self.written = 0
+        self.checkpoint = None
+        self._frame_ends.clear()
+        self._close_writer()
 
     def _process(self, data: bytes) -> None:
         had_manifest = self.verifier.manifest is not None

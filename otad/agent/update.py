@@ -55,6 +55,7 @@ from otad.agent.machine import (
 )
 from otad.agent.notify import Notifier
 from otad.agent.pipeline import DiskPipe, FileTransfer
+from otad.agent.settled import settled
 from otad.agent.slots import SlotLayout, SlotWriter, open_target
 from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy, parse_preamble
 from otad.errors import (
@@ -339,14 +340,14 @@ class UpdateRunner:
     # --- persistence helpers (blocking I/O goes to threads) ------------------------------------
 
     async def _advance(self, record: JobRecord, event: Event, **changes: Any) -> JobRecord:
-        record = await asyncio.to_thread(self.journal.advance, record, event, **changes)
+        record = await settled(self.journal.advance, record, event, **changes)
         self.record = record
         self.beat()
         self.crash.hit(f"journaled:{record.state.value}")
         return record
 
     async def _bl(self, op: str, slot: str) -> None:
-        await asyncio.to_thread(getattr(self.bootloader, op), slot)
+        await settled(getattr(self.bootloader, op), slot)
         self.beat()
 
     async def _final_report(self, record: JobRecord) -> JobRecord:
@@ -358,7 +359,7 @@ class UpdateRunner:
         state = self._report_final_state(record)
         if await self.reporter.flush(_FINAL_REPORT_WAIT):
             self.crash.hit(f"reported:{state}")
-            record = await asyncio.to_thread(self.journal.update, record, reported=True)
+            record = await settled(self.journal.update, record, reported=True)
             self.record = record
         return record
 
@@ -380,17 +381,17 @@ class UpdateRunner:
         """Apply the start-up decision's bootloader marks and journal event; returns it.
 
         The action's step runs later in :meth:`resume` (it may need the broker)."""
-        record = await asyncio.to_thread(self.journal.load)
+        record = await settled(self.journal.load)
         self.record = record
         try:
-            boot_state = await asyncio.to_thread(self.bootloader.state)
+            boot_state = await settled(self.bootloader.state)
         except BootloaderEnvCorrupt as exc:
             # No valid env copy: the firmware rescue-booted this slot. Make it the good, first
             # slot and the other one bad, then decide as usual (the job, if any, is judged on
             # that state: the other slot is not trusted any more).
             log.error("bootloader_env_repaired", booted=self.booted, reason=exc.message)
-            await asyncio.to_thread(self.bootloader.repair, self.booted)
-            boot_state = await asyncio.to_thread(self.bootloader.state)
+            await settled(self.bootloader.repair, self.booted)
+            boot_state = await settled(self.bootloader.state)
         rebooted = record is not None and self.journal.rebooted(record)
         action = decide_recovery(record, self.booted, boot_state, rebooted)
         log.info(
@@ -481,7 +482,7 @@ class UpdateRunner:
         await self._reload_keyring()
         self.trusted_keys()
         log.info("job_started", job_id=desired.job_id, version=desired.version)
-        record = await asyncio.to_thread(
+        record = await settled(
             self.journal.begin,
             desired.job_id,
             target_slot=self.target,
@@ -536,7 +537,7 @@ class UpdateRunner:
         finally:
             self.cancellable = False
             if writer is not None:
-                await asyncio.to_thread(writer.close)
+                await settled(writer.close)
         await self._switch_and_reboot(self.record or record)
 
     async def _end_failed(self, error: OtadError) -> None:
@@ -581,13 +582,15 @@ class UpdateRunner:
         if resume is not None:
             self._checkpoint = (resume.payload, resume.image)
             self._saved_preamble = (resume.preamble, resume.preamble_sha256)
-        first = await asyncio.to_thread(self._open_writer, resume.image if resume else 0)
+        first = await settled(
+            self._open_writer, resume.image if resume else 0, undo=SlotWriter.close
+        )
         try:
             pipe, transfer = self._make_pipe(desired, first, resume)
         except BaseException:
             # nothing owns the open slot yet (on a block device an O_EXCL open: left open, it
             # would refuse every later job)
-            await asyncio.to_thread(first.close)
+            await settled(first.close)
             raise
         try:
             if resume is not None and isinstance(transfer, Transfer):
@@ -608,7 +611,7 @@ class UpdateRunner:
             raise
         writer = pipe.writer
         if writer is None:  # an empty image: nothing was written, still verify the slot
-            writer = await asyncio.to_thread(self._open_writer)
+            writer = await settled(self._open_writer, undo=SlotWriter.close)
         return manifest, writer
 
     def _make_pipe(
@@ -677,6 +680,7 @@ class UpdateRunner:
                     if offset != expected:
                         # the server sent the entity again from byte 0: start verifier and slot over
                         pending, pending_len = [], 0
+                        await self._forget_checkpoint()
                         pipe.reset()
                         limited = False
                     pending.append(data)
@@ -733,7 +737,7 @@ class UpdateRunner:
         ):
             log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="malformed")
             return None
-        preamble = await asyncio.to_thread(self.journal.load_preamble, sha256)
+        preamble = await settled(self.journal.load_preamble, sha256)
         if preamble is None:
             log.warning("download_checkpoint_ignored", job_id=record.job_id, reason="no preamble")
             return None
@@ -758,7 +762,7 @@ class UpdateRunner:
             return
         self._checkpoint = point
         if self._saved_preamble is None or preamble != self._saved_preamble[0]:
-            sha256 = await asyncio.to_thread(self.journal.save_preamble, preamble)
+            sha256 = await settled(self.journal.save_preamble, preamble)
             self._saved_preamble = (preamble, sha256)
         resume = {
             "payload": point[0],
@@ -766,9 +770,18 @@ class UpdateRunner:
             "etag": transfer.etag,
             "preamble_sha256": self._saved_preamble[1],
         }
-        self.record = await asyncio.to_thread(
+        self.record = await settled(
             self.journal.update, record, runtime={**record.runtime, "resume": resume}
         )
+
+    async def _forget_checkpoint(self) -> None:
+        """Before the first byte of another entity reaches the slot: a restart must not resume
+        the old one on top of it."""
+        self._checkpoint = None
+        record = self.record
+        if record is not None and "resume" in record.runtime:
+            runtime = {k: v for k, v in record.runtime.items() if k != "resume"}
+            self.record = await settled(self.journal.update, record, runtime=runtime)
 
     @staticmethod
     def _check_manifest(manifest: Manifest, desired: DesiredSoftware) -> None:
@@ -805,7 +818,7 @@ class UpdateRunner:
             self.beat()
             if fresh.job_id == record.job_id and fresh.url != desired.url:
                 log.info("download_url_refreshed", job_id=record.job_id)
-                self.record = record = await asyncio.to_thread(
+                self.record = record = await settled(
                     self.journal.update, self.record or record, bundle_url=fresh.url
                 )
                 self.report_state(
@@ -836,7 +849,7 @@ class UpdateRunner:
         size = record.runtime.get("image_size")
         if not isinstance(sha, str) or not isinstance(size, int):
             raise SlotVerifyFailed("job: journal lacks the image hash to verify the slot")
-        await asyncio.to_thread(self._check_slot, writer, sha, size)
+        await settled(self._check_slot, writer, sha, size)
         self.crash.hit("verified")
         await self._advance(record, Event.SLOT_VERIFIED)
 
@@ -966,7 +979,7 @@ class UpdateRunner:
         self.device.versions[record.target_slot] = str(version)
         if isinstance(floor, int) and floor > self.device.security_version:
             self.device.security_version = floor
-        await asyncio.to_thread(self.device.save)
+        await settled(self.device.save)
         if record.state != State.SUCCEEDED:
             record = await self._advance(record, Event.HEALTH_PASSED)
         log.info("job_succeeded", job_id=record.job_id, version=version)
@@ -985,7 +998,7 @@ async def load_keyring(path: Path) -> Keyring | KeyringError:
     """The keyring at ``path`` (loaded in a thread), or the error that names why it does not
     load: a runner keeps that error and fails jobs with it instead of stopping."""
     try:
-        return await asyncio.to_thread(Keyring.load, path)
+        return await settled(Keyring.load, path)
     except KeyringError as exc:
         return exc
 

@@ -4,6 +4,7 @@ previous entity's once a reset was asked for (on the pipe, and in a device's job
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,41 @@ async def test_agent_download_restarted_onto_a_larger_bundle_takes_its_size(
     with large.open("rb") as f:
         manifest = read_preamble(f).manifest()
     assert dev.slot_sha("B", manifest.image_size) == manifest.image_sha256
+
+
+async def test_disk_pipe_finishes_the_verifier_off_the_event_loop(
+    cloud_dir: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The verifier's last checks wait for its hashing thread (up to 8 MiB behind on a slow
+    CPU): the pipe's thread runs them, the event loop (MQTT keepalive) never waits on them."""
+    bundle = make_bundle(cloud_dir, tmp_path / "b.otb", image_size=1024 * 1024).read_bytes()
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(2 * 1024 * 1024))
+    finished_on: list[str] = []
+    real_finish = StreamVerifier.finish
+
+    def finish(verifier: StreamVerifier) -> Any:
+        finished_on.append(threading.current_thread().name)
+        return real_finish(verifier)
+
+    monkeypatch.setattr(StreamVerifier, "finish", finish)
+
+    def writer() -> SlotWriter:
+        return SlotWriter(slot, booted=None, read_back_step=0)
+
+    pipe = DiskPipe(
+        lambda: StreamVerifier(keyring, hash_image=False),
+        writer,
+        writer(),
+        2,
+        CrashPoints(frozenset()),
+        lambda manifest: None,
+    )
+    try:
+        await pipe.put(bundle)
+        manifest = await pipe.finish()
+    finally:
+        await pipe.abort()
+    assert manifest.image_size == 1024 * 1024
+    assert finished_on == ["otad-slot-writer"]
