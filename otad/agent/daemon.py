@@ -124,6 +124,8 @@ class Agent:
                 notifier=self.notifier,
             )
             self.runner = runner
+            # a replacement deferred while the job could not be cancelled is acted on now
+            runner.on_cancellable = self._reconsider
             action = await runner.recover()
             self.notifier.ready(f"recovered: {action.step.value}")
             self.ready.set()
@@ -204,6 +206,13 @@ class Agent:
         self._document = document
         self._document_event.set()
 
+    def _reconsider(self) -> None:
+        """Act on the latest document again: one that came while a job could not be cancelled
+        or the device waited for its reboot was only put aside, and a real device may get no
+        other document for a long time."""
+        if self._document is not None:
+            self._document_event.set()
+
     async def _supervise(self, action: RecoveryAction) -> None:
         runner = self.runner
         if runner is None:  # pragma: no cover - set before the task starts
@@ -215,6 +224,7 @@ class Agent:
                 await runner.resume(action)
         except RebootPending:
             await self._wait_for_power_off()
+            self._reconsider()
         while True:
             await self._document_event.wait()
             self._document_event.clear()
@@ -225,6 +235,7 @@ class Agent:
                 await self._act(runner, document)
             except RebootPending:
                 await self._wait_for_power_off()
+                self._reconsider()
 
     async def _wait_for_power_off(self) -> None:
         """The reboot command succeeded: wait for the power to go, at most ``reboot_timeout``."""
@@ -306,6 +317,8 @@ class Agent:
                 await self.runner.fail_invalid(desired.job_id, exc)
         except Exception:  # the top of the job task: never let it die silently
             log.exception("job_crashed")
+        finally:
+            self._reconsider()
 
     async def _cancel_job(self, why: str) -> None:
         job = self._job

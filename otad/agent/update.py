@@ -286,6 +286,8 @@ class UpdateRunner:
         self.progress = Progress()
         self.heartbeat = time.monotonic()
         self.cancellable = False
+        # called each time a job becomes cancellable (the agent acts on a deferred replacement)
+        self.on_cancellable: Callable[[], object] = lambda: None
         # set by the agent before it cancels a job because it stops (not because it was replaced)
         self.stopping = False
         # set when a rollback cannot reboot off the failed target (see reboot_failed)
@@ -503,6 +505,7 @@ class UpdateRunner:
 
     async def _download_and_install(self, record: JobRecord, desired: DesiredSoftware) -> None:
         self.cancellable = True
+        self.on_cancellable()
         writer: SlotWriter | None = None
         try:
             self.trusted_keys()  # a download resumed at start: fail it before touching the slot
@@ -546,10 +549,21 @@ class UpdateRunner:
             return
         log.warning("job_failed", job_id=record.job_id, error=error.code, reason=error.message)
         event = Event.CANCELLED if isinstance(error, JobCancelled) else Event.FAILED
-        record = await asyncio.shield(self._advance(record, event, error=error.to_wire()))
-        if isinstance(error, JobCancelled):
+        # Journaled whole even if the job is cancelled meanwhile (a new desired state): the
+        # next job's begin() must find this one ended, not still in flight.
+        advance = asyncio.ensure_future(self._advance(record, event, error=error.to_wire()))
+        cancelled = False
+        while not advance.done():
+            try:
+                await asyncio.shield(advance)
+            except asyncio.CancelledError:
+                cancelled = True
+        record = advance.result()
+        if isinstance(error, JobCancelled) or cancelled:
             # The next job reports right after; do not hold the cancellation up on the broker.
             self.report_state("failed", job_id=record.job_id, error=record.error)
+            if cancelled:
+                raise asyncio.CancelledError
             return
         await self._final_report(record)
 
