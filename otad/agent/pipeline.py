@@ -17,7 +17,7 @@ from pathlib import Path
 from otad.agent.config import DownloadConfig
 from otad.agent.crashpoints import CrashPoints
 from otad.agent.download import Source
-from otad.agent.settled import settled
+from otad.agent.settled import outlast, settled
 from otad.agent.slots import SlotWriter
 from otad.bundle import Manifest, StreamVerifier
 from otad.errors import DesiredStateInvalid
@@ -110,12 +110,7 @@ class DiskPipe:
         that: the slot is never closed under a write, and never left open."""
         self._abort.set()
         self._queue.put(_END)
-        cancelled = False
-        while not self._thread_done.done():
-            try:
-                await asyncio.shield(self._thread_done)
-            except asyncio.CancelledError:
-                cancelled = True
+        cancelled = await outlast(self._thread_done)
         await settled(self._close)
         if cancelled:
             raise asyncio.CancelledError

@@ -33,6 +33,16 @@ async def settled(
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     future: asyncio.Future[T] = loop.run_in_executor(None, call)
+    if not await outlast(future):
+        return future.result()
+    if undo is not None and not future.cancelled() and future.exception() is None:
+        await settled(undo, future.result())
+    raise asyncio.CancelledError
+
+
+async def outlast(future: asyncio.Future[Any]) -> bool:
+    """Wait until ``future`` is done, however often the caller is cancelled meanwhile; whether
+    it was (the caller raises the cancellation once it has cleaned up)."""
     cancelled = False
     while not future.done():
         try:
@@ -40,9 +50,5 @@ async def settled(
         except asyncio.CancelledError:
             cancelled = True
         except BaseException:
-            break  # fn raised: the future holds it
-    if cancelled or future.cancelled():
-        if undo is not None and not future.cancelled() and future.exception() is None:
-            await settled(undo, future.result())
-        raise asyncio.CancelledError
-    return future.result()
+            break  # the future holds its exception for the caller
+    return cancelled or future.cancelled()

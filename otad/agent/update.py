@@ -55,7 +55,7 @@ from otad.agent.machine import (
 )
 from otad.agent.notify import Notifier
 from otad.agent.pipeline import DiskPipe, FileTransfer
-from otad.agent.settled import settled
+from otad.agent.settled import outlast, settled
 from otad.agent.slots import SlotLayout, SlotWriter, open_target
 from otad.bundle import Keyring, Manifest, StreamVerifier, VerifyPolicy, parse_preamble
 from otad.errors import (
@@ -552,12 +552,7 @@ class UpdateRunner:
         # Journaled whole even if the job is cancelled meanwhile (a new desired state): the
         # next job's begin() must find this one ended, not still in flight.
         advance = asyncio.ensure_future(self._advance(record, event, error=error.to_wire()))
-        cancelled = False
-        while not advance.done():
-            try:
-                await asyncio.shield(advance)
-            except asyncio.CancelledError:
-                cancelled = True
+        cancelled = await outlast(advance)
         record = advance.result()
         if isinstance(error, JobCancelled) or cancelled:
             # The next job reports right after; do not hold the cancellation up on the broker.

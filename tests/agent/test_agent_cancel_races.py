@@ -10,38 +10,23 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from plugins.agent_env import runner_on_file_slots
 from plugins.cloud_env import make_bundle
+from test_agent_disk_pipe import disk_pipe
 from test_agent_download_protocol import Exchange, head, ranged_from, scripted_server
 
 from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import parse
-from otad.agent.crashpoints import CrashPoints
-from otad.agent.download import Downloader
-from otad.agent.journal import Journal
-from otad.agent.pipeline import DiskPipe
 from otad.agent.slots import SlotWriter
-from otad.agent.update import DesiredSoftware, DeviceState, HealthResult, UpdateRunner
-from otad.agent.wiring import make_layout
-from otad.bundle import Keyring, StreamVerifier
+from otad.agent.update import DesiredSoftware, UpdateRunner
+from otad.bundle import Keyring
 
 MiB = 1024 * 1024
-
-
-class ListReporter:
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
-        self.reports.append(dict(reported))
-        return len(self.reports)
-
-    async def flush(self, within: float) -> bool:
-        return True
 
 
 def slowed(real: Callable[..., Any], when: Callable[..., bool], delay: float) -> Callable[..., Any]:
@@ -92,32 +77,12 @@ async def runner(cloud_dir: Any, tmp_path: Path) -> AsyncIterator[UpdateRunner]:
             "download": {"retries": 2, "backoff_initial": 0.01, "read_back_step": MiB},
         }
     )
-    DeviceState(config.state_dir / "device.json", {"A": "1.0"}).save()
-    journal = Journal(config.state_dir, boot_id="boot-1")
-    await asyncio.to_thread(journal.acquire)
-    downloader = Downloader(config)
-
-    async def healthy() -> HealthResult:
-        return HealthResult(True, "")
-
-    made = UpdateRunner(
-        config,
-        bootloader=SimBootloader(config.sim_state_path, durable=False),
-        journal=journal,
-        booted_slot="A",
-        layout=make_layout(config),
-        downloader=downloader,
-        reporter=ListReporter(),
-        rebooter=lambda: None,
-        health=healthy,
-        keyring=Keyring.load(config.keyring),
-    )
-    await made.recover()
+    made = await runner_on_file_slots(config)
     try:
         yield made
     finally:
-        await downloader.close()
-        journal.release()
+        await made.downloader.close()
+        made.journal.release()
 
 
 async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
@@ -151,18 +116,7 @@ async def test_disk_pipe_abort_cancelled_again_still_waits_for_the_write_in_prog
 
     monkeypatch.setattr(SlotWriter, "close", close)
 
-    def writer() -> SlotWriter:
-        return SlotWriter(slot, booted=None, read_back_step=0, hash_writes=False)
-
-    keyring = Keyring.load(cloud_dir.keyring_dir)
-    pipe = DiskPipe(
-        lambda: StreamVerifier(keyring, hash_image=False),
-        writer,
-        writer(),
-        4,
-        CrashPoints(frozenset()),
-        lambda manifest: None,
-    )
+    pipe = disk_pipe(Keyring.load(cloud_dir.keyring_dir), slot, depth=4)
 
     async def job() -> None:
         try:

@@ -17,6 +17,22 @@ from otad.agent.slots import SlotWriter
 from otad.bundle import Keyring, StreamVerifier, read_preamble
 
 
+def disk_pipe(keyring: Keyring, slot: Path, depth: int = 2) -> DiskPipe:
+    """A pipe that verifies into the file ``slot``, as a job's does (no read-back steps)."""
+
+    def writer() -> SlotWriter:
+        return SlotWriter(slot, booted=None, read_back_step=0, hash_writes=False)
+
+    return DiskPipe(
+        lambda: StreamVerifier(keyring, hash_image=False),
+        writer,
+        writer(),
+        depth,
+        CrashPoints(frozenset()),
+        lambda manifest: None,
+    )
+
+
 async def test_disk_pipe_is_not_current_until_the_thread_started_over(
     cloud_dir: Any, tmp_path: Path
 ) -> None:
@@ -26,17 +42,7 @@ async def test_disk_pipe_is_not_current_until_the_thread_started_over(
     slot = tmp_path / "slot"
     slot.write_bytes(bytes(2 * 1024 * 1024))
 
-    def writer() -> SlotWriter:
-        return SlotWriter(slot, booted=None, read_back_step=0)
-
-    pipe = DiskPipe(
-        lambda: StreamVerifier(keyring, hash_image=False),
-        writer,
-        writer(),
-        2,
-        CrashPoints(frozenset()),
-        lambda manifest: None,
-    )
+    pipe = disk_pipe(keyring, slot)
     try:
         await pipe.put(first[: len(first) // 2])
         for _ in range(200):  # bounded: the thread parses the header within moments
@@ -111,17 +117,7 @@ async def test_disk_pipe_finishes_the_verifier_off_the_event_loop(
 
     monkeypatch.setattr(StreamVerifier, "finish", finish)
 
-    def writer() -> SlotWriter:
-        return SlotWriter(slot, booted=None, read_back_step=0)
-
-    pipe = DiskPipe(
-        lambda: StreamVerifier(keyring, hash_image=False),
-        writer,
-        writer(),
-        2,
-        CrashPoints(frozenset()),
-        lambda manifest: None,
-    )
+    pipe = disk_pipe(keyring, slot)
     try:
         await pipe.put(bundle)
         manifest = await pipe.finish()

@@ -138,6 +138,24 @@ def ranged_from(exchange: Exchange) -> int:
     return int(value[len("bytes=") : -1])
 
 
+def ranges_of(step: int) -> Answer:
+    """Answer every request with a 206 of at most ``step`` bytes from where it asks."""
+
+    async def answer(ex: Exchange) -> None:
+        start = ranged_from(ex) if ex.header("Range") else 0
+        last = min(start + step, len(BODY)) - 1
+        ex.send(
+            head(
+                "206 Partial Content",
+                f"Content-Range: bytes {start}-{last}/{len(BODY)}",
+                f"Content-Length: {last + 1 - start}",
+            )
+            + BODY[start : last + 1]
+        )
+
+    return answer
+
+
 @pytest.fixture
 async def downloader(cloud_dir: Any) -> AsyncIterator[Downloader]:
     d = Downloader(agent_config(cloud_dir))
@@ -381,20 +399,7 @@ async def test_download_206_with_less_than_asked_continues_with_the_next_range(
 ) -> None:
     """A server may answer a range with less than asked; that is not a cut (no retry spent)."""
     downloader = Downloader(agent_config(cloud_dir, retries=0))
-    step = 300_000
-
-    async def answer(ex: Exchange) -> None:
-        start = ranged_from(ex) if ex.header("Range") else 0
-        last = min(start + step, len(BODY)) - 1
-        ex.send(
-            head(
-                "206 Partial Content",
-                f"Content-Range: bytes {start}-{last}/{len(BODY)}",
-                f"Content-Length: {last + 1 - start}",
-            )
-            + BODY[start : last + 1]
-        )
-
+    answer = ranges_of(300_000)
     try:
         async with scripted_server(cloud_dir, answer) as server:
             transfer = Transfer(downloader, Source(server.url), len(BODY))
@@ -412,17 +417,7 @@ async def test_download_206_ranges_of_a_few_bytes_each_fall_below_the_minimum_ra
     rate measured across responses ends a download that would take 65,536 requests."""
     downloader = Downloader(agent_config(cloud_dir, retries=1, min_rate=100_000, rate_window=1.0))
 
-    async def answer(ex: Exchange) -> None:
-        start = ranged_from(ex) if ex.header("Range") else 0
-        last = min(start + 16, len(BODY)) - 1
-        ex.send(
-            head(
-                "206 Partial Content",
-                f"Content-Range: bytes {start}-{last}/{len(BODY)}",
-                f"Content-Length: {last + 1 - start}",
-            )
-            + BODY[start : last + 1]
-        )
+    answer = ranges_of(16)
 
     try:
         async with scripted_server(cloud_dir, answer) as server:

@@ -45,7 +45,11 @@ import pytest
 from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, load
 from otad.agent.daemon import Agent
-from otad.agent.update import DeviceState
+from otad.agent.download import Downloader
+from otad.agent.journal import Journal
+from otad.agent.update import DeviceState, HealthResult, UpdateRunner
+from otad.agent.wiring import make_layout
+from otad.bundle import Keyring
 from otad.bundle.openssl import ED25519_SPKI_PREFIX
 from otad.errors import BrokerError, ShadowNotFound
 
@@ -92,6 +96,48 @@ def fill(path: Path, size: int, seed: int) -> bytes:
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+class ListReporter:
+    """The Reporter protocol in memory: every report is kept and accepted at once."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
+        self.reports.append(dict(reported))
+        return len(self.reports)
+
+    async def flush(self, within: float) -> bool:
+        return True
+
+
+async def runner_on_file_slots(config: AgentConfig) -> UpdateRunner:
+    """An UpdateRunner of ``config`` (file slots, the sim bootloader) without the daemon around
+    it: slot A runs version 1.0 and is booted, the journal is locked, recovery has run. Its
+    reporter is a :class:`ListReporter`, its health check passes; close ``runner.downloader``
+    and release ``runner.journal`` after use."""
+    DeviceState(config.state_dir / "device.json", {"A": "1.0"}).save()
+    journal = Journal(config.state_dir, boot_id="boot-1")
+    await asyncio.to_thread(journal.acquire)
+
+    async def healthy() -> HealthResult:
+        return HealthResult(True, "")
+
+    runner = UpdateRunner(
+        config,
+        bootloader=SimBootloader(config.sim_state_path, durable=False),
+        journal=journal,
+        booted_slot="A",
+        layout=make_layout(config),
+        downloader=Downloader(config),
+        reporter=ListReporter(),
+        rebooter=lambda: None,
+        health=healthy,
+        keyring=Keyring.load(config.keyring),
+    )
+    await runner.recover()
+    return runner
 
 
 class SimDevice:

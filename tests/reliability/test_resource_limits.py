@@ -16,23 +16,25 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from plugins.agent_env import offer_bundle, serve_https, wait_reported
+from plugins.agent_env import (
+    ListReporter,
+    offer_bundle,
+    runner_on_file_slots,
+    serve_https,
+    wait_reported,
+)
 from plugins.cloud_env import free_port
 from rogue import RogueServer
 
 from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import AgentConfig, parse
-from otad.agent.download import Downloader
-from otad.agent.journal import Journal
-from otad.agent.update import DesiredSoftware, DeviceState, HealthResult, UpdateRunner
-from otad.agent.wiring import make_layout
-from otad.bundle import Keyring
+from otad.agent.update import DesiredSoftware, DeviceState
 
 MiB = 1024 * 1024
 FAILED_JOBS = 200
@@ -40,20 +42,6 @@ WARMUP_JOBS = 20
 
 
 # --- 200 failed downloads --------------------------------------------------------------------
-
-
-class ListReporter:
-    """The Reporter protocol in memory: every report is kept and accepted at once."""
-
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def report(self, reported: Mapping[str, Any], *, client_token: str | None = None) -> int:
-        self.reports.append(dict(reported))
-        return len(self.reports)
-
-    async def flush(self, within: float) -> bool:
-        return True
 
 
 def open_fds() -> int:
@@ -133,28 +121,10 @@ async def test_resource_200_failed_downloads_leak_no_fds_tasks_threads_or_memory
     cloud_dir: Any, refusing_urls: list[str], tmp_path: Path
 ) -> None:
     config = runner_config(cloud_dir, tmp_path)
-    DeviceState(config.state_dir / "device.json", {"A": "1.0"}).save()
-    journal = Journal(config.state_dir, boot_id="boot-1")
-    await asyncio.to_thread(journal.acquire)
-    downloader = Downloader(config)
-    reporter = ListReporter()
-
-    async def healthy() -> HealthResult:
-        return HealthResult(True, "")
-
-    runner = UpdateRunner(
-        config,
-        bootloader=SimBootloader(config.sim_state_path, durable=False),
-        journal=journal,
-        booted_slot="A",
-        layout=make_layout(config),
-        downloader=downloader,
-        reporter=reporter,
-        rebooter=lambda: None,
-        health=healthy,
-        keyring=Keyring.load(config.keyring),
-    )
-    await runner.recover()
+    runner = await runner_on_file_slots(config)
+    downloader, journal = runner.downloader, runner.journal
+    assert isinstance(runner.reporter, ListReporter)
+    reporter = runner.reporter
 
     async def fail_jobs(first: int, count: int) -> None:
         for n in range(first, first + count):
