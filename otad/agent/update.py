@@ -79,6 +79,8 @@ log = structlog.get_logger(__name__)
 DEVICE_STATE = "device.json"
 _JOB_ID_MAX = 128
 _FINAL_REPORT_WAIT = 10.0
+# job states in which a device booted on the job's target runs the job's image, on trial
+_ON_TARGET = frozenset({State.REBOOTING, State.VERIFYING})
 
 
 # --- the desired entry ------------------------------------------------------------------------
@@ -304,6 +306,11 @@ class UpdateRunner:
     def running_version(self) -> str:
         if self._file_version is not None:
             return self._file_version
+        record = self.record
+        if record is not None and record.state in _ON_TARGET and self.booted == record.target_slot:
+            # the trial boot of the job's image: device.json names a slot's version only once
+            # it is committed, so it still holds what the slot had before this job
+            return str(record.runtime.get("manifest_version") or record.version)
         return self.device.versions.get(self.booted, "unknown")
 
     def software_report(

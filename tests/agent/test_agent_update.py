@@ -7,6 +7,7 @@ with the slot the sim booted (``SimDevice.reboot``).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,26 @@ async def test_agent_desired_version_already_running_is_a_no_op(cloud: Any, make
     assert sw["state"] == "succeeded" and sw["version"] == "1.0"
     assert dev.agent is not None and dev.agent.jobs_started == 0
     assert dev.sim.state().slot("B").good  # untouched
+
+
+async def test_agent_trial_boot_reports_the_version_it_runs(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+):
+    """While the new slot is on trial (its health check runs) the device runs the job's
+    version; device.json names a slot's version only once it is committed, so it still says
+    what slot B held before."""
+    dev = make_device("dev1")
+    (dev.state_dir / "device.json").write_text(
+        json.dumps({"versions": {"A": "1.0", "B": "0.9"}, "securityVersion": 0})
+    )
+    await dev.start()
+    script = dev.health_d / "10-slow"
+    script.write_text("#!/bin/sh\nsleep 4\nexit 0\n")
+    script.chmod(0o755)
+    await offer_bundle(cloud, cloud_dir, tmp_path, image_size=256 * 1024)
+    await dev.wait_reboot_requested()
+    assert await dev.reboot() == "B"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "verifying", within=10)
+    assert (sw["slot"], sw["version"]) == ("B", "2.0")
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded", within=20)
+    assert (sw["slot"], sw["version"]) == ("B", "2.0")
