@@ -62,6 +62,7 @@ class State(StrEnum):
 class Event(StrEnum):
     DOWNLOAD_STARTED = "download_started"
     DOWNLOAD_RESUMED = "download_resumed"
+    INSTALL_RESUMED = "install_resumed"
     PAYLOAD_VERIFIED = "payload_verified"
     SLOT_VERIFIED = "slot_verified"
     REBOOT_REQUESTED = "reboot_requested"
@@ -93,6 +94,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (_S.DOWNLOADING, _E.CANCELLED): _S.FAILED,
     (_S.DOWNLOADING, _E.FAILED): _S.FAILED,
     (_S.DOWNLOADING, _E.LOOP_DETECTED): _S.FAILED,
+    (_S.INSTALLING, _E.INSTALL_RESUMED): _S.INSTALLING,
     (_S.INSTALLING, _E.SLOT_VERIFIED): _S.REBOOTING,
     (_S.INSTALLING, _E.CANCELLED): _S.FAILED,
     (_S.INSTALLING, _E.FAILED): _S.FAILED,
@@ -377,8 +379,11 @@ def _decide(record: JobRecord, booted: str, boot: BootState, rebooted: bool) -> 
         )
 
     if record.state == State.INSTALLING:
+        # journaled before the re-read: an agent that dies in it (out of memory, a hung medium
+        # and the watchdog) counts a transition at every start, so the loop breaker ends it
         return RecoveryAction(
             Step.REVERIFY_SLOT,
+            event=Event.INSTALL_RESUMED,
             mark_bad=_ensure_bad(boot, target, booted),
             confirm=_confirm(boot, booted),
             reason="install interrupted before the slot was verified",

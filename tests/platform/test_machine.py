@@ -272,11 +272,7 @@ def check_safety(
     else:
         # an unfinished job always moves: an event is stored, or the step journals one itself
         # (switch and rollback store reboot_requested after their bootloader write)
-        assert act.event is not None or act.step in (
-            Step.REVERIFY_SLOT,
-            Step.SWITCH_AND_REBOOT,
-            Step.ROLLBACK,
-        )
+        assert act.event is not None or act.step in (Step.SWITCH_AND_REBOOT, Step.ROLLBACK)
     # a job that is over (or none) leaves the running slot confirmed, unless it is the target
     # and the job did not succeed (its content never passed the health check)
     if act.step in (Step.NONE, Step.REPORT, Step.FINISH) and not (
