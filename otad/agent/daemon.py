@@ -287,6 +287,8 @@ class Agent:
         record = runner.record
         if record is not None and record.job_id == desired.job_id:
             return  # this job ran already (or runs): never twice
+        if desired.job_id in runner.device.jobs:
+            return  # an older job named again (after another one ran): never twice either
         if desired.job_id == self._not_started:
             return  # could not even start; a new jobId (or a restart) tries again
         if desired.version == runner.running_version and desired.job_id != self._last_noop:

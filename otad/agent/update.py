@@ -31,7 +31,7 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +79,7 @@ log = structlog.get_logger(__name__)
 DEVICE_STATE = "device.json"
 _JOB_ID_MAX = 128
 _FINAL_REPORT_WAIT = 10.0
+_JOBS_KEPT = 64  # jobIds device.json remembers (up to 128 characters each)
 # job states in which a device booted on the job's target runs the job's image, on trial
 _ON_TARGET = frozenset({State.REBOOTING, State.VERIFYING})
 
@@ -152,6 +153,9 @@ class DeviceState:
     path: Path
     versions: dict[str, str]
     security_version: int = 0
+    # the latest jobIds this device started, oldest first: a jobId runs at most once, also
+    # when the desired state names an older job again after another one ran
+    jobs: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, state_dir: Path) -> DeviceState:
@@ -165,14 +169,25 @@ class DeviceState:
             return cls(path, {})
         versions = doc.get("versions") if isinstance(doc, dict) else None
         floor = doc.get("securityVersion") if isinstance(doc, dict) else None
+        jobs = doc.get("jobs") if isinstance(doc, dict) else None
         return cls(
             path,
             {k: v for k, v in (versions or {}).items() if isinstance(v, str)},
             floor if isinstance(floor, int) and not isinstance(floor, bool) else 0,
+            [j for j in jobs if isinstance(j, str)][-_JOBS_KEPT:] if isinstance(jobs, list) else [],
         )
 
+    def started(self, job_id: str) -> None:
+        """Remember ``job_id`` (call :meth:`save` after)."""
+        if job_id not in self.jobs:
+            self.jobs = [*self.jobs, job_id][-_JOBS_KEPT:]
+
     def save(self) -> None:
-        doc = {"versions": self.versions, "securityVersion": self.security_version}
+        doc = {
+            "versions": self.versions,
+            "securityVersion": self.security_version,
+            "jobs": self.jobs,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         replace_file(self.path, json.dumps(doc, sort_keys=True).encode() + b"\n")
 
@@ -502,6 +517,8 @@ class UpdateRunner:
         )
         self.record = record
         self.crash.hit("journaled:downloading")
+        self.device.started(desired.job_id)
+        await settled(self.device.save)
         await self._download_and_install(record, desired)
 
     async def fail_invalid(self, job_id: str | None, error: OtadError) -> None:

@@ -6,6 +6,7 @@ with the slot the sim booted (``SimDevice.reboot``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -124,3 +125,33 @@ async def test_agent_trial_boot_reports_the_version_it_runs(
     assert (sw["slot"], sw["version"]) == ("B", "2.0")
     sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded", within=20)
     assert (sw["slot"], sw["version"]) == ("B", "2.0")
+
+
+async def test_agent_older_job_named_again_after_another_job_is_not_run_again(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+):
+    """j1 rolled back, j2 ran after it; the desired state then names j1 again (an operator
+    restores the previous entry). A jobId runs at most once: j1 is not installed again."""
+    dev = make_device("dev1")
+    await dev.start()
+    script = dev.health_d / "10-app"
+    script.write_text("#!/bin/sh\nexit 3\n")  # 2.0 is unhealthy
+    script.chmod(0o755)
+    _, j1 = await offer_bundle(cloud, cloud_dir, tmp_path, image_size=256 * 1024)
+    await dev.wait_reboot_requested()
+    assert await dev.reboot() == "B"  # the health check fails: back to A
+    await dev.wait_reboot_requested()
+    assert await dev.reboot() == "A"
+    await wait_reported(cloud, "dev1", lambda s: s["state"] == "rolled_back")
+    missing = j1["url"].replace("/v1/artifacts/", "/v1/artifacts/0")
+    j2 = {"version": "3.0", "jobId": "j2", "url": missing}
+    await cloud.set_desired("dev1", {"software": j2})
+    await wait_reported(cloud, "dev1", lambda s: s["jobId"] == "j2" and s["state"] == "failed")
+    agent = dev.agent
+    assert agent is not None
+    started = agent.jobs_started
+    await cloud.set_desired("dev1", {"software": j1})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["jobId"] == "j2", within=5)
+    await asyncio.sleep(1.0)  # the agent had the document (wait_reported asks for it)
+    assert agent.jobs_started == started and dev.reboot_requests == 2
+    assert sw["state"] == "failed" and dev.sim.state().next_boot() == "A"
