@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from otad.agent.bootloader import Bootloader, other_slot
+from otad.agent.bootloader import Bootloader, BootState, other_slot
 from otad.agent.bootloader.durable import replace_file
 from otad.agent.config import AgentConfig
 from otad.agent.crashpoints import CrashPoints
@@ -64,6 +64,7 @@ from otad.errors import (
     DesiredStateInvalid,
     HealthCheckFailed,
     JobCancelled,
+    JournalCorrupt,
     KeyringError,
     OtadError,
     RebootFailed,
@@ -307,6 +308,8 @@ class UpdateRunner:
         self.on_cancellable: Callable[[], object] = lambda: None
         # set by the agent before it cancels a job because it stops (not because it was replaced)
         self.stopping = False
+        # the journal found unreadable at start and set aside (reported with the idle state)
+        self.journal_error: JournalCorrupt | None = None
         # set when a rollback cannot reboot off the failed target (see reboot_failed)
         self.stuck: RebootFailed | None = None
         self.record: JobRecord | None = None
@@ -405,7 +408,11 @@ class UpdateRunner:
         """Apply the start-up decision's bootloader marks and journal event; returns it.
 
         The action's step runs later in :meth:`resume` (it may need the broker)."""
-        record = await settled(self.journal.load)
+        corrupt: JournalCorrupt | None = None
+        try:
+            record = await settled(self.journal.load)
+        except JournalCorrupt as exc:
+            record, corrupt = None, exc
         self.record = record
         try:
             boot_state = await settled(self.bootloader.state)
@@ -416,6 +423,8 @@ class UpdateRunner:
             log.error("bootloader_env_repaired", booted=self.booted, reason=exc.message)
             await settled(self.bootloader.repair, self.booted)
             boot_state = await settled(self.bootloader.state)
+        if corrupt is not None:
+            boot_state = await self._set_journal_aside(corrupt, boot_state)
         rebooted = record is not None and self.journal.rebooted(record)
         action = decide_recovery(record, self.booted, boot_state, rebooted)
         log.info(
@@ -440,6 +449,24 @@ class UpdateRunner:
             await self._bl("mark_good", action.confirm)
         return action
 
+    async def _set_journal_aside(self, corrupt: JournalCorrupt, boot: BootState) -> BootState:
+        """An unreadable journal (a torn write, a newer agent's schema after a rollback): its
+        job is lost. On a committed slot the device is sound without it: keep the file aside
+        for diagnosis, make the other slot bad (whatever a job left there is unknown; the next
+        job rewrites it), report the problem and go on with no job. On a slot on trial there is
+        no telling whether it passed its health check: refuse to start, so nothing confirms it
+        and the bootloader falls back to the other slot."""
+        if not boot.slot(self.booted).good:
+            raise corrupt
+        log.error("journal_corrupt", reason=corrupt.message, booted=self.booted)
+        await settled(self.journal.quarantine)
+        other = other_slot(self.booted)
+        if not boot.slot(other).bad:
+            await self._bl("mark_bad", other)
+            boot = await settled(self.bootloader.state)
+        self.journal_error = corrupt
+        return boot
+
     async def resume(self, action: RecoveryAction) -> None:
         """Run the step the recovery decided (may reboot: then RebootPending is raised)."""
         record = self.record
@@ -449,6 +476,8 @@ class UpdateRunner:
                 # nothing to do, but say the truth about the last job again: as the same update
                 # as its final report, which the replica does not apply twice
                 self._report_final_state(record)
+            elif self.journal_error is not None:
+                self.report_state("idle", error=self.journal_error.to_wire())
             else:
                 self.report_state("idle")
             return

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from plugins.agent_env import fix_keyring, offer_bundle, store_proxy, wait_reported, weak_keyring
 from structlog.testing import capture_logs
 
@@ -152,3 +153,30 @@ def _link(path: str) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"schema": 1, "job_id": "j0", "sta', b"\0" * 512, b'{"schema": 99}'],
+    ids=["torn", "zeros", "newer_schema"],
+)
+async def test_agent_with_an_unreadable_journal_on_a_committed_slot_sets_it_aside(
+    content: bytes, cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """A torn journal, zeros after a power cut, or a newer agent's journal after a rollback:
+    the agent used to stop at every start (and so never update again). On a committed slot it
+    keeps the file aside, makes the other slot bad, reports the problem and takes new jobs."""
+    dev = make_device("dev1")
+    (dev.state_dir / "journal.json").write_bytes(content)
+    await dev.start()
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "idle")
+    assert sw["error"]["code"] == "journal_corrupt" and sw["slot"] == "A", sw
+    aside = list(dev.state_dir.glob("journal.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    boot = dev.sim.state()
+    assert boot.slot("B").bad and boot.next_boot() == "A"
+    await offer_bundle(cloud, cloud_dir, tmp_path, image_size=256 * 1024)
+    await dev.wait_reboot_requested()
+    assert await dev.reboot() == "B"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded")
+    assert sw["version"] == "2.0" and sw.get("error") is None
