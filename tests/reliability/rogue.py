@@ -62,9 +62,15 @@ class RogueServer:
             self._tasks.discard(task)
 
     async def send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        if writer.is_closing():
+            raise ConnectionResetError("rogue: the client closed the connection")
         writer.write(data)
         await writer.drain()
         self.sent += len(data)
+        # Once a write found the socket reset, asyncio drops later writes and drain() returns
+        # without suspending (nothing is buffered): without this yield the connection-lost
+        # callbacks never run and a sending loop spins to ENDLESS_CAP on a dead connection.
+        await asyncio.sleep(0)
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
