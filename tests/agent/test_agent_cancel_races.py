@@ -18,7 +18,7 @@ import pytest
 from plugins.agent_env import runner_on_file_slots
 from plugins.cloud_env import make_bundle
 from test_agent_disk_pipe import disk_pipe
-from test_agent_download_protocol import Exchange, head, ranged_from, scripted_server
+from test_agent_download_protocol import Exchange, ranged_from, scripted_server, whole
 
 from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.config import parse
@@ -244,7 +244,7 @@ async def test_job_cancelled_while_a_checkpoint_is_journaled_stays_cancelled(
     monkeypatch.setattr(runner.journal, "update", slowed(runner.journal.update, checkpoint, 0.3))
 
     async def answer(ex: Exchange) -> None:
-        ex.send(head("200 OK", f"Content-Length: {len(bundle)}", 'ETag: "e1"'))
+        ex.send(whole(bundle, 'ETag: "e1"'))
         for at in range(0, len(bundle), 256 * 1024):  # a link the disk keeps up with
             ex.send(bundle[at : at + 256 * 1024])
             await ex.writer.drain()
@@ -279,13 +279,13 @@ async def test_download_started_over_on_another_bundle_forgets_the_old_checkpoin
 
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:
-            ex.send(head("200 OK", f"Content-Length: {len(first)}", 'ETag: "e1"') + first[:-1])
+            ex.send(whole(first, 'ETag: "e1"') + first[:-1])
             await ex.writer.drain()
             await until(lambda: resume_entry(runner) is not None)
             ex.reset()
         else:
             assert ex.header("If-Range") == '"e1"' and ranged_from(ex) > 0
-            ex.send(head("200 OK", f"Content-Length: {len(second)}", 'ETag: "e2"') + second[:4096])
+            ex.send(whole(second, 'ETag: "e2"') + second[:4096])
             await ex.writer.drain()
             await hold.wait()
 

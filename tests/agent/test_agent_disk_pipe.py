@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins.cloud_env import make_bundle
-from test_agent_download_protocol import Exchange, head, scripted_server
+from test_agent_download_protocol import Exchange, scripted_server, whole
 
 from otad.agent.crashpoints import CrashPoints
 from otad.agent.pipeline import DiskPipe
@@ -79,12 +79,12 @@ async def test_agent_download_restarted_onto_a_larger_bundle_takes_its_size(
 
     async def answer(ex: Exchange) -> None:
         if ex.index == 0:  # all but the end, received before the cut: the header was parsed
-            ex.send(head("200 OK", f"Content-Length: {len(first)}", 'ETag: "a"') + first[:-1000])
+            ex.send(whole(first, 'ETag: "a"') + first[:-1000])
             await ex.writer.drain()
             await asyncio.sleep(0.5)
             ex.reset()
         else:  # Range ignored: another bundle, whole
-            ex.send(head("200 OK", f"Content-Length: {len(second)}", 'ETag: "b"') + second)
+            ex.send(whole(second, 'ETag: "b"') + second)
 
     dev = make_device("dev1")
     async with scripted_server(cloud_dir, answer) as server:

@@ -101,9 +101,14 @@ def head(status: str, *fields: str) -> bytes:
     return ("\r\n".join([f"HTTP/1.1 {status}", *fields]) + "\r\n\r\n").encode("latin-1")
 
 
+def whole(body: bytes, *fields: str) -> bytes:
+    """The head of a 200 answer carrying all of ``body`` (the caller sends what it wants of it)."""
+    return head("200 OK", f"Content-Length: {len(body)}", *fields)
+
+
 async def cut_halfway(ex: Exchange, *fields: str) -> None:
     """Answer 200 with BODY's length, send half of it, then reset the connection."""
-    ex.send(head("200 OK", f"Content-Length: {len(BODY)}", *fields) + BODY[: len(BODY) // 2])
+    ex.send(whole(BODY, *fields) + BODY[: len(BODY) // 2])
     await ex.writer.drain()
     ex.reset()
 
@@ -118,17 +123,17 @@ async def fetch_restarted_once(cloud_dir: Any, downloader: Downloader, answer: A
     return got
 
 
-def send_the_rest(ex: Exchange, *fields: str) -> None:
-    """Answer a ``Range: bytes=N-`` request with the rest of BODY as a 206."""
+def send_the_rest(ex: Exchange, *fields: str, body: bytes = BODY) -> None:
+    """Answer a ``Range: bytes=N-`` request with the rest of ``body`` as a 206."""
     start = ranged_from(ex)
     ex.send(
         head(
             "206 Partial Content",
-            f"Content-Range: bytes {start}-{len(BODY) - 1}/{len(BODY)}",
-            f"Content-Length: {len(BODY) - start}",
+            f"Content-Range: bytes {start}-{len(body) - 1}/{len(body)}",
+            f"Content-Length: {len(body) - start}",
             *fields,
         )
-        + BODY[start:]
+        + body[start:]
     )
 
 
@@ -220,7 +225,7 @@ async def test_download_consumer_slower_than_the_read_timeout_is_not_a_stalled_s
     body = BODY * 4
 
     async def answer(ex: Exchange) -> None:
-        ex.send(head("200 OK", f"Content-Length: {len(body)}") + body)
+        ex.send(whole(body) + body)
 
     try:
         async with scripted_server(cloud_dir, answer) as server:
@@ -295,7 +300,7 @@ async def test_download_cut_at_the_same_place_after_each_restart_runs_out_of_ret
         if ex.header("Range"):
             ex.send(head("416 Range Not Satisfiable", "Content-Range: bytes */999999999"))
             return
-        ex.send(head("200 OK", f"Content-Length: {len(BODY)}") + BODY[: len(BODY) // 2])
+        ex.send(whole(BODY) + BODY[: len(BODY) // 2])
         await ex.writer.drain()
         ex.reset()
 
@@ -351,18 +356,9 @@ async def test_download_changed_etag_on_resume_starts_over(
         if ex.index == 0:
             await cut_halfway(ex, 'ETag: "v1"')
         elif ex.header("Range"):  # a server that ignores If-Range and serves the new entity
-            start = ranged_from(ex)
-            ex.send(
-                head(
-                    "206 Partial Content",
-                    f"Content-Range: bytes {start}-{len(new) - 1}/{len(new)}",
-                    f"Content-Length: {len(new) - start}",
-                    'ETag: "v2"',
-                )
-                + new[start:]
-            )
+            send_the_rest(ex, 'ETag: "v2"', body=new)
         else:
-            ex.send(head("200 OK", f"Content-Length: {len(new)}", 'ETag: "v2"') + new)
+            ex.send(whole(new, 'ETag: "v2"') + new)
 
     assert await fetch_restarted_once(cloud_dir, downloader, answer) == new
 
@@ -503,7 +499,7 @@ async def test_download_416_naming_our_offset_short_of_the_declared_size_starts_
         elif ex.header("Range"):
             ex.send(head("416 Range Not Satisfiable", f"Content-Range: bytes */{ranged_from(ex)}"))
         else:
-            ex.send(head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: "v2"') + BODY)
+            ex.send(whole(BODY, 'ETag: "v2"') + BODY)
 
     async with scripted_server(cloud_dir, answer) as server:
         transfer = downloader.transfer(Source(server.url))
@@ -556,7 +552,7 @@ async def test_download_weak_etag_missing_from_the_206_starts_over(
         elif ex.header("Range"):
             send_the_rest(ex)  # no ETag: nothing says these bytes continue the first ones
         else:
-            ex.send(head("200 OK", f"Content-Length: {len(BODY)}", 'ETag: W/"v1"') + BODY)
+            ex.send(whole(BODY, 'ETag: W/"v1"') + BODY)
 
     assert await fetch_restarted_once(cloud_dir, downloader, answer) == BODY
 

@@ -18,7 +18,7 @@ from otad.agent.bootloader.sim import SimBootloader
 from otad.agent.daemon import Agent
 from otad.agent.journal import Journal
 from otad.agent.machine import State
-from otad.errors import BootloaderError
+from otad.errors import BootloaderError, JournalCorrupt
 
 
 async def test_agent_stop_mid_download_resumes_the_job_on_the_next_start(
@@ -180,3 +180,25 @@ async def test_agent_with_an_unreadable_journal_on_a_committed_slot_sets_it_asid
     assert await dev.reboot() == "B"
     sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "succeeded")
     assert sw["version"] == "2.0" and sw.get("error") is None
+
+
+async def test_agent_with_an_unreadable_journal_on_a_slot_on_trial_refuses_to_start(
+    cloud: Any, make_device: Any
+) -> None:
+    """Slot B runs on trial and the journal that would say whether it passed its health check
+    is unreadable: nothing may confirm B. The agent stops and leaves journal and bootloader
+    as they are, so the bootloader falls back to A at the next boot."""
+    dev = make_device("dev1")
+    dev.sim.try_once("B")
+    assert dev.sim.power_on() == "B"
+    before = dev.sim.state()
+    assert not before.slot("B").good
+    (dev.state_dir / "journal.json").write_bytes(b"\0" * 512)
+    agent = Agent(
+        dev.config, bootloader=dev.sim, rebooter=lambda: None, booted_slot="B", boot_id="b2"
+    )
+    with pytest.raises(JournalCorrupt):
+        await asyncio.wait_for(agent.run(asyncio.Event()), 30)
+    assert dev.sim.state() == before
+    assert (dev.state_dir / "journal.json").read_bytes() == b"\0" * 512
+    assert not list(dev.state_dir.glob("journal.json.corrupt-*"))
