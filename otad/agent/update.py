@@ -424,7 +424,8 @@ class UpdateRunner:
             await settled(self.bootloader.repair, self.booted)
             boot_state = await settled(self.bootloader.state)
         if corrupt is not None:
-            boot_state = await self._set_journal_aside(corrupt, boot_state)
+            boot_state, record = await self._set_journal_aside(corrupt, boot_state)
+            self.record = record
         rebooted = record is not None and self.journal.rebooted(record)
         action = decide_recovery(record, self.booted, boot_state, rebooted)
         log.info(
@@ -449,23 +450,58 @@ class UpdateRunner:
             await self._bl("mark_good", action.confirm)
         return action
 
-    async def _set_journal_aside(self, corrupt: JournalCorrupt, boot: BootState) -> BootState:
+    async def _set_journal_aside(
+        self, corrupt: JournalCorrupt, boot: BootState
+    ) -> tuple[BootState, JobRecord | None]:
         """An unreadable journal (a torn write, a newer agent's schema after a rollback): its
-        job is lost. On a committed slot the device is sound without it: keep the file aside
-        for diagnosis, make the other slot bad (whatever a job left there is unknown; the next
-        job rewrites it), report the problem and go on with no job. On a slot on trial there is
-        no telling whether it passed its health check: refuse to start, so nothing confirms it
-        and the bootloader falls back to the other slot."""
-        if not boot.slot(self.booted).good:
-            raise corrupt
-        log.error("journal_corrupt", reason=corrupt.message, booted=self.booted)
-        await settled(self.journal.quarantine)
+        job is lost. The file is kept aside for diagnosis either way.
+
+        On a committed slot the device is sound without it: make the other slot bad (whatever
+        a job left there is unknown; the next job rewrites it), report the problem and go on
+        with no job. On a slot on trial there is no telling whether it passed its health
+        check, so it is never confirmed: the device goes back to the other, good slot. A
+        stand-in record of the last job started, in ``rolling_back``, drives the usual
+        rollback (mark bad, reboot, report ``rolled_back`` with the reason). With no good slot
+        to go back to, the agent refuses to start and changes nothing.
+
+        Returns the boot state and the record to recover with (None: no job)."""
         other = other_slot(self.booted)
+        on_trial = not boot.slot(self.booted).good
+        if on_trial and not boot.slot(other).good:
+            raise corrupt
+        log.error(
+            "journal_corrupt", reason=corrupt.message, booted=self.booted, on_trial=on_trial
+        )
+        await settled(self.journal.quarantine)
+        if on_trial:
+            stand_in = self._stand_in_rollback(corrupt, other)
+            return boot, await settled(self.journal.store, stand_in)
         if not boot.slot(other).bad:
             await self._bl("mark_bad", other)
             boot = await settled(self.bootloader.state)
         self.journal_error = corrupt
-        return boot
+        return boot, None
+
+    def _stand_in_rollback(self, corrupt: JournalCorrupt, fallback: str) -> JobRecord:
+        """The job that put the booted slot on trial, as far as the device still knows it:
+        the last jobId it started (device.json), rolling back with the journal's error."""
+        error = JournalCorrupt(
+            f"{corrupt.message}; slot {self.booted} ran on trial and cannot be confirmed "
+            f"without its job: rolled back to slot {fallback}"
+        )
+        now = time.time()
+        return JobRecord(
+            job_id=self.device.jobs[-1] if self.device.jobs else "unknown",
+            state=State.ROLLING_BACK,
+            target_slot=self.booted,
+            version="",
+            boot_id=self.journal.boot_id,
+            transitions=1,
+            last_event=Event.HEALTH_FAILED.value,
+            error=error.to_wire(),
+            created=now,
+            updated=now,
+        )
 
     async def resume(self, action: RecoveryAction) -> None:
         """Run the step the recovery decided (may reboot: then RebootPending is raised)."""

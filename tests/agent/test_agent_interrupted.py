@@ -182,17 +182,57 @@ async def test_agent_with_an_unreadable_journal_on_a_committed_slot_sets_it_asid
     assert sw["version"] == "2.0" and sw.get("error") is None
 
 
-async def test_agent_with_an_unreadable_journal_on_a_slot_on_trial_refuses_to_start(
+async def test_agent_with_an_unreadable_journal_on_a_slot_on_trial_rolls_back(
+    cloud: Any, cloud_dir: Any, make_device: Any, tmp_path: Path
+) -> None:
+    """Slot B boots on trial after job j1 and the journal that would say whether it passed
+    its health check is unreadable: B is never confirmed. The agent used to stop at every
+    start (a crash loop, nothing on the shadow) until someone rebooted the device; now it
+    marks B bad, reboots into the good slot A and reports j1 ``rolled_back`` with the
+    reason, once, and does not run j1 again."""
+    dev = make_device("dev1")
+    await dev.start()
+    _, entry = await offer_bundle(cloud, cloud_dir, tmp_path, image_size=256 * 1024)
+    await dev.wait_reboot_requested()
+    assert await dev.power_cycle() == "B"
+    assert not dev.sim.state().slot("B").good
+    (dev.state_dir / "journal.json").write_bytes(b"\0" * 512)
+
+    await dev.start()
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "verifying")
+    assert sw["jobId"] == "j1" and sw["error"]["code"] == "journal_corrupt", sw
+    await dev.wait_reboot_requested()
+    boot = dev.sim.state()
+    assert boot.slot("B").bad and boot.slot("A").good and boot.next_boot() == "A"
+    aside = list(dev.state_dir.glob("journal.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\0" * 512
+
+    assert await dev.reboot() == "A"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "rolled_back")
+    assert sw["jobId"] == "j1" and sw["slot"] == "A" and sw["version"] == "1.0", sw
+    assert sw["error"]["code"] == "journal_corrupt", sw
+    assert "slot B ran on trial" in sw["error"]["message"], sw
+    assert dev.slot_bytes("A") == dev.factory["A"]
+    # the desired state still names j1: it is not installed again
+    await cloud.set_desired("dev1", {"software": entry})
+    await asyncio.sleep(1.0)
+    assert dev.reboot_requests == 2
+    record = Journal(dev.state_dir, boot_id="x").load()
+    assert record is not None and record.state == State.ROLLED_BACK and record.reported
+
+
+async def test_agent_with_an_unreadable_journal_and_no_good_slot_refuses_to_start(
     cloud: Any, make_device: Any
 ) -> None:
-    """Slot B runs on trial and the journal that would say whether it passed its health check
-    is unreadable: nothing may confirm B. The agent stops and leaves journal and bootloader
-    as they are, so the bootloader falls back to A at the next boot."""
+    """The journal is unreadable, B runs on trial and A is not good either: there is no
+    slot to go back to and nothing may confirm B. The agent stops and leaves journal and
+    bootloader as they are."""
     dev = make_device("dev1")
     dev.sim.try_once("B")
     assert dev.sim.power_on() == "B"
+    dev.sim.mark_bad("A")
     before = dev.sim.state()
-    assert not before.slot("B").good
+    assert not before.slot("B").good and not before.slot("A").good
     (dev.state_dir / "journal.json").write_bytes(b"\0" * 512)
     agent = Agent(
         dev.config, bootloader=dev.sim, rebooter=lambda: None, booted_slot="B", boot_id="b2"
