@@ -40,6 +40,7 @@ from otad.agent.update import (
     RebootPending,
     UpdateRunner,
     load_keyring,
+    valid_job_id,
 )
 from otad.agent.wiring import command_rebooter, make_bootloader, make_layout
 from otad.bundle import Keyring
@@ -270,7 +271,7 @@ class Agent:
             self._last_invalid = key
             await self._cancel_job("the new desired state is invalid")
             job_id = entry.get("jobId") if isinstance(entry, Mapping) else None
-            await runner.fail_invalid(job_id if isinstance(job_id, str) else None, exc)
+            await runner.fail_invalid(job_id if valid_job_id(job_id) else None, exc)
             return
         self._last_invalid = None
         running = self._job_desired if self._job is not None and not self._job.done() else None

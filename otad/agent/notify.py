@@ -7,6 +7,7 @@ than pulled from a library because the protocol is one datagram per message.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import structlog
@@ -14,6 +15,8 @@ import structlog
 __layer__ = "adapter"
 
 log = structlog.get_logger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Notifier:
@@ -50,6 +53,8 @@ class Notifier:
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> bool:
+        # one line: a newline would start another notify assignment
+        text = _CONTROL.sub(" ", text)
         if text == self.last_status:
             return False
         self.last_status = text

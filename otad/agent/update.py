@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import inspect
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,16 @@ log = structlog.get_logger(__name__)
 
 DEVICE_STATE = "device.json"
 _JOB_ID_MAX = 128
+# visible ASCII only: a jobId goes into logs and the systemd STATUS= line, where a newline
+# would add notify assignments of the sender's choosing (WATCHDOG_USEC=1 stops the agent)
+_JOB_ID = re.compile(rf"[\x21-\x7e]{{1,{_JOB_ID_MAX}}}")
+
+
+def valid_job_id(value: object) -> bool:
+    """Whether ``value`` can be a jobId (1-128 visible ASCII characters)."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
 _FINAL_REPORT_WAIT = 10.0
 _JOBS_KEPT = 64  # jobIds device.json remembers (up to 128 characters each)
 # job states in which a device booted on the job's target runs the job's image, on trial
@@ -119,6 +130,12 @@ class DesiredSoftware:
             return value
 
         job_id = text("jobId", limit=_JOB_ID_MAX)
+        if not valid_job_id(job_id):
+            raise DesiredStateInvalid(
+                "desired: software.jobId must be visible ASCII characters (no spaces or "
+                "control characters)",
+                field="jobId",
+            )
         version = text("version", limit=64)
         url = text("url", limit=4096)
         auth = entry.get("auth")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from plugins.agent_env import wait_reported
 
 from otad.agent.notify import Notifier, watchdog_interval
 
@@ -97,3 +98,27 @@ async def test_notify_agent_ready_status_and_watchdog(
     assert messages[0].startswith("READY=1\nSTATUS=recovered")
     assert messages.count("WATCHDOG=1") >= 2
     assert "STATUS=idle" in messages and messages[-1] == "STOPPING=1"
+
+
+def test_notify_status_stays_one_line(notify_socket: socket.socket, tmp_path: Path) -> None:
+    notifier = Notifier(str(tmp_path / "notify"))
+    notifier.status("failed job j1\nWATCHDOG_USEC=1\rMAINPID=1")
+    assert received(notify_socket) == ["STATUS=failed job j1 WATCHDOG_USEC=1 MAINPID=1"]
+
+
+async def test_notify_a_jobid_from_the_shadow_cannot_add_notify_assignments(
+    cloud: Any, make_device: Any, notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    """A desired entry whose jobId carries a newline: before, the failure's STATUS= line
+    carried it verbatim and systemd would have applied ``WATCHDOG_USEC=1`` (killing the
+    agent at once, and again at every restart on the same document)."""
+    dev = make_device("dev1")
+    await dev.start(notifier=Notifier(str(tmp_path / "notify")))
+    job_id = "j1\nWATCHDOG_USEC=1\nMAINPID=1"
+    await cloud.set_desired("dev1", {"software": {"version": "2.0", "jobId": job_id}})
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed")
+    await dev.stop()
+    assert sw.get("jobId") is None and sw["error"]["code"] == "desired_invalid", sw
+    messages = received(notify_socket)
+    assert not [m for m in messages if "WATCHDOG_USEC" in m or "MAINPID" in m], messages
+    assert "STATUS=failed" in messages, messages
