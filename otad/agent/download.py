@@ -22,7 +22,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -54,6 +54,7 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 _MAX_REDIRECTS = 5
 _RETRY_AFTER_CAP = 60.0
+_ALIVE_EVERY = 5.0  # seconds between ``alive`` calls while a retry waits
 _MAX_JSON = 64 * 1024  # a credential answer is a few hundred bytes
 
 
@@ -150,11 +151,17 @@ class Downloader:
             except Exception as exc:
                 log.warning("download_close_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def transfer(self, source: Source, *, max_size: int | None = None) -> Transfer:
+    def transfer(
+        self,
+        source: Source,
+        *,
+        max_size: int | None = None,
+        alive: Callable[[], object] | None = None,
+    ) -> Transfer:
         limit = self.settings.max_bundle_size
         if max_size is not None:
             limit = min(limit, max_size)
-        return Transfer(self, source, limit)
+        return Transfer(self, source, limit, alive)
 
     def forget_token(self) -> None:
         self._token = None
@@ -243,8 +250,17 @@ def _translate(exc: BaseException, what: str) -> DownloadError:
 class Transfer:
     """One bundle fetch, resumable within the process."""
 
-    def __init__(self, downloader: Downloader, source: Source, max_size: int) -> None:
+    def __init__(
+        self,
+        downloader: Downloader,
+        source: Source,
+        max_size: int,
+        alive: Callable[[], object] | None = None,
+    ) -> None:
         self.downloader = downloader
+        # called while retries wait: a bounded retry sequence is work going on, not a hang,
+        # and may outlast the watchdog's stall limit (retries x (timeout + backoff))
+        self.alive: Callable[[], object] = alive or (lambda: None)
         self.source = source
         self.max_size = max_size
         self._cap = max_size  # before limit(): what a new entity after a restart may have
@@ -320,7 +336,15 @@ class Transfer:
                     error=exc.code,
                     reason=exc.message,
                 )
-                await asyncio.sleep(delay)
+                await self._wait(delay)
+
+    async def _wait(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, saying ``alive`` at least every few seconds."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self.alive()
+            await asyncio.sleep(min(left, _ALIVE_EVERY))
+        self.alive()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}

@@ -28,7 +28,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -316,8 +316,12 @@ class SlotWriter:
         mountinfo: Path = MOUNTINFO,
         hash_writes: bool = True,
         read_back_step: int = READ_BACK_STEP,
+        on_progress: Callable[[], object] | None = None,
     ) -> None:
         self.target = Path(target)
+        # called (from any thread) at each step of a re-read: a re-read of a big slot on a slow
+        # medium can take minutes, and each step it makes shows the agent is not hung
+        self.on_progress = on_progress
         self._read_back: _ReadBack | None = None
         self._read_back_step = read_back_step
         self.slot = slot
@@ -555,6 +559,8 @@ class SlotWriter:
         against the buffered writes still going on: 7 % slower installs measured.) A medium
         that refuses O_DIRECT is read the cache way.
         """
+        if self.on_progress is not None:
+            hasher = _Reporting(hasher, self.on_progress)
         if drop_cache and self._direct_reads and end > start:
             try:
                 direct = os.open(self.target, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -653,6 +659,18 @@ def _hash_direct(
             view.release()
 
 
+class _Reporting:
+    """A hasher that calls ``on_progress`` after each piece it hashes."""
+
+    def __init__(self, hasher: _Hasher, on_progress: Callable[[], object]) -> None:
+        self._hasher = hasher
+        self._on_progress = on_progress
+
+    def update(self, data: bytes | memoryview, /) -> None:
+        self._hasher.update(data)
+        self._on_progress()
+
+
 class _ReadBack:
     """Re-reads, on its own thread, what the writer wrote and flushed, while it writes more.
 
@@ -741,6 +759,7 @@ def open_target(
     offset: int = 0,
     hash_writes: bool = True,
     read_back_step: int = READ_BACK_STEP,
+    on_progress: Callable[[], object] | None = None,
 ) -> SlotWriter:
     """A writer for the slot that is not ``booted``, refusing the booted one by identity."""
     target = other_slot(booted)
@@ -752,4 +771,5 @@ def open_target(
         slot=target,
         hash_writes=hash_writes,
         read_back_step=read_back_step,
+        on_progress=on_progress,
     )

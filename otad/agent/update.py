@@ -486,9 +486,7 @@ class UpdateRunner:
         on_trial = not boot.slot(self.booted).good
         if on_trial and not boot.slot(other).good:
             raise corrupt
-        log.error(
-            "journal_corrupt", reason=corrupt.message, booted=self.booted, on_trial=on_trial
-        )
+        log.error("journal_corrupt", reason=corrupt.message, booted=self.booted, on_trial=on_trial)
         await settled(self.journal.quarantine)
         if on_trial:
             stand_in = self._stand_in_rollback(corrupt, other)
@@ -686,6 +684,7 @@ class UpdateRunner:
             hash_writes=False,
             offset=offset,
             read_back_step=self.config.download.read_back_step,
+            on_progress=self.beat,
         )
 
     async def _stream(
@@ -741,7 +740,9 @@ class UpdateRunner:
         if desired.url.startswith("file://"):
             transfer = FileTransfer(Path(desired.url[len("file://") :]), self.config.download)
         else:
-            transfer = self.downloader.transfer(desired.source, max_size=desired.size)
+            transfer = self.downloader.transfer(
+                desired.source, max_size=desired.size, alive=self.beat
+            )
 
         def make_verifier(resume_from: tuple[int, int] | None = None) -> StreamVerifier:
             # the image hash is checked where it matters, on the medium: _check_slot re-reads
@@ -978,6 +979,7 @@ class UpdateRunner:
                 offset=size,
                 slot=self.target,
                 hash_writes=False,
+                on_progress=self.beat,
             ) as again:
                 again.finish(sha)
             return
