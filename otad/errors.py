@@ -55,7 +55,8 @@ this tree once, at the adapter edge, keeping the cause with ``raise ... from exc
     │   ├── NoSpace                    no_space
     │   └── SlotVerifyFailed           slot_verify_failed
     ├── BootloaderError                bootloader_error
-    │   └── BootloaderEnvCorrupt       bootloader_env_corrupt
+    │   ├── BootloaderEnvCorrupt       bootloader_env_corrupt
+    │   └── MarkRefused                mark_refused
     ├── JournalError                   journal_error
     │   ├── JournalCorrupt             journal_corrupt
     │   └── AgentLocked                agent_locked
@@ -343,6 +344,12 @@ class BootloaderError(OtadError):
 
 class BootloaderEnvCorrupt(BootloaderError):
     code = "bootloader_env_corrupt"
+
+
+class MarkRefused(BootloaderError):
+    """A local mark that would confirm an unverified slot or leave no slot to boot."""
+
+    code = "mark_refused"
 
 
 # --- journal -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otad.agent import config as agent_config
-from otad.agent.bootloader import other_slot
+from otad.agent.bootloader import BootState, other_slot
 from otad.agent.config import AgentConfig
 from otad.errors import BrokerError, OtadError
 
@@ -67,8 +67,12 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     good = command("mark-good", "Commit a slot in the bootloader (default: booted).", _mark_good)
     good.add_argument("slot", nargs="?", default="booted", choices=SLOT_CHOICES)
+    good.add_argument(
+        "--force", action="store_true", help="also a slot a job is writing or has not verified"
+    )
     bad = command("mark-bad", "Mark a slot not bootable (default: booted).", _mark_bad)
     bad.add_argument("slot", nargs="?", default="booted", choices=SLOT_CHOICES)
+    bad.add_argument("--force", action="store_true", help="even if no bootable slot is left")
     command(
         "health-check",
         "Run the configured health checks; exit 0 when healthy, 1 when not.",
@@ -227,12 +231,54 @@ def _mark(args: argparse.Namespace, good: bool) -> int:
     booted, slot = _resolve_slot(config, args.slot)
     bootloader = make_bootloader(config)
     if good:
+        if not args.force:
+            _check_mark_good(config, booted, slot)
         bootloader.mark_good(slot)
     else:
+        if not args.force:
+            _check_mark_bad(bootloader.state(), slot)
         bootloader.mark_bad(slot)
     role = "booted" if slot == booted else "other"
     print(f"slot {slot} marked {'good' if good else 'bad'} ({role})")
     return 0
+
+
+def _check_mark_good(config: AgentConfig, booted: str, slot: str) -> None:
+    """Refuse to commit a slot the journal says a job is writing, has not verified, or is
+    rolling back: the bootloader would boot it as good. The one job step where a slot may be
+    committed from outside is its trial boot (an external health check's verdict)."""
+    from otad.agent.journal import Journal
+    from otad.agent.machine import UNFINISHED_STATES, State
+    from otad.errors import JournalCorrupt, MarkRefused
+
+    try:
+        record = Journal(config.state_dir, boot_id="").load()
+    except JournalCorrupt as exc:
+        raise MarkRefused(
+            f"mark-good: the journal is unreadable, so whether slot {slot} holds a verified "
+            f"image is unknown ({exc.message}); --force to commit it anyway"
+        ) from exc
+    if record is None or record.state not in UNFINISHED_STATES or record.target_slot != slot:
+        return
+    if record.state == State.VERIFYING and slot == booted:
+        return
+    raise MarkRefused(
+        f"mark-good: slot {slot} is the target of job {record.job_id}, which is "
+        f"{record.state.value}: it is not verified to boot; --force to commit it anyway"
+    )
+
+
+def _check_mark_bad(state: BootState, slot: str) -> None:
+    """Refuse a mark that leaves no bootable slot: the bootloader's last resort would then
+    boot a slot it was told not to."""
+    from otad.errors import MarkRefused
+
+    other = other_slot(slot)
+    if not state.slot(slot).bad and not state.slot(other).bootable:
+        raise MarkRefused(
+            f"mark-bad: slot {other} is not bootable, so marking slot {slot} bad leaves no "
+            "bootable slot; --force to mark it anyway"
+        )
 
 
 def _mark_good(args: argparse.Namespace) -> int:

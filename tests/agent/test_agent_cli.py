@@ -12,6 +12,8 @@ import structlog
 from plugins.agent_env import run_agent_process, stop_agent_process, weak_keyring
 from plugins.cloud_env import make_bundle
 
+from otad.agent.journal import Journal
+from otad.agent.machine import Event
 from otad.cli import main
 
 
@@ -167,3 +169,75 @@ async def test_cli_agent_run_names_an_unusable_keyring_and_keeps_running(
         await stop_agent_process(process)
     assert process.returncode == 0
     assert dev.slot_bytes("A") == dev.factory["A"] and dev.slot_bytes("B") == dev.factory["B"]
+
+
+def journal_in(dev: Any, state: str, target: str = "B") -> None:
+    """A real journal record of job j1 on ``target``, advanced to ``state``."""
+    events = {
+        "downloading": [],
+        "installing": [Event.PAYLOAD_VERIFIED],
+        "rebooting": [Event.PAYLOAD_VERIFIED, Event.SLOT_VERIFIED],
+        "verifying": [Event.PAYLOAD_VERIFIED, Event.SLOT_VERIFIED, Event.BOOTED_TARGET],
+    }[state]
+    with Journal(dev.state_dir, boot_id="b1") as journal:
+        record = journal.begin("j1", target_slot=target, version="2.0", bundle_url="https://s/b")
+        for event in events:
+            record = journal.advance(record, event)
+
+
+@pytest.mark.parametrize("state", ["downloading", "installing", "rebooting"])
+async def test_cli_mark_good_refuses_a_slot_a_job_has_not_verified(
+    state: str, make_device: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Committing the target of a job still writing or verifying it would make the bootloader
+    boot a half-written slot as good (and the next start confirm it). Refused unless forced."""
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    cfg = str(dev.config_path)
+    dev.sim.mark_bad("B")
+    journal_in(dev, state)
+    before = dev.sim.state()
+    code, _, err = await run(capsys, "agent", "mark-good", "other", "--config", cfg)
+    assert code == 1 and "mark_refused" in err and f"job j1, which is {state}" in err, err
+    assert dev.sim.state() == before
+    code, _, _ = await run(capsys, "agent", "mark-good", "other", "--force", "--config", cfg)
+    assert code == 0 and dev.sim.state().slot("B").good
+
+
+async def test_cli_mark_good_commits_the_slot_on_its_trial_boot(
+    make_device: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An external health check's verdict: the booted target of a job in ``verifying``."""
+    dev = make_device("dev1", config={"slots": {"booted": "B"}})
+    dev.sim.try_once("B")
+    journal_in(dev, "verifying")
+    code, _, err = await run(capsys, "agent", "mark-good", "--config", str(dev.config_path))
+    assert code == 0, err
+    assert dev.sim.state().slot("B").good
+
+
+async def test_cli_mark_good_refuses_when_the_journal_is_unreadable(
+    make_device: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    dev.sim.mark_bad("B")
+    (dev.state_dir / "journal.json").write_bytes(b"\0" * 64)
+    code, _, err = await run(capsys, "agent", "mark-good", "B", "--config", str(dev.config_path))
+    assert code == 1 and "mark_refused" in err and "journal is unreadable" in err, err
+    assert dev.sim.state().slot("B").bad
+
+
+async def test_cli_mark_bad_refuses_to_leave_no_bootable_slot(
+    make_device: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A is booted and B already bad (as a failed job leaves it): marking A bad too would leave
+    the bootloader only its last resort. Refused unless forced; B may still be marked bad."""
+    dev = make_device("dev1", config={"slots": {"booted": "A"}})
+    cfg = str(dev.config_path)
+    dev.sim.mark_bad("B")
+    before = dev.sim.state()
+    code, _, err = await run(capsys, "agent", "mark-bad", "--config", cfg)
+    assert code == 1 and "mark_refused" in err and "leaves no bootable slot" in err, err
+    assert dev.sim.state() == before
+    assert (await run(capsys, "agent", "mark-bad", "B", "--config", cfg))[0] == 0
+    assert (await run(capsys, "agent", "mark-bad", "--force", "--config", cfg))[0] == 0
+    assert dev.sim.state().slot("A").bad
