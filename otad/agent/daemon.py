@@ -92,6 +92,7 @@ class Agent:
         self._document: dict[str, Any] | None = None
         self._document_event = asyncio.Event()
         self._job: asyncio.Task[None] | None = None
+        self._recovering = False  # a recovery step runs in the supervisor (see _supervise)
         self._job_desired: DesiredSoftware | None = None
         self._last_invalid: str | None = None
         self._last_noop: str | None = None
@@ -222,7 +223,14 @@ class Agent:
             if action.step == Step.RESUME_DOWNLOAD and runner.record is not None:
                 self._start_job(runner.resume(action), runner.desired_from(runner.record))
             else:
-                await runner.resume(action)
+                # a recovery step (re-verify the slot, health check, commit, switch) is work
+                # the watchdog watches like a job: a hung medium must stop the pings
+                runner.beat()
+                self._recovering = True
+                try:
+                    await runner.resume(action)
+                finally:
+                    self._recovering = False
         except RebootPending:
             await self._wait_for_power_off()
             self._reconsider()
@@ -350,7 +358,7 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             runner = self.runner
-            busy = self._job is not None and not self._job.done()
+            busy = self._recovering or (self._job is not None and not self._job.done())
             if runner is not None and busy and time.monotonic() - runner.heartbeat > stall_limit:
                 if not starved:
                     log.error("watchdog_starved", stalled_for=time.monotonic() - runner.heartbeat)

@@ -19,6 +19,8 @@ import pytest
 from plugins.agent_env import offer_bundle, wait_reported
 from structlog.testing import capture_logs
 
+from otad.agent.journal import Journal
+from otad.agent.machine import Event
 from otad.agent.notify import Notifier
 
 # stall limit = max(4 * 0.5 s, 2 * sock_read + health.total_timeout) = 2 s
@@ -146,3 +148,26 @@ async def test_watchdog_is_withheld_while_a_re_read_hangs(
         await dev.stop()
     assert "watchdog_starved" in [e["event"] for e in logs]
     assert pings.largest_gap(until=ended) > 2.0, pings.times
+
+
+async def test_watchdog_is_withheld_while_a_recovery_re_read_hangs(
+    cloud: Any, make_device: Any, pings: Pings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent restarts in ``installing`` and re-verifies the slot, a recovery step that
+    runs outside a job. A read that does not come back stops the pings there too (before,
+    only a job's stall counted, so a hung medium at start-up went unnoticed)."""
+    dev = make_device("dev1", config={**FAST, "slots": {"booted": "A"}})
+    with Journal(dev.state_dir, boot_id=dev.boot_id) as journal:
+        record = journal.begin("j1", target_slot="B", version="2.0", bundle_url="https://s/b")
+        runtime = {"image_sha256": "0" * 64, "image_size": 1024 * 1024}
+        journal.advance(record, Event.PAYLOAD_VERIFIED, runtime=runtime)
+    hangs = iter([4.0])
+    monkeypatch.setattr(os, "preadv", delayed_preadv(lambda: next(hangs, 0.0)))
+    with capture_logs() as logs:
+        await dev.start(notifier=Notifier(str(tmp_path / "notify")))
+        sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "failed", within=30)
+        ended = time.monotonic()
+        await dev.stop()
+    assert "watchdog_starved" in [e["event"] for e in logs]
+    assert pings.largest_gap(until=ended) > 2.0, pings.times
+    assert sw["jobId"] == "j1" and sw["error"]["code"] == "slot_verify_failed", sw
