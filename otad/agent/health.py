@@ -6,19 +6,24 @@ Checks, all bounded in time, run concurrently (scripts one after the other, in n
     ``systemctl is-system-running`` (never ``--wait``: the check itself runs inside the boot
     transaction - otad-health.service is RequiredBy=boot-complete.target, and the agent's own
     unit is not started yet - so waiting for the boot to finish would wait for itself). Passes
-    while the boot is ``initializing``/``starting`` and when ``running``; fails when
-    ``degraded`` (a unit failed; the reason names the failed units), ``maintenance``,
-    ``stopping``, ``offline`` or anything else. Not under systemd (no ``/run/systemd/system``):
-    reported as *skipped* - visible in the report, never a silent pass - and it does not fail
-    the result, because there is nothing to ask.
+    when ``running``. ``initializing``/``starting`` (what the check normally sees: systemd says
+    ``degraded`` only once the boot is over) pass only if ``systemctl list-units
+    --state=failed`` lists no unit; failed units fail the check, named, and so does a list that
+    cannot be had. Fails when ``degraded`` (the reason names the failed units),
+    ``maintenance``, ``stopping``, ``offline`` or anything else. Not under systemd (no
+    ``/run/systemd/system``): reported as *skipped* - visible in the report, never a silent
+    pass - and it does not fail the result, because there is nothing to ask.
 ``unit:<name>``
     each required unit must become ``active``: ``systemctl is-active`` is polled until the
     deadline (the units are ordered independently of the check); ``failed`` fails at once. A
     required unit on a system without systemd *fails*: a configured check that cannot run is
     a failure, never a pass.
 ``script:<name>``
-    every executable in the health.d directory, run with a timeout (its process group is
-    killed when it expires); exit status 0 passes. Non-executable files are reported as skipped.
+    every executable in the health.d directory, run with a timeout; exit status 0 passes. The
+    script's exit ends it, not the end of its output: its process group is killed once it
+    exits or its time is up, so processes it started do not outlive it (unless they left its
+    session). A failure names the last line of its output (after a timeout the last complete
+    one; only the last few KiB are kept). Non-executable files are reported as skipped.
 ``keyring``
     the agent's keyring must load (a new image that cannot verify bundles would never be
     updated again); passes naming the trusted key ids. Only when a keyring path is given.
@@ -55,10 +60,15 @@ log = structlog.get_logger(__name__)
 SYSTEMD_MARKER = Path("/run/systemd/system")
 BrokerProbe = Callable[[float], Awaitable[bool]]
 _OUTPUT_LIMIT = 200
+#: Output kept per program: its tail only, so a script that prints without end costs no memory.
+_TAIL_BYTES = 4096
+#: After the kill: how long to wait for the program to be reaped and its output to end.
+_KILL_GRACE = 5.0
 _CANNOT_RUN = -1  # _run's status when the program could not be started at all
-#: Boot still in progress, or done: the check runs inside the boot transaction, so it never
-#: waits for the boot to finish (that would include waiting for itself).
-_SYSTEM_OK = frozenset({"initializing", "starting", "running"})
+#: Boot still in progress: the check runs inside the boot transaction, so it never waits for
+#: the boot to finish (that would include waiting for itself). systemd says ``degraded`` only
+#: once the boot is done, so in these states the failed units are listed instead.
+_SYSTEM_BOOTING = frozenset({"initializing", "starting"})
 
 
 class Outcome(StrEnum):
@@ -198,24 +208,36 @@ class HealthChecker:
         if code == _CANNOT_RUN:
             return [CheckResult("system", Outcome.FAILED, out, took)]
         state = out.strip().splitlines()[-1] if out.strip() else f"exit status {code}"
-        if state in _SYSTEM_OK:
-            return [CheckResult("system", Outcome.PASSED, state, time.monotonic() - start)]
-        detail = f"system is {state}"
-        if state == "degraded":
-            failed = await self._failed_units(deadline)
-            detail += f" (failed units: {failed})" if failed else " (a unit failed)"
-        return [CheckResult("system", Outcome.FAILED, detail, time.monotonic() - start)]
+        if state == "running":
+            return [CheckResult("system", Outcome.PASSED, state, took)]
+        if state not in _SYSTEM_BOOTING and state != "degraded":
+            return [CheckResult("system", Outcome.FAILED, f"system is {state}", took)]
+        failed = await self._failed_units(deadline)
+        took = time.monotonic() - start
+        if state in _SYSTEM_BOOTING and failed == "":
+            return [CheckResult("system", Outcome.PASSED, state, took)]
+        # while booting, a unit that already failed fails the check now: systemd would say
+        # "degraded" only once the boot is over, after the check
+        if failed:
+            because = f"failed units: {failed}"
+        elif state == "degraded":
+            because = "a unit failed"
+        else:
+            because = "cannot list the failed units"
+        return [CheckResult("system", Outcome.FAILED, f"system is {state} ({because})", took)]
 
-    async def _failed_units(self, deadline: float) -> str:
+    async def _failed_units(self, deadline: float) -> str | None:
+        """The failed units, comma-separated ("" for none); None when systemctl gives no list."""
         code, out = await _run(
-            [self.systemctl, "list-units", "--state=failed", "--plain", "--no-legend"],
+            [self.systemctl, "list-units", "--state=failed", "--plain", "--no-legend", "--full"],
             min(5.0, _left(deadline)),
             self.env,
         )
-        if code is None or code == _CANNOT_RUN:
-            return ""
-        names = [line.split()[0] for line in out.splitlines() if line.strip()]
-        return ", ".join(names)[:_OUTPUT_LIMIT]
+        if code != 0:  # no answer, or an error message (stderr is merged): not a list of units
+            return None
+        # the unit is the first column; some systemd versions mark a failed unit with a "●"
+        rows = (line.replace("●", " ").split() for line in out.splitlines())
+        return ", ".join(row[0] for row in rows if row)[:_OUTPUT_LIMIT]
 
     async def _units(self, deadline: float) -> list[CheckResult]:
         if not self.required_units:
@@ -263,16 +285,16 @@ class HealthChecker:
             start = time.monotonic()
             code, out = await _run([str(path)], timeout, self.env)
             took = time.monotonic() - start
-            if code is None:
-                results.append(
-                    CheckResult(name, Outcome.FAILED, f"timed out after {timeout:.1f}s", took)
-                )
-            elif code == 0:
+            if code == 0:
                 results.append(CheckResult(name, Outcome.PASSED, "exit status 0", took))
+                continue
+            if code is None:
+                # killed in the middle of a line: the last whole line says more
+                detail, last = f"timed out after {timeout:.1f}s", _last_line(out, whole=True)
             else:
-                last = out.strip().splitlines()[-1][:_OUTPUT_LIMIT] if out.strip() else ""
-                detail = f"exit status {code}" + (f": {last}" if last else "")
-                results.append(CheckResult(name, Outcome.FAILED, detail, took))
+                detail, last = f"exit status {code}", _last_line(out)
+            detail += f": {last}" if last else ""
+            results.append(CheckResult(name, Outcome.FAILED, detail, took))
         return results
 
     # --- broker ------------------------------------------------------------------------------
@@ -314,14 +336,56 @@ def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-async def _run(argv: list[str], seconds: float, env: Mapping[str, str]) -> tuple[int | None, str]:
-    """Run ``argv`` for at most ``seconds``; (exit status, output), or (None, "") on timeout.
+def _last_line(out: str, *, whole: bool = False) -> str:
+    """The last non-blank line of ``out``, cut to ``_OUTPUT_LIMIT``; ``whole``: ignore an
+    unfinished last line (one without its newline) if a finished one comes before it."""
+    if whole and not out.endswith("\n") and "\n" in out:
+        out = out[: out.rindex("\n")]
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[-1][:_OUTPUT_LIMIT] if lines else ""
 
-    The child gets its own process group, killed as a whole when the time is up, so a script's
-    own children cannot outlive the check.
+
+class _Program(asyncio.SubprocessProtocol):
+    """Keeps the tail of a program's output and tells when it exits.
+
+    Not ``create_subprocess_exec``: its ``wait()`` (3.11) returns only once the output is
+    closed too, which a background child of the program can keep open as long as it likes,
+    and its reader buffers everything the program prints.
     """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()  # exited and output closed
+        self._tail = bytearray()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        self._tail += data.encode() if isinstance(data, str) else data
+        del self._tail[:-_TAIL_BYTES]
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    @property
+    def output(self) -> str:
+        return self._tail.decode("utf-8", "replace")
+
+
+async def _run(argv: list[str], seconds: float, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """Run ``argv`` for at most ``seconds``; (exit status or None on timeout, output's tail).
+
+    The program gets its own session (so its own process group), killed as a whole once the
+    program exits, its time is up or the caller is cancelled: its children cannot outlive it.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, program = await loop.subprocess_exec(
+            _Program,
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -331,21 +395,32 @@ async def _run(argv: list[str], seconds: float, env: Mapping[str, str]) -> tuple
         )
     except OSError as exc:
         return _CANNOT_RUN, f"cannot run {argv[0]}: {exc.strerror or exc}"
+    pid = transport.get_pid()
+    code: int | None = None
     try:
-        async with asyncio.timeout(seconds):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        _kill_group(proc.pid)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await asyncio.shield(program.exited)
+            code = transport.get_returncode()
+        finally:
+            # exited, timed out or cancelled: whatever the program started dies with it
+            if _kill_group(pid) and code is not None:
+                log.info("health_program_children_killed", program=argv[0], pid=pid)
+        # bounded: the kill ended every writer of the output, so its end (and the reaping of
+        # the program) follows at once - unless a child left the session: then it is cut off
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await proc.communicate()
-        return None, ""
-    except asyncio.CancelledError:
-        _kill_group(proc.pid)
-        raise
-    return proc.returncode, out.decode("utf-8", "replace")
+            async with asyncio.timeout(_KILL_GRACE):
+                await asyncio.shield(program.finished)
+    finally:
+        transport.close()  # closes the pipe; kills the program if still there (reaped later)
+    return code, program.output
 
 
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+def _kill_group(pid: int) -> bool:
+    """SIGKILL the process group ``pid`` leads; whether any process was still in it."""
+    try:
         os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -7,7 +7,10 @@ files (the approach RAUC's tests take with fake tools on PATH); everything else 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,9 +19,12 @@ import pytest
 from otad.agent.health import CheckResult, HealthChecker, HealthReport, Outcome
 
 FAKE_SYSTEMCTL = """#!/bin/sh
-# stand-in for systemctl: answers from files in $FAKE_SYSTEMD
+# stand-in for systemctl: answers from files in $FAKE_SYSTEMD, notes each call in calls
+echo "$*" >> "$FAKE_SYSTEMD/calls"
 case "$1" in
-  list-units) cat "$FAKE_SYSTEMD/failed" 2>/dev/null ;;
+  list-units)
+    if [ -f "$FAKE_SYSTEMD/no-bus" ]; then echo "Failed to connect to bus"; exit 1; fi
+    cat "$FAKE_SYSTEMD/failed" 2>/dev/null; true ;;
   is-system-running) cat "$FAKE_SYSTEMD/system"; [ "$(cat "$FAKE_SYSTEMD/system")" = running ] ;;
   is-active)
     f="$FAKE_SYSTEMD/unit-$2"
@@ -64,6 +70,25 @@ def outcomes(report: HealthReport) -> dict[str, Outcome]:
     return {c.name: c.outcome for c in report.checks}
 
 
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent) of process ``pid`` from /proc; None when there is no such process."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:2]
+    except FileNotFoundError:
+        return None
+    return state, int(ppid)
+
+
+async def assert_ended(pid: int) -> None:
+    """``pid`` is gone within 5 s: reaped, or (not our child) a zombie left to its new parent."""
+    for _ in range(50):  # bounded wait for the kernel to finish the kill
+        found = process_state(pid)
+        if found is None or (found[0] == "Z" and found[1] != os.getpid()):
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"process {pid} outlived the health check: {process_state(pid)}")
+
+
 async def test_health_all_pass(fake_systemd: Path, tmp_path: Path) -> None:
     (fake_systemd / "unit-app.service").write_text("active\n")
     script(tmp_path / "health.d", "10-ok", "exit 0")
@@ -106,6 +131,38 @@ async def test_health_boot_in_progress_passes_without_waiting(
     (fake_systemd / "system").write_text(f"{state}\n")
     report = await checker(fake_systemd).run()
     assert report.ok and outcomes(report)["system"] == Outcome.PASSED
+
+
+@pytest.mark.parametrize("state", ["initializing", "starting"])
+async def test_health_boot_in_progress_with_a_failed_unit_fails_naming_it(
+    fake_systemd: Path, state: str
+) -> None:
+    # systemd says "degraded" only once the boot is over, after the check: the check must
+    # look for failed units itself
+    (fake_systemd / "system").write_text(f"{state}\n")
+    (fake_systemd / "failed").write_text(
+        "app.service loaded failed failed My app\n\u25cf net.mount loaded failed failed Net\n"
+    )
+    report = await checker(fake_systemd).run()
+    assert report.reason == f"system: system is {state} (failed units: app.service, net.mount)"
+
+
+async def test_health_boot_in_progress_without_failed_units_passes(fake_systemd: Path) -> None:
+    (fake_systemd / "system").write_text("starting\n")
+    report = await checker(fake_systemd).run()
+    assert report.ok, report.reason
+    assert [c.detail for c in report.checks if c.name == "system"] == ["starting"]
+    calls = (fake_systemd / "calls").read_text().splitlines()
+    assert calls == ["is-system-running", "list-units --state=failed --plain --no-legend --full"]
+
+
+async def test_health_boot_in_progress_fails_when_failed_units_cannot_be_listed(
+    fake_systemd: Path,
+) -> None:
+    (fake_systemd / "system").write_text("starting\n")
+    (fake_systemd / "no-bus").touch()
+    report = await checker(fake_systemd).run()
+    assert report.reason == "system: system is starting (cannot list the failed units)"
 
 
 @pytest.mark.parametrize("state", ["maintenance", "stopping", "offline", "unknown"])
@@ -191,6 +248,77 @@ async def test_health_hanging_script_is_killed_with_its_children(
         await asyncio.sleep(0.1)
     else:
         pytest.fail(f"the script's child {child} survived the timeout")
+
+
+@pytest.mark.parametrize(
+    "redirect", ["", ">/dev/null 2>&1"], ids=["child-keeps-output", "child-output-redirected"]
+)
+async def test_health_script_that_exits_passes_and_its_children_die(
+    tmp_path: Path, fake_systemd: Path, redirect: str
+) -> None:
+    # the script's exit ends it, not the end of its output; what it left behind is killed
+    d = tmp_path / "health.d"
+    pids = tmp_path / "pids"
+    script(d, "10-spawn", f"sleep 60 {redirect} & echo $$ $! > {pids}; exit 0")
+    start = time.monotonic()
+    report = await checker(fake_systemd, health_d=d, check_systemd=False, script_timeout=3).run()
+    assert report.ok, report.reason
+    assert time.monotonic() - start < 2.5
+    for pid in map(int, pids.read_text().split()):  # the script, and the child it left
+        await assert_ended(pid)
+
+
+async def test_health_script_past_its_timeout_is_killed_with_its_children_and_named(
+    tmp_path: Path, fake_systemd: Path
+) -> None:
+    d = tmp_path / "health.d"
+    pids = tmp_path / "pids"
+    script(
+        d,
+        "10-hang",
+        f"echo 'waiting for the modem'; sleep 60 >/dev/null 2>&1 & echo $$ $! > {pids}; "
+        "printf 'still wait'; wait",
+    )
+    start = time.monotonic()
+    report = await checker(fake_systemd, health_d=d, check_systemd=False, script_timeout=0.5).run()
+    assert time.monotonic() - start < 10
+    # the last whole line: the unfinished one was cut by the kill
+    assert report.reason == "script:10-hang: timed out after 0.5s: waiting for the modem"
+    for pid in map(int, pids.read_text().split()):
+        await assert_ended(pid)
+
+
+PEAK_RUNNER = """
+import asyncio, json, sys
+from pathlib import Path
+from otad.agent.health import HealthChecker
+
+def peak_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise SystemExit("no VmHWM")
+
+before = peak_kib()
+checker = HealthChecker(
+    health_d=Path(sys.argv[1]), script_timeout=1.5, check_systemd=False, broker_policy="ignore"
+)
+report = asyncio.run(checker.run())
+print(json.dumps({"reason": report.reason, "grew_kib": peak_kib() - before}))
+"""
+
+
+def test_health_endless_output_keeps_memory_bounded_and_the_tail(tmp_path: Path) -> None:
+    # a fresh process, so its peak resident memory (VmHWM) is the check's alone
+    d = tmp_path / "health.d"
+    script(d, "10-chatty", 'exec yes "health check line"')
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RUNNER, str(d)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["grew_kib"] < 32 * 1024, result
+    assert result["reason"] == "script:10-chatty: timed out after 1.5s: health check line"
 
 
 async def test_health_broker_probe_outcomes(fake_systemd: Path) -> None:
