@@ -70,6 +70,8 @@ class BootloaderConfig:
     type: str = "grub"
     grub_env_dir: Path = Path("/boot/efi/EFI/otad")  # holds grubenv.0 and grubenv.1
     fw_env_config: Path = Path("/etc/fw_env.config")
+    # U-Boot's default env as text: an env rewritten from scratch starts from it (bootcmd...)
+    uboot_default_env: Path = Path("/etc/u-boot-initial-env")
     sim_state: Path | None = None  # default: <state_dir>/sim-bootloader.json
     tries: int = 3  # boot attempts per committed slot (U-Boot, sim); GRUB's scheme has one
 
@@ -331,6 +333,7 @@ def _bootloader(t: _Table) -> BootloaderConfig:
         type=t.choice("type", d.type, BOOTLOADERS),
         grub_env_dir=t.path("grub_env_dir", d.grub_env_dir),
         fw_env_config=t.path("fw_env_config", d.fw_env_config),
+        uboot_default_env=t.path("uboot_default_env", d.uboot_default_env),
         sim_state=t.path("sim_state"),
         tries=t.integer("tries", d.tries, minimum=1, maximum=9),
     )

@@ -75,7 +75,10 @@ def make_bootloader(config: AgentConfig) -> Bootloader:
         from otad.agent.bootloader.uboot import UBootBootloader
 
         return UBootBootloader(
-            config.bootloader.fw_env_config, attempts=config.bootloader.tries, fault=fault
+            config.bootloader.fw_env_config,
+            attempts=config.bootloader.tries,
+            fault=fault,
+            default_env=config.bootloader.uboot_default_env,
         )
     raise BootloaderError(f"agent: unknown bootloader type {kind!r}")
 

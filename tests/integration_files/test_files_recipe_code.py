@@ -301,7 +301,11 @@ def test_uboot_compile_and_deploy(tmp_path: Path) -> None:
         UNPACKDIR=str(tmp_path / "unpack"),
         B=str(tmp_path / "build"),
         DEPLOYDIR=str(tmp_path / "deploy"),
+        # what u-boot.inc deploys into DEPLOY_DIR_IMAGE (do_compile depends on that deploy)
+        DEPLOY_DIR_IMAGE=str(tmp_path / "deploy-image"),
     )
+    (tmp_path / "deploy-image").mkdir()
+    (tmp_path / "deploy-image" / "u-boot-initial-env").write_text("bootcmd=run distro_bootcmd\n")
     stage_sources(UBOOT, tmp_path / "unpack", variables)
     (tmp_path / "build").mkdir()
     run_shell(UBOOT, "do_compile", variables, tmp_path / "build")
@@ -318,6 +322,7 @@ def test_uboot_compile_and_deploy(tmp_path: Path) -> None:
     config = tmp_path / "fw_env.config"
     config.write_text(f"{deployed / 'copy0.bin'} 0x0 0x2000\n{deployed / 'copy1.bin'} 0x0 0x2000\n")
     assert UBootBootloader(config).state().order == ("A", "B")
+    assert UBootBootloader(config).values()["bootcmd"] == "run distro_bootcmd"
 
 
 # --- classes: the sanity handler and the bundle class's parse-time checks --------------------

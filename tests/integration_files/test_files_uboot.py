@@ -44,9 +44,15 @@ def test_uboot_recipe_fetches_the_repository_files() -> None:
     )
 
 
+#: What the U-Boot recipe deploys as u-boot-initial-env (`make u-boot-initial-env`).
+DEFAULT_ENV = "bootcmd=run distro_bootcmd\nbootdelay=2\ndistro_bootcmd=run bootcmd_mmc0\n"
+
+
 def test_uboot_initial_env_lands_where_fw_env_config_says(tmp_path: Path) -> None:
     out = tmp_path / "env"
-    run(sys.executable, SCRIPT, FW_ENV, out)
+    default_env = tmp_path / "u-boot-initial-env"
+    default_env.write_text(DEFAULT_ENV)
+    run(sys.executable, SCRIPT, FW_ENV, default_env, out)
     locations = parse_fw_env_config(FW_ENV.read_text())
     assert len(locations) == 2, "the shipped fw_env.config uses the redundant layout"
     offsets = dict(line.split() for line in (out / "offsets").read_text().splitlines())
@@ -67,9 +73,23 @@ def test_uboot_initial_env_lands_where_fw_env_config_says(tmp_path: Path) -> Non
     assert state.order == ("A", "B")
     printed = run("fw_printenv", "-c", config)
     assert "BOOT_ORDER=A B" in printed and "BOOT_A_LEFT=3" in printed
+    # U-Boot uses this env instead of its built-in one: its bootcmd must be there
+    assert "bootcmd=run distro_bootcmd" in printed and "bootdelay=2" in printed
     # libubootenv can write it too (it flips to the other copy): the format is the real one.
     run("fw_setenv", "-c", config, "BOOT_B_LEFT", "0")
     assert "BOOT_B_LEFT=0" in run("fw_printenv", "-c", config)
+
+
+def test_uboot_initial_env_needs_the_default_env(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(FW_ENV), str(tmp_path / "missing"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0 and "default env" in result.stderr
+    assert not list((tmp_path / "o").glob("copy*.bin"))
 
 
 def test_uboot_wks_keeps_the_env_below_the_first_partition() -> None:

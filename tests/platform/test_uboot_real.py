@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from otad.agent.bootloader import ubootenv
-from otad.agent.bootloader.uboot import scheme_state
+from otad.agent.bootloader.uboot import EnvLocation, UBootBootloader, scheme_state
+from otad.errors import BootloaderEnvCorrupt
 
 pytestmark = pytest.mark.qemu
 
@@ -197,3 +198,36 @@ def test_uboot_real_last_resort_skips_the_slot_on_trial(
     )
     line = bootargs(m.boot())
     assert "otad.slot=A" in line and "otad.rescue=1" in line
+
+
+def test_uboot_real_repaired_env_still_autoboots(
+    tmp_path: Path, firmware: tuple[Path, Path]
+) -> None:
+    # The agent repairs U-Boot's own env storage (pflash 1) after its CRC went bad. U-Boot uses
+    # a stored env with a valid CRC instead of its built-in default, so the repaired env must
+    # carry the default env (bootcmd...), here the board's u-boot-initial-env, or U-Boot would
+    # stop at its prompt. The A/B state is in that env too (no otad_envfile).
+    m = Machine(tmp_path, firmware, env(BOOT_ORDER="A B", BOOT_A_LEFT="3", BOOT_B_LEFT="3"))
+    initial_env = tmp_path / "u-boot-initial-env"
+    initial_env.write_text(
+        "bootdelay=0\n"
+        "bootcmd=virtio scan; load virtio 0:1 0x40200000 boot.scr && source 0x40200000; poweroff\n"
+        "otad_boot=echo OTAD-BOOTARGS: ${bootargs}; poweroff\n"
+    )
+    with m.flash1.open("r+b") as f:  # a bit flip: the stored env's CRC no longer matches
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ub = UBootBootloader(
+        locations=(EnvLocation(m.flash1, 0, 0x40000),),
+        default_env=initial_env,
+        lock_file=tmp_path / "fw_printenv.lock",
+    )
+    with pytest.raises(BootloaderEnvCorrupt):
+        ub.state()
+    ub.repair("B")
+    log = m.boot()
+    assert "otad: -> slot B" in log, log[-3000:]
+    line = bootargs(log)
+    assert "otad.slot=B" in line and "otad.rescue" not in line

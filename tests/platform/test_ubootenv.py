@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import subprocess
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,10 @@ from hypothesis import strategies as st
 
 from otad.agent.bootloader import Bootloader, ubootenv
 from otad.agent.bootloader.uboot import (
+    LOCK_FILE,
     EnvLocation,
     UBootBootloader,
+    parse_default_env,
     parse_fw_env_config,
     scheme_state,
 )
@@ -43,14 +48,39 @@ def printenv(cfg: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
+#: A board's default env as `make u-boot-initial-env` writes it (sorted name=value lines).
+DEFAULT_ENV = (
+    "arch=arm\n"
+    "baudrate=115200\n"
+    "bootcmd=run distro_bootcmd\n"
+    "bootdelay=2\n"
+    "distro_bootcmd=for target in ${boot_targets}; do run bootcmd_${target}; done\n"
+    "fdtcontroladdr=40000000\n"
+    "stdin=pl011@9000000\n"
+)
+
+
+def backend(cfg: Path, tmp_path: Path, **kw: object) -> UBootBootloader:
+    """The backend over ``cfg`` with a default env file and a lock file in ``tmp_path``."""
+    default_env = tmp_path / "u-boot-initial-env"
+    if not default_env.exists():
+        default_env.write_text(DEFAULT_ENV)
+    return UBootBootloader(
+        cfg,
+        default_env=default_env,
+        lock_file=tmp_path / "fw_printenv.lock",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def redundant(tmp_path: Path) -> tuple[UBootBootloader, Path]:
     cfg = tmp_path / "fw_env.config"
     cfg.write_text(
         f"# two copies\n{tmp_path}/uboot.env 0x0 0x4000\n{tmp_path}/uboot-redund.env 0x0 0x4000\n"
     )
-    ub = UBootBootloader(cfg)
-    ub.initialize()
+    ub = backend(cfg, tmp_path)
+    ub.initialize(create=True)
     return ub, cfg
 
 
@@ -58,8 +88,8 @@ def redundant(tmp_path: Path) -> tuple[UBootBootloader, Path]:
 def single(tmp_path: Path) -> tuple[UBootBootloader, Path]:
     cfg = tmp_path / "fw_env.config"
     cfg.write_text(f"{tmp_path}/uboot.env 0x0 0x4000\n")
-    ub = UBootBootloader(cfg)
-    ub.initialize()
+    ub = backend(cfg, tmp_path)
+    ub.initialize(create=True)
     return ub, cfg
 
 
@@ -196,8 +226,8 @@ def test_ubootenv_copies_at_an_offset_in_one_device(tmp_path: Path) -> None:
     disk.write_bytes(b"\xaa" * 0x30000)
     cfg = tmp_path / "fw_env.config"
     cfg.write_text(f"{disk} 0x10000 0x4000\n{disk} 0x20000 0x4000\n")
-    ub = UBootBootloader(cfg)
-    ub.initialize()
+    ub = backend(cfg, tmp_path)
+    ub.initialize()  # the device exists: nothing to create
     ub.mark_bad("B")
     assert printenv(cfg)["BOOT_ORDER"] == "A"
     data = disk.read_bytes()
@@ -282,10 +312,32 @@ def test_uboot_both_copies_corrupt_is_env_corrupt(redundant: tuple[UBootBootload
         ub.state()
 
 
-def test_uboot_missing_env_file_is_env_corrupt(tmp_path: Path) -> None:
-    ub = UBootBootloader(locations=(EnvLocation(tmp_path / "none", 0, SIZE),))
-    with pytest.raises(BootloaderEnvCorrupt, match="missing"):
+@pytest.mark.parametrize("copies", [1, 2])
+def test_uboot_missing_env_device_is_an_error_not_a_corrupt_env(
+    tmp_path: Path, copies: int
+) -> None:
+    # fw_env.config names a device that is not there (wrong name, not probed yet): not an env
+    # to repair, and repair must not create a regular file where the device should be
+    dev = tmp_path / "mmcblk1"
+    cfg = tmp_path / "fw_env.config"
+    cfg.write_text("".join(f"{dev} {0x3C0000 + i * 0x20000:#x} 0x2000\n" for i in range(copies)))
+    ub = backend(cfg, tmp_path)
+    for call in (ub.state, lambda: ub.mark_bad("B"), lambda: ub.repair("A"), ub.initialize):
+        with pytest.raises(BootloaderError, match=r"env device .*mmcblk1 does not exist") as e:
+            call()
+        assert not isinstance(e.value, BootloaderEnvCorrupt)
+    assert not dev.exists()
+
+
+def test_uboot_one_missing_copy_of_two_is_an_error(redundant: tuple[UBootBootloader, Path]) -> None:
+    ub, _ = redundant
+    ub.locations[1].device.unlink()
+    with pytest.raises(BootloaderError, match=r"uboot-redund\.env does not exist") as e:
         ub.state()
+    assert not isinstance(e.value, BootloaderEnvCorrupt)
+    with pytest.raises(BootloaderError, match="does not exist"):
+        ub.repair("A")
+    assert not ub.locations[1].device.exists()
 
 
 def test_uboot_unwritable_env_is_a_bootloader_error(
@@ -378,6 +430,71 @@ def test_uboot_repair_rewrites_a_lost_env(redundant: tuple[UBootBootloader, Path
     assert ub.state().slot("A").bad and ub.primary() == "B"
 
 
+@pytest.mark.parametrize("layout", ["redundant", "single"])
+def test_uboot_repair_keeps_u_boots_default_env(
+    layout: str, request: pytest.FixtureRequest
+) -> None:
+    # U-Boot uses a stored env with a valid CRC instead of its built-in default: an env of only
+    # otad's variables has no bootcmd and U-Boot stops at its prompt
+    ub, cfg = request.getfixturevalue(layout)
+    for loc in ub.locations:
+        loc.device.write_bytes(b"\0" * SIZE)
+    ub.repair("A")
+    env = printenv(cfg)
+    default = dict(line.split("=", 1) for line in DEFAULT_ENV.splitlines())
+    assert {k: env.get(k) for k in default} == default
+    assert env["bootcmd"] == "run distro_bootcmd"
+    assert env["BOOT_ORDER"] == "A" and env["BOOT_A_LEFT"] == "3" and env["BOOT_B_LEFT"] == "0"
+    assert env["otad_trial"] == ""
+    assert ub.primary() == "A" and ub.state().slot("B").bad
+
+
+def test_uboot_fresh_env_keeps_u_boots_default_env(redundant: tuple[UBootBootloader, Path]) -> None:
+    _, cfg = redundant
+    env = printenv(cfg)
+    assert env["bootcmd"] == "run distro_bootcmd" and env["baudrate"] == "115200"
+    assert env["BOOT_ORDER"] == "A B" and env["BOOT_A_LEFT"] == env["BOOT_B_LEFT"] == "3"
+
+
+def test_uboot_repair_without_default_env_writes_nothing(
+    redundant: tuple[UBootBootloader, Path], tmp_path: Path
+) -> None:
+    ub, _ = redundant
+    for loc in ub.locations:
+        loc.device.write_bytes(b"\0" * 100 + b"\x5a" * (SIZE - 100))
+    before = [loc.device.read_bytes() for loc in ub.locations]
+    missing = tmp_path / "no-such-initial-env"
+    lost = UBootBootloader(
+        locations=ub.locations, default_env=missing, lock_file=tmp_path / "fw_printenv.lock"
+    )
+    with pytest.raises(BootloaderError, match=r"default env .*no-such-initial-env"):
+        lost.repair("A")
+    assert [loc.device.read_bytes() for loc in ub.locations] == before
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "empty"),
+        ("# only a comment\n\n", "empty"),
+        ("bootcmd=run x\nno equals sign\n", r":2: not a 'name=value' line"),
+        ("=value\n", r":1: not a 'name=value' line"),
+    ],
+)
+def test_uboot_bad_default_env_is_refused(text: str, match: str) -> None:
+    with pytest.raises(BootloaderError, match=match):
+        parse_default_env(text)
+
+
+def test_uboot_default_env_format() -> None:
+    text = "# comment\nbootcmd=run a; run b\n\nbootargs=console=ttyS0 x=y\nempty=\n"
+    assert parse_default_env(text) == {
+        "bootcmd": "run a; run b",
+        "bootargs": "console=ttyS0 x=y",
+        "empty": "",
+    }
+
+
 class Crash(Exception):
     """Stands for os._exit in the crash matrix: the process ends in the middle of a write."""
 
@@ -388,7 +505,7 @@ def test_uboot_fault_hook_tears_a_real_write(redundant: tuple[UBootBootloader, P
     def fault(point: str) -> None:
         raise Crash(point)
 
-    torn = UBootBootloader(cfg, fault=fault)
+    torn = backend(cfg, cfg.parent, fault=fault)
     before = ub.state()
     with pytest.raises(Crash, match="bootloader_env_half_written"):
         torn.mark_bad("B")
@@ -396,3 +513,54 @@ def test_uboot_fault_hook_tears_a_real_write(redundant: tuple[UBootBootloader, P
     assert printenv(cfg)["BOOT_ORDER"] == "A B"
     ub.mark_bad("B")  # the next write goes over the torn copy and wins
     assert printenv(cfg)["BOOT_ORDER"] == "A"
+
+
+def test_uboot_concurrent_writers_never_lose_an_update(
+    redundant: tuple[UBootBootloader, Path], tmp_path: Path
+) -> None:
+    # the daemon and `otad agent mark-bad`: separate instances, real flock on separate fds
+    one, cfg = redundant
+    two = backend(cfg, tmp_path)
+    for i in range(200):
+        one.mark_good("A")
+        one.mark_good("B")
+        race(lambda: one.mark_bad("A"), lambda: two.try_once("B"))
+        st_ = one.state()
+        assert st_.slot("A").bad and st_.slot("B").on_trial, f"round {i}: {st_.to_dict()}"
+
+
+def test_uboot_agent_and_fw_setenv_never_lose_each_others_change(tmp_path: Path) -> None:
+    # fw_setenv (libubootenv) flocks /var/lock/fw_printenv.lock: the agent must take the same
+    if not os.access(LOCK_FILE.parent, os.W_OK):
+        pytest.skip(f"{LOCK_FILE.parent} is not writable here")
+    cfg = tmp_path / "fw_env.config"
+    cfg.write_text(f"{tmp_path}/e0 0 0x2000\n{tmp_path}/e1 0 0x2000\n")
+    (tmp_path / "u-boot-initial-env").write_text(DEFAULT_ENV)
+    ub = UBootBootloader(cfg, default_env=tmp_path / "u-boot-initial-env")
+    assert ub.lock_file == LOCK_FILE
+    ub.initialize(create=True)
+    for i in range(150):
+        ub.mark_bad("B")
+        tool = subprocess.Popen(["fw_setenv", "-c", str(cfg), "serial_note", f"n{i}"])
+        agent = threading.Thread(target=lambda: ub.try_once("B"))
+        agent.start()
+        agent.join(30)
+        assert tool.wait(30) == 0
+        env = printenv(cfg)
+        assert env["otad_trial"] == "B" and env["serial_note"] == f"n{i}", f"round {i}"
+        assert env["bootcmd"] == "run distro_bootcmd"
+
+
+def race(*calls: Callable[[], object]) -> None:
+    """Run ``calls`` in threads released together (bounded waits)."""
+    barrier = threading.Barrier(len(calls))
+
+    def go(call: Callable[[], object]) -> None:
+        barrier.wait(5)
+        call()
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)

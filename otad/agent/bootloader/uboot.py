@@ -15,12 +15,30 @@ previous copy current (its CRC is intact, the torn one's is not). One line is th
 layout, which a torn write destroys (U-Boot then falls back to its built-in env): use it only
 where the medium cannot hold two copies. Files and block devices (eMMC, SD, a FAT file) are
 written directly; raw NOR/NAND MTD devices need erase cycles and are not supported here.
+
+A device or file that is not there is a configuration or hardware problem (wrong name in
+fw_env.config, device not probed yet), never a "corrupt env": it raises BootloaderError and
+nothing is created at that path. Only :meth:`UBootBootloader.initialize` with ``create=True``
+(image builders) creates env files.
+
+An env written from scratch (:meth:`UBootBootloader.repair`, ``initialize``) always starts from
+U-Boot's default environment as text (``u-boot-initial-env``: ``name=value`` lines, what
+``make u-boot-initial-env`` produces and Yocto installs as ``/etc/u-boot-initial-env``), with
+otad's variables on top. U-Boot uses a stored env with a valid CRC *instead of* its built-in
+default, so an env holding only otad's variables would have no ``bootcmd`` and stop U-Boot at
+its prompt. Without a readable default env file nothing is written.
+
+Every read-modify-write holds ``flock(LOCK_EX)`` on libubootenv's lock file
+(``/var/lock/fw_printenv.lock``), which ``fw_setenv`` takes too: the agent, its CLI and
+``fw_setenv`` never pick the same target copy and lose each other's change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +53,10 @@ __layer__ = "adapter"
 log = structlog.get_logger(__name__)
 
 FW_ENV_CONFIG = Path("/etc/fw_env.config")
+#: U-Boot's default env as text (libubootenv's ``fw_setenv --defenv`` default, too).
+DEFAULT_ENV_FILE = Path("/etc/u-boot-initial-env")
+#: libubootenv's lock (fw_printenv / fw_setenv flock it around every env access).
+LOCK_FILE = Path("/var/lock/fw_printenv.lock")
 TRIAL = "otad_trial"
 DEFAULT_ATTEMPTS = 3
 
@@ -70,6 +92,40 @@ def parse_fw_env_config(text: str, where: str = "fw_env.config") -> tuple[EnvLoc
     if len(found) == 2 and found[0].size != found[1].size:
         raise ConfigError(f"u-boot: {where}: both copies must have the same size")
     return tuple(found)
+
+
+def parse_default_env(text: str, where: str = "u-boot-initial-env") -> dict[str, str]:
+    """The variables of a ``u-boot-initial-env`` text file; BootloaderError on a bad line.
+
+    One ``name=value`` per line (U-Boot's build turns the NUL-separated default env into
+    lines and drops empty ones); lines starting with ``#`` and empty lines are skipped, as
+    libubootenv does. A line without ``=`` (e.g. a value that had a newline) is refused rather
+    than guessed at: a half-understood default env must not be written to the device.
+    """
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        if not eq or not name or "\0" in line:
+            raise BootloaderError(f"u-boot: {where}:{lineno}: not a 'name=value' line: {line!r}")
+        values[name] = value
+    if not values:
+        raise BootloaderError(f"u-boot: {where}: the default env is empty")
+    return values
+
+
+def read_default_env(path: Path) -> dict[str, str]:
+    """U-Boot's default env from ``path``; BootloaderError naming the file when it cannot."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as exc:
+        raise BootloaderError(
+            f"u-boot: cannot read U-Boot's default env {path} ({exc.strerror or exc}); it is "
+            "needed to write an env from scratch (install u-boot-initial-env or set "
+            "bootloader.uboot_default_env)"
+        ) from exc
+    return parse_default_env(text, str(path))
 
 
 def scheme_state(values: Mapping[str, str], attempts: int = DEFAULT_ATTEMPTS) -> BootState:
@@ -111,8 +167,12 @@ class UBootBootloader:
         locations: tuple[EnvLocation, ...] | None = None,
         attempts: int = DEFAULT_ATTEMPTS,
         fault: FaultHook | None = None,
+        default_env: Path = DEFAULT_ENV_FILE,
+        lock_file: Path = LOCK_FILE,
     ) -> None:
         self._fault = fault  # test-only: see durable.overwrite_file
+        self.default_env = Path(default_env)
+        self.lock_file = Path(lock_file)
         if locations is None:
             try:
                 text = Path(config).read_text()
@@ -130,13 +190,35 @@ class UBootBootloader:
 
     # --- raw env ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold libubootenv's lock (the one fw_setenv takes) for one read-modify-write."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BootloaderError(
+                f"u-boot: cannot open the env lock {self.lock_file}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last fd of the open file releases the flock
+
+    def _missing(self, loc: EnvLocation) -> BootloaderError:
+        return BootloaderError(
+            f"u-boot: env device {loc.device} does not exist (wrong name in fw_env.config, or "
+            "the device is not there yet); nothing is created there"
+        )
+
     def _read_copy(self, loc: EnvLocation) -> ubootenv.UBootEnv:
         try:
             with open(loc.device, "rb") as f:
                 f.seek(loc.offset)
                 blob = f.read(loc.size)
         except FileNotFoundError as exc:
-            raise BootloaderEnvCorrupt(f"u-boot: env copy {loc.device} is missing") from exc
+            # not an invalid copy: a configuration or hardware fault that repair must not "fix"
+            raise self._missing(loc) from exc
         except OSError as exc:
             # an unreadable copy counts as an invalid one: the other copy may still serve
             raise BootloaderEnvCorrupt(f"u-boot: cannot read env at {loc.device}: {exc}") from exc
@@ -178,11 +260,21 @@ class UBootBootloader:
 
     def write(self, changes: Mapping[str, str], *, end_trial_of: str | None = None) -> None:
         """Apply ``changes`` and store the env (redundant: into the other copy, flags + 1)."""
-        values, index, flags = self.read()
-        values.update(changes)
-        if end_trial_of is not None and values.get(TRIAL) == end_trial_of:
-            values[TRIAL] = ""
-        self._store(values, index, flags)
+        self._update(lambda _values: changes, end_trial_of=end_trial_of)
+
+    def _update(
+        self,
+        changes: Callable[[Mapping[str, str]], Mapping[str, str]],
+        *,
+        end_trial_of: str | None = None,
+    ) -> None:
+        """One locked read-modify-write: ``changes`` computed from the variables just read."""
+        with self._locked():
+            values, index, flags = self.read()
+            values.update(changes(values))
+            if end_trial_of is not None and values.get(TRIAL) == end_trial_of:
+                values[TRIAL] = ""
+            self._store(values, index, flags)
 
     def _store(self, values: Mapping[str, str], index: int, flags: int) -> None:
         if self.redundant:
@@ -197,41 +289,81 @@ class UBootBootloader:
             # a file or device region is rewritten in place; whatever follows it stays
             size = os.stat(loc.device).st_size
             overwrite_file(loc.device, blob, offset=loc.offset, size=size, fault=self._fault)
+        except FileNotFoundError as exc:
+            raise self._missing(loc) from exc
         except OSError as exc:
             raise BootloaderError(f"u-boot: cannot write env at {loc.device}: {exc}") from exc
 
-    def initialize(self, values: Mapping[str, str] | None = None) -> None:
-        """Write a fresh env into every copy (image builders; a device whose env was lost).
+    def initialize(self, values: Mapping[str, str] | None = None, *, create: bool = False) -> None:
+        """Write a fresh env into every copy: U-Boot's default env with ``values`` on top
+        (default: both slots good, A first).
 
-        Regular files that do not exist yet are created at the needed size.
+        ``create``: image builders only - create env files that do not exist yet, at the needed
+        size. Without it a missing device or file is a BootloaderError and nothing is written.
+        The default env file is read first: when it is missing, nothing is written either.
         """
-        vals = dict(values) if values is not None else initial_values(attempts=self.attempts)
-        for i, loc in enumerate(self.locations):
-            if not loc.device.exists():
-                with open(loc.device, "wb") as f:
-                    f.truncate(loc.offset + loc.size)
-            if self.redundant:
-                blob = ubootenv.encode(vals, loc.size, redundant=True, flags=i)
-            else:
-                blob = ubootenv.encode(vals, loc.size)
-            with open(loc.device, "r+b") as f:
-                f.seek(loc.offset)
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
+        vals = self.from_default_env(
+            values if values is not None else initial_values(attempts=self.attempts)
+        )
+        with self._locked():
+            for loc in self.locations:
+                if not loc.device.exists():
+                    if not create:
+                        raise self._missing(loc)
+                    with open(loc.device, "wb") as f:
+                        f.truncate(loc.offset + loc.size)
+            for i, loc in enumerate(self.locations):
+                if self.redundant:
+                    blob = ubootenv.encode(vals, loc.size, redundant=True, flags=i)
+                else:
+                    blob = ubootenv.encode(vals, loc.size)
+                self._write_whole(loc, blob)
+
+    def from_default_env(self, values: Mapping[str, str]) -> dict[str, str]:
+        """U-Boot's default env (``bootcmd`` and the board's variables) with ``values`` on top."""
+        env = read_default_env(self.default_env)
+        env.update(values)
+        return env
+
+    def _write_whole(self, loc: EnvLocation, blob: bytes) -> None:
+        try:
+            # O_RDWR without O_CREAT: never creates a file where a device should be
+            fd = os.open(loc.device, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise self._missing(loc) from exc
+        except OSError as exc:
+            raise BootloaderError(f"u-boot: cannot write env at {loc.device}: {exc}") from exc
+        try:
+            view = memoryview(blob)
+            done = 0
+            while done < len(blob):
+                done += os.pwrite(fd, view[done:], loc.offset + done)
+            os.fsync(fd)
+        except OSError as exc:
+            raise BootloaderError(f"u-boot: cannot write env at {loc.device}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     # --- Bootloader protocol --------------------------------------------------------------
 
     def repair(self, booted: str) -> None:
+        """Rewrite a lost env from U-Boot's default env: ``booted`` good, the other slot bad.
+
+        BootloaderError (and nothing written) when the default env file cannot be read or an
+        env device is missing: U-Boot then keeps booting from its built-in default env.
+        """
         check_slot(booted)
         other = other_slot(booted)
         values = initial_values((booted,), self.attempts)
         values[f"BOOT_{other}_LEFT"] = "0"
-        try:
-            self.initialize(values)
-        except OSError as exc:
-            raise BootloaderError(f"u-boot: cannot write env: {exc}") from exc
-        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
+        self.initialize(values)
+        log.warning(
+            "bootloader_env_repaired",
+            bootloader=self.name,
+            good=booted,
+            bad=other,
+            default_env=str(self.default_env),
+        )
 
     def state(self) -> BootState:
         return scheme_state(self.values(), self.attempts)
@@ -246,16 +378,18 @@ class UBootBootloader:
 
     def mark_bad(self, slot: str) -> None:
         check_slot(slot)
-        values = self.values()
-        order = [s for s in values.get("BOOT_ORDER", "").split() if s in SLOTS and s != slot]
-        self.write({"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": "0"}, end_trial_of=slot)
+
+        def changes(values: Mapping[str, str]) -> dict[str, str]:
+            order = [s for s in values.get("BOOT_ORDER", "").split() if s in SLOTS and s != slot]
+            return {"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": "0"}
+
+        self._update(changes, end_trial_of=slot)
         log.info("slot_marked_bad", bootloader=self.name, slot=slot)
 
     def try_once(self, slot: str) -> None:
         check_slot(slot)
-        values = self.values()
-        self.write(
-            {
+        self._update(
+            lambda values: {
                 "BOOT_ORDER": self._order_with_first(values, slot),
                 f"BOOT_{slot}_LEFT": "1",
                 TRIAL: slot,
@@ -265,9 +399,8 @@ class UBootBootloader:
 
     def mark_good(self, slot: str) -> None:
         check_slot(slot)
-        values = self.values()
-        self.write(
-            {
+        self._update(
+            lambda values: {
                 "BOOT_ORDER": self._order_with_first(values, slot),
                 f"BOOT_{slot}_LEFT": str(self.attempts),
             },

@@ -1,7 +1,8 @@
 SUMMARY = "otad U-Boot boot script and initial redundant environment"
 DESCRIPTION = "Compiles boot/u-boot/boot.cmd of the otad repository into boot.scr and writes the \
-               initial environment copies that boot/u-boot/fw_env.config names (both slots with \
-               their full boot attempts, A first) with the otad agent's own U-Boot backend. \
+               initial environment copies that boot/u-boot/fw_env.config names (U-Boot's default \
+               environment plus both slots with their full boot attempts, A first) with the otad \
+               agent's own U-Boot backend. \
                otad-image.bbclass puts boot.scr on the boot partition; otad-ab-uboot.wks places \
                the environment copies."
 SECTION = "bootloaders"
@@ -27,11 +28,19 @@ S = "${UNPACKDIR}"
 
 inherit deploy nopackages kernel-arch python3native
 
+# U-Boot's default environment as text, which u-boot.inc deploys as ${UBOOT_INITIAL_ENV}
+# (default "${PN}-initial-env" of the U-Boot recipe: u-boot-initial-env). The factory env starts
+# from it: U-Boot uses a stored env with a valid CRC instead of its built-in default, so an env
+# holding only otad's variables would lack bootcmd and stop U-Boot at its prompt.
+# Set another file here for a U-Boot provider with another PN (e.g. u-boot-imx-initial-env).
+OTAD_UBOOT_INITIAL_ENV ?= "${DEPLOY_DIR_IMAGE}/u-boot-initial-env"
+do_compile[depends] += "virtual/bootloader:do_deploy"
+
 do_configure[noexec] = "1"
 
 do_compile() {
     uboot-mkimage -A ${UBOOT_ARCH} -T script -C none -n "otad A/B" -d ${S}/boot.cmd ${B}/boot.scr
-    nativepython3 ${S}/otad-initial-ubootenv.py ${S}/fw_env.config ${B}/env
+    nativepython3 ${S}/otad-initial-ubootenv.py ${S}/fw_env.config ${OTAD_UBOOT_INITIAL_ENV} ${B}/env
 }
 
 do_install[noexec] = "1"

@@ -54,7 +54,11 @@ OTAD_EXAMPLE_SHA256 = "\
 
 FILES:${PN} += "${sysconfdir}/otad ${systemd_system_unitdir}"
 
-RDEPENDS:${PN} += "${@'libubootenv-bin' if d.getVar('OTAD_BOOTLOADER') == 'uboot' else ''}"
+# U-Boot: fw_printenv/fw_setenv, and U-Boot's default env as /etc/u-boot-initial-env (the
+# agent rebuilds a lost env from it; without it a repair is refused). The package is the U-Boot
+# provider's ${PN}-env: set OTAD_UBOOT_ENV_PACKAGE for a provider with another PN.
+OTAD_UBOOT_ENV_PACKAGE ?= "u-boot-env"
+RDEPENDS:${PN} += "${@'libubootenv-bin ' + d.getVar('OTAD_UBOOT_ENV_PACKAGE') if d.getVar('OTAD_BOOTLOADER') == 'uboot' else ''}"
 
 # The otad recipe RDEPENDS on this virtual name, so an integrator's own config recipe can
 # provide it instead (PREFERRED_RPROVIDER_virtual-otad-conf = "my-otad-conf").
