@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from otad.agent.bootloader.grub import (
     initial_values,
     read_copy,
     render,
+    seq_numbers_seen,
     write_initial,
 )
 from otad.errors import BootloaderEnvCorrupt, BootloaderError
@@ -422,3 +425,80 @@ def test_grub_fault_hook_tears_a_real_write(tmp_path: Path, crash_on_copy: int) 
     after = GrubBootloader(tmp_path).state()
     # a torn first copy leaves the old state; once the first copy is whole, the new one
     assert after == before if crash_on_copy == 1 else after.slot("B").bad
+
+
+def test_grub_missing_env_dir_is_an_error_and_repair_creates_nothing(tmp_path: Path) -> None:
+    # the ESP is not mounted: not a corrupt env, and repair must not make a directory there
+    env_dir = tmp_path / "efi" / "EFI" / "otad"
+    g = GrubBootloader(env_dir)
+    for call in (g.state, lambda: g.mark_bad("B"), lambda: g.repair("A")):
+        with pytest.raises(BootloaderError, match=r"otad does not exist") as e:
+            call()
+        assert not isinstance(e.value, BootloaderEnvCorrupt)
+    assert not (tmp_path / "efi").exists()
+
+
+def test_grub_no_copies_at_all_is_an_error_and_repair_creates_nothing(tmp_path: Path) -> None:
+    g = GrubBootloader(tmp_path)
+    with pytest.raises(BootloaderError, match=r"grubenv\.0 and grubenv\.1 do not exist") as e:
+        g.state()
+    assert not isinstance(e.value, BootloaderEnvCorrupt)
+    with pytest.raises(BootloaderError, match=r"do not exist"):
+        g.repair("A")
+    assert not any(p.exists() for p in g.paths)
+
+
+def test_grub_interrupted_writes_never_reuse_a_seq(tmp_path: Path) -> None:
+    # the reviewer's case: two interrupted writes of copy 0; with a reused SEQ the first
+    # sector of write 1 and the second of write 2 combined into a "valid", newer copy
+    write_initial(tmp_path, {**initial_values(), "otad_extra": "console=ttyS0 " + "x" * 450})
+    g = GrubBootloader(tmp_path)
+    snap = [p.read_bytes() for p in g.paths]
+    before = g.state()
+    g.mark_bad("B")  # power cut: only copy 0's first sector reached the disk
+    w1 = g.paths[0].read_bytes()
+    g.paths[0].write_bytes(w1[:512] + snap[0][512:])
+    g.paths[1].write_bytes(snap[1])
+    assert read_copy(g.paths[0]).seq is None and g.state() == before
+    mid = [p.read_bytes() for p in g.paths]
+    g.try_once("B")  # power cut again: only copy 0's second sector reached the disk
+    w2 = g.paths[0].read_bytes()
+    g.paths[0].write_bytes(mid[0][:512] + w2[512:])
+    g.paths[1].write_bytes(mid[1])
+    assert read_copy(g.paths[0]).seq is None, "halves of two writes must not form a valid copy"
+    assert g.state() == before
+
+
+def test_grub_new_seq_is_above_every_number_on_disk() -> None:
+    torn = render(initial_values(), 40)[:512] + render(initial_values(), 7)[512:]
+    assert seq_numbers_seen(torn) == 40
+    assert seq_numbers_seen(b"junk SEQ=99\nSEQ_END=12\n") == 12  # only whole variables count
+    assert seq_numbers_seen(b"# GRUB\nSEQ=99999999999\n") == 0  # beyond SEQ_LIMIT: not ours
+
+
+def test_grub_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
+    # the daemon and `otad agent mark-bad`: separate instances, real flock on separate fds
+    write_initial(tmp_path)
+    one, two = GrubBootloader(tmp_path), GrubBootloader(tmp_path)
+    for i in range(200):
+        one.mark_good("A")
+        one.mark_good("B")
+        race(lambda: one.mark_bad("A"), lambda: two.try_once("B"))
+        st_ = one.state()
+        assert st_.slot("A").bad and st_.slot("B").on_trial, f"round {i}: {st_.to_dict()}"
+    assert (tmp_path / "grubenv.lock").exists() and len(list(tmp_path.glob("grubenv.[01]"))) == 2
+
+
+def race(*calls: Callable[[], object]) -> None:
+    """Run ``calls`` in threads released together (bounded waits)."""
+    barrier = threading.Barrier(len(calls))
+
+    def go(call: Callable[[], object]) -> None:
+        barrier.wait(5)
+        call()
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)

@@ -28,11 +28,24 @@ place + fsync (GRUB's ``save_env`` writes through the file's block list, so the 
 their blocks). A power cut therefore leaves either the old state or the new one readable, and
 after a write returns no stale copy is left that could bring back a slot just marked bad.
 GRUB itself only flips ``X_TRY`` in the current copy (same length, one sector).
+
+A new ``SEQ`` is above every ``SEQ``/``SEQ_END`` number found in either copy, torn copies
+included: were a number of an interrupted write used again, the first half of that write and
+the second half of a later one could combine into a copy that looks valid.
+
+Every read-modify-write holds ``flock(LOCK_EX)`` on ``grubenv.lock`` next to the copies (the
+daemon and ``otad agent mark-good``/``mark-bad`` must not lose each other's change). The env
+directory must exist: a missing directory (ESP not mounted) or no copy at all is a
+BootloaderError, not a corrupt env, and only :func:`write_initial` (image builders) creates it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +60,7 @@ __layer__ = "adapter"
 log = structlog.get_logger(__name__)
 
 COPY_NAMES = ("grubenv.0", "grubenv.1")
+LOCK_NAME = "grubenv.lock"
 TRIAL = "otad_trial"
 #: GRUB's ``test -gt`` parses numbers as unsigned long, 32 bits on i386-pc: stay below 2**31.
 SEQ_LIMIT = 2**31 - 1
@@ -62,6 +76,21 @@ class EnvCopy:
     seq: int | None  # None: invalid (missing, torn, unreadable)
     values: Mapping[str, str]
     problem: str = ""
+    #: the highest SEQ / SEQ_END number in the raw bytes, torn or not (0: none)
+    max_seen: int = 0
+
+
+_SEQ_NUMBER = re.compile(rb"(?:^|\n)SEQ(?:_END)?=([0-9]{1,10})(?=\n)")
+
+
+def seq_numbers_seen(data: bytes) -> int:
+    """The highest SEQ or SEQ_END number anywhere in ``data`` (0: none).
+
+    Read from the raw bytes, so a torn copy that no longer decodes still counts; numbers
+    beyond SEQ_LIMIT were never written by us (render refuses them) and are ignored.
+    """
+    found = (int(m.group(1)) for m in _SEQ_NUMBER.finditer(data))
+    return max((n for n in found if n <= SEQ_LIMIT), default=0)
 
 
 def read_copy(path: Path) -> EnvCopy:
@@ -72,14 +101,15 @@ def read_copy(path: Path) -> EnvCopy:
         return EnvCopy(path, None, {}, "missing")
     except OSError as exc:
         return EnvCopy(path, None, {}, f"unreadable: {exc.strerror or exc}")
+    seen = seq_numbers_seen(data)
     try:
         env = grubenv.decode(data)
     except BootloaderEnvCorrupt as exc:
-        return EnvCopy(path, None, {}, str(exc))
+        return EnvCopy(path, None, {}, str(exc), seen)
     seq, seq_end = env.values.get("SEQ", ""), env.values.get("SEQ_END", "")
     if not (seq.isascii() and seq.isdigit() and seq == seq_end):
-        return EnvCopy(path, None, env.values, f"torn (SEQ={seq!r}, SEQ_END={seq_end!r})")
-    return EnvCopy(path, int(seq), env.values)
+        return EnvCopy(path, None, env.values, f"torn (SEQ={seq!r}, SEQ_END={seq_end!r})", seen)
+    return EnvCopy(path, int(seq), env.values, max_seen=seen)
 
 
 def current_copy(copies: tuple[EnvCopy, EnvCopy]) -> EnvCopy | None:
@@ -136,11 +166,26 @@ def write_initial(
     values: Mapping[str, str] | None = None,
     *,
     names: tuple[str, str] = COPY_NAMES,
+    create: bool = True,
+    first_seq: int = 1,
 ) -> None:
-    """Create both copies (image builders; also a device whose env was lost)."""
-    env_dir.mkdir(parents=True, exist_ok=True)
+    """Write both copies (``SEQ`` ``first_seq`` and ``first_seq + 1``).
+
+    ``create`` (image builders): create ``env_dir`` and the copies. Without it (repair on a
+    device) the directory and both copies must exist: a missing one is a BootloaderError and
+    nothing is written, so an unmounted ESP never gets an env directory of its own.
+    """
+    if create:
+        env_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        for name in names:
+            if not (env_dir / name).is_file():
+                raise BootloaderError(
+                    f"grub: env copy {env_dir / name} does not exist (ESP not mounted, or an "
+                    "image without otad's grubenv copies); nothing is created there"
+                )
     vals = dict(values) if values is not None else initial_values()
-    for seq, name in enumerate(names, start=1):
+    for seq, name in enumerate(names, start=first_seq):
         replace_file(env_dir / name, render(vals, seq))
 
 
@@ -158,7 +203,31 @@ class GrubBootloader:
     ) -> None:
         self.env_dir = Path(env_dir)
         self.paths = (self.env_dir / names[0], self.env_dir / names[1])
+        self.lock_path = self.env_dir / LOCK_NAME
         self._fault = fault  # test-only: see durable.overwrite_file
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the env lock (a file next to the copies, not a copy) for one read-modify-write."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError as exc:
+            raise self._no_dir() from exc
+        except OSError as exc:
+            raise BootloaderError(
+                f"grub: cannot open the env lock {self.lock_path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _no_dir(self) -> BootloaderError:
+        return BootloaderError(
+            f"grub: env directory {self.env_dir} does not exist (ESP not mounted?); "
+            "nothing is created there"
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -166,6 +235,14 @@ class GrubBootloader:
         """(copy 0, copy 1, current); BootloaderEnvCorrupt when neither copy is valid."""
         copies = (read_copy(self.paths[0]), read_copy(self.paths[1]))
         current = current_copy(copies)
+        if current is None and all(c.problem == "missing" for c in copies):
+            # nothing there at all: a configuration or mount problem, not an env to repair
+            if not self.env_dir.is_dir():
+                raise self._no_dir()
+            raise BootloaderError(
+                f"grub: no env copies in {self.env_dir} ({copies[0].path.name} and "
+                f"{copies[1].path.name} do not exist); nothing is created there"
+            )
         if current is None:
             raise BootloaderEnvCorrupt(
                 f"grub: no valid env copy in {self.env_dir} "
@@ -194,12 +271,17 @@ class GrubBootloader:
 
         ``end_trial_of``: clear ``otad_trial`` when it names this slot.
         """
+        with self._locked():
+            self._write_locked(changes, end_trial_of)
+
+    def _write_locked(self, changes: Mapping[str, str], end_trial_of: str | None) -> None:
         first, second, current = self.read()
         values = {k: v for k, v in current.values.items() if k not in ("SEQ", "SEQ_END")}
         values.update(changes)
         if end_trial_of is not None and values.get(TRIAL) == end_trial_of:
             values[TRIAL] = ""
-        seq = current.seq or 0
+        # above every number on disk, also a torn copy's: see the module doc
+        seq = max(current.seq or 0, first.max_seen, second.max_seen)
         if seq + 2 > SEQ_LIMIT:
             raise BootloaderError(f"grub: sequence number {seq} exhausted in {self.env_dir}")
         # the non-current copy first: until it is complete the current one stays intact
@@ -222,17 +304,29 @@ class GrubBootloader:
         other = other_slot(booted)
         values = initial_values((booted, other))
         values.update({f"{other}_OK": "0"})
+        with self._locked():
+            try:
+                extra = {k: v for k, v in self.values().items() if k.startswith("otad_")}
+            except BootloaderEnvCorrupt:
+                extra = {}
+            extra.pop(TRIAL, None)
+            values.update(extra)
+            self._rewrite(values)
+        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
+
+    def _rewrite(self, values: Mapping[str, str]) -> None:
+        """Both copies from scratch, in place of the existing ones (never creates them)."""
+        seen = max(read_copy(p).max_seen for p in self.paths)
         try:
-            extra = {k: v for k, v in self.values().items() if k.startswith("otad_")}
-        except BootloaderEnvCorrupt:
-            extra = {}
-        extra.pop(TRIAL, None)
-        values.update(extra)
-        try:
-            write_initial(self.env_dir, values, names=(self.paths[0].name, self.paths[1].name))
+            write_initial(
+                self.env_dir,
+                values,
+                names=(self.paths[0].name, self.paths[1].name),
+                create=False,
+                first_seq=seen + 1,
+            )
         except OSError as exc:
             raise BootloaderError(f"grub: cannot write grubenv in {self.env_dir}: {exc}") from exc
-        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
 
     def mark_bad(self, slot: str) -> None:
         check_slot(slot)
