@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,43 @@ def test_sim_repair_rewrites_a_corrupt_state(tmp_path: Path) -> None:
     assert st_.next_boot() == "A" and st_.slot("A").good and st_.slot("B").bad
     sim.mark_good("B")
     assert sim.power_on() == "B"  # the fail counter was lost with the file: B boots
+
+
+def test_sim_last_resort_boots_only_the_first_committed_slot(tmp_path: Path) -> None:
+    # grub.cfg and boot.cmd save nothing on the last-resort path: the same (first committed)
+    # slot is picked at every power-on; they never go on to the second committed slot
+    sim = SimBootloader(tmp_path / "sim.json", attempts=1)
+    sim.fail_boot("A")
+    sim.fail_boot("B", 1)
+    for _ in range(3):
+        with pytest.raises(BootloaderError, match=r"A \(last resort\)") as e:
+            sim.power_on()
+        assert "B (last resort)" not in str(e.value)
+    assert sim.booted() is None
+
+
+def test_sim_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
+    # the daemon and `otad agent mark-bad` each with their own instance (own lock fd)
+    path = tmp_path / "sim.json"
+    one, two = SimBootloader(path, durable=False), SimBootloader(path, durable=False)
+    for i in range(200):
+        one.mark_good("A")
+        one.mark_good("B")
+        race(lambda: one.mark_bad("A"), lambda: two.try_once("B"))
+        st = one.state()
+        assert st.slot("A").bad and st.slot("B").on_trial, f"round {i}: {st.to_dict()}"
+
+
+def race(*calls: Callable[[], object]) -> None:
+    """Run ``calls`` in threads released together (bounded waits)."""
+    barrier = threading.Barrier(len(calls))
+
+    def go(call: Callable[[], object]) -> None:
+        barrier.wait(5)
+        call()
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)

@@ -8,14 +8,21 @@ The model is the U-Boot counter scheme, which includes GRUB's (``attempts=1``): 
 first slot in the order that is not bad and has attempts left is chosen and one attempt is
 consumed; a slot told to fail (:meth:`fail_boot`, a kernel panic or a hang followed by a watchdog
 reset) consumes its attempt and the bootloader runs again, so the order falls through to the
-other slot once the attempts are used up. With no attempts left anywhere, the last resort boots a
-committed slot (see :meth:`SimBootloader.power_on`). Only when that fails too does power-on raise
-BootloaderError: in a test that is the one outcome that must never happen.
+other slot once the attempts are used up. With no attempts left anywhere, the last resort boots
+the *first* committed slot of the order, as grub.cfg and boot.cmd do (see
+:meth:`SimBootloader.power_on`). Only when that fails too does power-on raise BootloaderError: in
+a test that is the one outcome that must never happen.
+
+Every read-modify-write of the state file holds ``flock(LOCK_EX)`` on ``<state file>.lock``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +57,15 @@ class SimBootloader:
             raise ValueError("sim: attempts must be at least 1")
         check_slot(initial)
         self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.attempts = attempts
         self.durable = durable
+        with self._locked():
+            self._create(initial)
+
+    def _create(self, initial: str) -> None:
         if not self.path.exists():
-            good = {"bad": False, "tries": attempts, "good": True}
+            good = {"bad": False, "tries": self.attempts, "good": True}
             self._save(
                 {
                     "format": FORMAT,
@@ -82,25 +94,31 @@ class SimBootloader:
 
     def mark_bad(self, slot: str) -> None:
         check_slot(slot)
-        raw = self._load()
-        raw["slots"][slot] = {"bad": True, "tries": 0, "good": False}
-        self._save(raw)
+
+        def change(raw: dict[str, Any]) -> None:
+            raw["slots"][slot] = {"bad": True, "tries": 0, "good": False}
+
+        self._update(change)
         log.info("slot_marked_bad", bootloader=self.name, slot=slot)
 
     def try_once(self, slot: str) -> None:
         check_slot(slot)
-        raw = self._load()
-        raw["slots"][slot] = {"bad": False, "tries": 1, "good": False}
-        raw["order"] = [slot, other_slot(slot)]
-        self._save(raw)
+
+        def change(raw: dict[str, Any]) -> None:
+            raw["slots"][slot] = {"bad": False, "tries": 1, "good": False}
+            raw["order"] = [slot, other_slot(slot)]
+
+        self._update(change)
         log.info("slot_set_to_try_once", bootloader=self.name, slot=slot)
 
     def mark_good(self, slot: str) -> None:
         check_slot(slot)
-        raw = self._load()
-        raw["slots"][slot] = {"bad": False, "tries": self.attempts, "good": True}
-        raw["order"] = [slot, other_slot(slot)]
-        self._save(raw)
+
+        def change(raw: dict[str, Any]) -> None:
+            raw["slots"][slot] = {"bad": False, "tries": self.attempts, "good": True}
+            raw["order"] = [slot, other_slot(slot)]
+
+        self._update(change)
         log.info("slot_marked_good", bootloader=self.name, slot=slot)
 
     def primary(self) -> str | None:
@@ -109,6 +127,11 @@ class SimBootloader:
     def repair(self, booted: str) -> None:
         check_slot(booted)
         other = other_slot(booted)
+        with self._locked():
+            self._repair_locked(booted, other)
+        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
+
+    def _repair_locked(self, booted: str, other: str) -> None:
         try:
             raw = self._load()
             fails, boots = raw["fails"], raw["boots"]
@@ -127,16 +150,17 @@ class SimBootloader:
                 "boots": boots,
             }
         )
-        log.warning("bootloader_env_repaired", bootloader=self.name, good=booted, bad=other)
 
     # --- the simulated hardware -----------------------------------------------------------
 
     def fail_boot(self, slot: str, times: int = FOREVER) -> None:
         """Make the next ``times`` boots of ``slot`` fail (FOREVER: until :meth:`heal`)."""
         check_slot(slot)
-        raw = self._load()
-        raw["fails"][slot] = times
-        self._save(raw)
+
+        def change(raw: dict[str, Any]) -> None:
+            raw["fails"][slot] = times
+
+        self._update(change)
 
     def heal(self, slot: str) -> None:
         self.fail_boot(slot, 0)
@@ -153,8 +177,14 @@ class SimBootloader:
         the first *committed* slot of the order that is not marked bad, without consuming
         anything (``rescued()`` is then true; real bootloaders add ``otad.rescue=1``): a lost
         confirmation of a good slot is an ordinary power cut and must not brick the device,
-        while a slot on trial never gets a try it was not given.
+        while a slot on trial never gets a try it was not given. Only that first committed slot:
+        the real scripts save nothing on this path, so they pick the same slot at every power-on
+        and never go on to a second committed slot when the first one fails.
         """
+        with self._locked():
+            return self._power_on_locked()
+
+    def _power_on_locked(self) -> str:
         raw = self._load()
         attempts_made: list[str] = []
         # each iteration consumes an attempt, so the loop is bounded by the attempts in the env
@@ -168,12 +198,11 @@ class SimBootloader:
                 continue
             return self._booted(raw, slot, attempts_made, rescue=False)
         state = self._state(raw)
-        for slot in state.order:
-            if slot in SLOTS and state.slot(slot).good:
-                attempts_made.append(f"{slot} (last resort)")
-                if self._fails(raw, slot):
-                    continue
-                return self._booted(raw, slot, attempts_made, rescue=True)
+        rescue = next((s for s in state.order if s in SLOTS and state.slot(s).good), None)
+        if rescue is not None:
+            attempts_made.append(f"{rescue} (last resort)")
+            if not self._fails(raw, rescue):
+                return self._booted(raw, rescue, attempts_made, rescue=True)
         raw["booted"] = None
         self._save(raw)
         raise BootloaderError(
@@ -204,6 +233,27 @@ class SimBootloader:
         return bool(self._load().get("rescue", False))
 
     # --- storage --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the lock next to the state file (not the state file) for a read-modify-write."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BootloaderError(
+                f"sim: cannot open the lock {self.lock_path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        with self._locked():
+            raw = self._load()
+            change(raw)
+            self._save(raw)
 
     def _load(self) -> dict[str, Any]:
         try:
