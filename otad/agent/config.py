@@ -8,13 +8,15 @@ because a typo in a device's config must not silently fall back to a default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otad.errors import ConfigError
+from otad.errors import ConfigError, ShadowBadRequest
+from otad.shadow import check_device_id, check_template
 
 __layer__ = "adapter"
 
@@ -212,6 +214,8 @@ class _Table:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; every comparison with nan is false
+            raise self._fail(key, f"must be a finite number, got {value}")
         if value < minimum:
             raise self._fail(key, f"must be >= {minimum}, got {value}")
         return float(value)
@@ -260,11 +264,13 @@ class _Table:
 
 def _broker(t: _Table, device_id: str) -> BrokerConfig:
     template = t.text("topic_template", "state/{device_id}")
-    if "{device_id}" not in template:
+    try:
+        check_template(template)
+    except ShadowBadRequest as exc:
         raise ConfigError(
-            "otad.toml: broker.topic_template: must contain {device_id}",
+            f"otad.toml: broker.topic_template: {exc.message.removeprefix('shadow: ')}",
             key="broker.topic_template",
-        )
+        ) from exc
     cert, key = t.path("cert"), t.path("key")
     if (cert is None) != (key is None):
         raise ConfigError(
@@ -411,11 +417,13 @@ def parse(data: Mapping[str, Any], *, base: Path | None = None) -> AgentConfig:
             raise ConfigError(f"otad.toml: device_id_file: {device_id_file} is empty")
     else:
         device_id = top.text("device_id", required=True)
-    if not all(c.isalnum() or c in "-_." for c in device_id):
+    try:
+        check_device_id(device_id)  # it is a topic level and the broker's client id
+    except ShadowBadRequest as exc:
         raise ConfigError(
-            f"otad.toml: device_id: only letters, digits, '-', '_' and '.', got {device_id!r}",
+            f"otad.toml: device_id: 1-128 of A-Z a-z 0-9 : _ . -, got {device_id!r}",
             key="device_id",
-        )
+        ) from exc
     reboot = top.raw("reboot_command")
     if reboot is None:
         reboot_command: tuple[str, ...] = ("systemctl", "reboot")
