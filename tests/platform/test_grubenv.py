@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plugins.threads import race
 
 from otad.agent.bootloader import Bootloader, grubenv
 from otad.agent.bootloader.grub import (
@@ -487,18 +486,3 @@ def test_grub_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
         st_ = one.state()
         assert st_.slot("A").bad and st_.slot("B").on_trial, f"round {i}: {st_.to_dict()}"
     assert (tmp_path / "grubenv.lock").exists() and len(list(tmp_path.glob("grubenv.[01]"))) == 2
-
-
-def race(*calls: Callable[[], object]) -> None:
-    """Run ``calls`` in threads released together (bounded waits)."""
-    barrier = threading.Barrier(len(calls))
-
-    def go(call: Callable[[], object]) -> None:
-        barrier.wait(5)
-        call()
-
-    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from plugins.threads import race
 
 from otad.agent.bootloader import Bootloader
 from otad.agent.bootloader.sim import SimBootloader
@@ -166,18 +165,3 @@ def test_sim_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
         race(lambda: one.mark_bad("A"), lambda: two.try_once("B"))
         st = one.state()
         assert st.slot("A").bad and st.slot("B").on_trial, f"round {i}: {st.to_dict()}"
-
-
-def race(*calls: Callable[[], object]) -> None:
-    """Run ``calls`` in threads released together (bounded waits)."""
-    barrier = threading.Barrier(len(calls))
-
-    def go(call: Callable[[], object]) -> None:
-        barrier.wait(5)
-        call()
-
-    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)

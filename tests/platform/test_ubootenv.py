@@ -8,12 +8,12 @@ import struct
 import subprocess
 import threading
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plugins.threads import race
 
 from otad.agent.bootloader import Bootloader, ubootenv
 from otad.agent.bootloader.uboot import (
@@ -549,18 +549,3 @@ def test_uboot_agent_and_fw_setenv_never_lose_each_others_change(tmp_path: Path)
         env = printenv(cfg)
         assert env["otad_trial"] == "B" and env["serial_note"] == f"n{i}", f"round {i}"
         assert env["bootcmd"] == "run distro_bootcmd"
-
-
-def race(*calls: Callable[[], object]) -> None:
-    """Run ``calls`` in threads released together (bounded waits)."""
-    barrier = threading.Barrier(len(calls))
-
-    def go(call: Callable[[], object]) -> None:
-        barrier.wait(5)
-        call()
-
-    threads = [threading.Thread(target=go, args=(c,)) for c in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
