@@ -67,7 +67,9 @@ AWS_TEMPLATE: Final = "$aws/things/{device_id}/shadow"
 # This is AWS's thing-name alphabet plus '.'.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9:_.\-]{1,128}")
 
-RequestKind = Literal["update", "get"]
+# "fleet_update": an update on the fleet side's own topic (<prefix>/fleet/update), the only one
+# that may change ``desired``: the broker lets devices write their update topic, not this one
+RequestKind = Literal["update", "get", "fleet_update"]
 
 _UPDATE_FIELDS: Final = frozenset({"state", "version", "clientToken"})
 _GET_FIELDS: Final = frozenset({"clientToken"})
@@ -126,6 +128,11 @@ class Topics:
         return f"{self.prefix}/update"
 
     @property
+    def fleet_update(self) -> str:
+        """Where the fleet side (rollouts, operators) sends updates; devices cannot write it."""
+        return f"{self.prefix}/fleet/update"
+
+    @property
     def update_accepted(self) -> str:
         return f"{self.prefix}/update/accepted"
 
@@ -153,11 +160,14 @@ class Topics:
     def get_rejected(self) -> str:
         return f"{self.prefix}/get/rejected"
 
+    def request(self, kind: RequestKind) -> str:
+        return {"update": self.update, "get": self.get, "fleet_update": self.fleet_update}[kind]
+
     def accepted(self, kind: RequestKind) -> str:
-        return self.update_accepted if kind == "update" else self.get_accepted
+        return self.get_accepted if kind == "get" else self.update_accepted
 
     def rejected(self, kind: RequestKind) -> str:
-        return self.update_rejected if kind == "update" else self.get_rejected
+        return self.get_rejected if kind == "get" else self.update_rejected
 
 
 def request_filters(template: str = DEFAULT_TEMPLATE, share_group: str | None = None) -> list[str]:
@@ -170,24 +180,34 @@ def request_filters(template: str = DEFAULT_TEMPLATE, share_group: str | None = 
     """
     check_template(template)
     wildcard = template.replace("{device_id}", "+")
-    filters = [f"{wildcard}/update", f"{wildcard}/get"]
+    filters = [f"{wildcard}/update", f"{wildcard}/get", f"{wildcard}/fleet/update"]
     if share_group is None or wildcard.startswith("$"):
         return filters
     return [f"$share/{share_group}/{f}" for f in filters]
 
 
+_REQUEST_SUFFIXES: Final[tuple[tuple[str, RequestKind], ...]] = (
+    ("/fleet/update", "fleet_update"),  # before "/update", which it ends with
+    ("/update", "update"),
+    ("/get", "get"),
+)
+
+
 def parse_request_topic(topic: str, template: str = DEFAULT_TEMPLATE) -> tuple[str, RequestKind]:
-    """``("dev1", "update")`` for ``state/dev1/update``; ShadowBadRequest for anything else."""
+    """``("dev1", "update")`` for ``state/dev1/update`` (``"get"``, ``"fleet_update"`` for
+    ``.../get``, ``.../fleet/update``); ShadowBadRequest for anything else."""
     check_template(template)
     head, _, tail = template.partition("{device_id}")
-    if not topic.startswith(head) or not (topic.endswith("/update") or topic.endswith("/get")):
-        raise ShadowBadRequest(f"shadow: {topic!r} is not a shadow request topic")
-    kind: RequestKind = "update" if topic.endswith("/update") else "get"
-    middle = topic[len(head) : len(topic) - len(kind) - 1]
-    if not middle.endswith(tail):
-        raise ShadowBadRequest(f"shadow: {topic!r} is not a shadow request topic")
-    device_id = middle[: len(middle) - len(tail)]
-    return check_device_id(device_id), kind
+    if topic.startswith(head):
+        # "state/fleet/update" is device "fleet"'s update, "state/dev1/fleet/update" the fleet
+        # side's update of dev1: the first reading that yields a valid device id wins
+        for suffix, kind in _REQUEST_SUFFIXES:
+            middle = topic[len(head) : len(topic) - len(suffix)]
+            if topic.endswith(suffix) and middle.endswith(tail):
+                device_id = middle[: len(middle) - len(tail)]
+                if _DEVICE_ID.fullmatch(device_id):
+                    return device_id, kind
+    raise ShadowBadRequest(f"shadow: {topic!r} is not a shadow request topic")
 
 
 # --- JSON values -------------------------------------------------------------------------------

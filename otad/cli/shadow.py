@@ -33,10 +33,6 @@ __layer__ = "cli"
 
 log = structlog.get_logger(__name__)
 
-SHARE_GROUP = (
-    "otad-replica"  # the default of otad.cloud.replica.SHARE_GROUP (a test keeps them equal)
-)
-
 
 def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = groups.add_parser(
@@ -70,8 +66,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument("--db", type=Path, help="database file (default: from the cloud config)")
     serve.add_argument(
         "--share-group",
-        default=SHARE_GROUP,
-        help="MQTT shared subscription group; replicas in one group split the load",
+        help="MQTT shared subscription group; replicas in one group split the load (default: "
+        "the cloud dir's own, derived from its pre-sign secret)",
     )
     serve.add_argument(
         "--session",
@@ -151,7 +147,8 @@ async def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with SqliteStore(db) as store:
-        replica = Replica(store, settings, template=template, share_group=args.share_group)
+        group = args.share_group or cloud.config().replica_share_group()
+        replica = Replica(store, settings, template=template, share_group=group)
         log.info("replica_starting", db=str(db), template=template)
         await replica.run(stop)
         log.info(

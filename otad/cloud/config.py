@@ -10,6 +10,7 @@ mode 0600 that the config names.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import ipaddress
 import string
 import tomllib
@@ -73,6 +74,17 @@ class CloudConfig:
                 f"cloud config: pre-sign secret {self.presign_secret_file} is shorter than 32 bytes"
             )
         return secret
+
+    def replica_share_group(self) -> str:
+        """The MQTT shared-subscription group of this cloud's replicas.
+
+        Not a well-known name: Mosquitto lets any client join a shared subscription whatever
+        its ACL, and then drops the messages it hands to a member that may not read them, so a
+        device that joined a guessable group would silently eat a share of every device's and
+        the fleet's requests. Derived from the pre-sign secret, so every replica process of
+        one cloud dir finds the same group and nobody else can name it."""
+        digest = hmac.new(self.read_presign_secret(), b"otad replica share group", "sha256")
+        return f"otad-replica-{digest.hexdigest()[:24]}"
 
 
 def load_config(root: Path) -> CloudConfig:

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -613,9 +614,26 @@ def topic_acl_filters(template: str) -> tuple[str, str]:
     return template.replace("{device_id}", "%u") + "/#", template.replace("{device_id}", "+") + "/#"
 
 
+#: What a device may write and read under its own prefix: its requests, and the answers and
+#: notifications about it. Not ``fleet/update`` (the only request that may change ``desired``:
+#: a device that set its own desired state could target itself with any artifact), and not the
+#: answer topics (a device could forge the replica's answers to the fleet side).
+DEVICE_WRITES: Final = ("update", "get")
+DEVICE_READS: Final = (
+    "update/accepted",
+    "update/rejected",
+    "update/delta",
+    "update/documents",
+    "get/accepted",
+    "get/rejected",
+)
+
+
 def render_acl(config: CloudConfig) -> str:
-    """Mosquitto ACL: a device reads/writes only its own shadow topics; services all of them."""
-    pattern, every_device = topic_acl_filters(config.topic_template)
+    """Mosquitto ACL: a device writes its own requests and reads its own answers; services
+    read and write every device's shadow topics."""
+    _, every_device = topic_acl_filters(config.topic_template)
+    own = config.topic_template.replace("{device_id}", "%u")
     lines = [
         _GENERATED,
         "# The user name is the client certificate CN (use_identity_as_username).",
@@ -623,11 +641,10 @@ def render_acl(config: CloudConfig) -> str:
     ]
     for name in SERVICES:
         lines += [f"user {service_cn(name)}", f"topic readwrite {every_device}", ""]
-    lines += [
-        "# Every device: only its own shadow topics. Anything not allowed is denied.",
-        f"pattern readwrite {pattern}",
-        "",
-    ]
+    lines.append("# Every device: only these topics of its own. Anything not allowed is denied.")
+    lines += [f"pattern write {own}/{suffix}" for suffix in DEVICE_WRITES]
+    lines += [f"pattern read {own}/{suffix}" for suffix in DEVICE_READS]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -64,6 +64,7 @@ from otad.cloud.db import OutboxMessage, ShadowStore, Transaction
 from otad.errors import (
     BrokerError,
     ShadowError,
+    ShadowForbidden,
     ShadowInternal,
     ShadowThrottled,
 )
@@ -182,6 +183,13 @@ def process_request(
             body = shadow.get_payload(txn.load(device_id), request, device_id)
             return [_Outgoing(route.accepted, body)], "get"
         update = shadow.parse_update(payload)
+        if route.kind == "update" and update.desired is not shadow.ABSENT:
+            # the device's own topic: the broker cannot tell its writer from ours, and a
+            # device that set its own desired state would target itself with any artifact
+            raise ShadowForbidden(
+                "shadow: desired can only be set on the fleet side's topic "
+                f"({Topics(device_id, template).fleet_update})"
+            )
         outcome = shadow.apply_update(txn.load(device_id), update, now)
     except ShadowError as exc:
         if not exc.details.get("client_token"):
@@ -912,7 +920,7 @@ class ShadowClient:
             raise BrokerError("shadow client: not connected (use `async with`)")
         future: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
         self._waiters[token] = _Waiter(future, topics.accepted(kind), topics.rejected(kind))
-        topic = topics.update if kind == "update" else topics.get
+        topic = topics.request(kind)
         try:
             try:
                 await client.publish(topic, raw, qos=1)
@@ -949,7 +957,7 @@ class ShadowClient:
         request = shadow.UpdateRequest(desired, reported, version, token)
         # Checked locally first: the same rules the replica applies, with a clearer error.
         raw = request.encode()
-        return await self._request(topics, "update", token, raw)
+        return await self._request(topics, "fleet_update", token, raw)
 
     async def update_desired(self, device_id: str, desired: JsonObject) -> JsonObject:
         """Shorthand used by rollouts: merge ``desired`` into the device's desired state."""

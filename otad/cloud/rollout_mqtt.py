@@ -154,7 +154,7 @@ class FleetShadow:
         self._waiting[token] = future
         try:
             await self._client.publish(
-                topics.update if kind == "update" else topics.get,
+                topics.fleet_update if kind == "update" else topics.get,
                 json.dumps(payload, separators=(",", ":")).encode(),
                 qos=1,
             )

@@ -105,6 +105,7 @@ class CloudServer:
             self.db,
             self.broker_settings("replica"),
             template=self.config.topic_template,
+            share_group=self.config.replica_share_group(),
         )
         self.serve_store = serve_store
         self.rollouts: RolloutService | None = None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import uuid
+from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -57,18 +59,48 @@ async def test_broker_device_cannot_subscribe_to_another_device(
     async with (
         mqtt_client(cloud_dir, "dev1", broker, identifier=f"dev1-{tag}") as dev1,
         mqtt_client(cloud_dir, "dev2", broker, identifier=f"dev2-{tag}") as dev2,
+        mqtt_client(cloud_dir, "fleet", broker, identifier=f"fleet-{tag}") as fleet,
     ):
         await dev1.subscribe("state/dev2/#", qos=1)
         await dev1.subscribe("state/+/update", qos=1)
         await dev1.subscribe("#", qos=1)
-        await dev1.subscribe(f"state/dev1/test/{tag}", qos=1)
-        await dev2.publish(f"state/dev2/update/{tag}", b"secret", qos=1)
+        await dev1.subscribe("state/dev1/update/delta", qos=1)
         await dev2.publish("state/dev2/update", b"secret", qos=1)
-        # Control: dev1's own topic arrives, published after the forbidden ones.
-        await dev1.publish(f"state/dev1/test/{tag}", b"control", qos=1)
-        seen = await collect(dev1, f"state/dev1/test/{tag}", deadline=10)
-    assert f"state/dev1/test/{tag}" in seen
+        await fleet.publish("state/dev2/update/delta", b"secret", qos=1)
+        # Control: dev1's own delta arrives, published after the forbidden ones.
+        await fleet.publish("state/dev1/update/delta", b"control", qos=1)
+        seen = await collect(dev1, "state/dev1/update/delta", deadline=10)
+    assert "state/dev1/update/delta" in seen
     assert not [t for t in seen if t.startswith("state/dev2")], seen
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "state/dev1/fleet/update",  # the only request that may change desired
+        "state/dev1/update/accepted",  # the replica's answers, which the fleet side trusts
+        "state/dev1/update/rejected",
+        "state/dev1/update/delta",
+        "state/dev1/update/documents",
+        "state/dev1/get/accepted",
+        "state/dev1/anything",
+    ],
+)
+async def test_broker_device_writes_only_its_own_requests(
+    topic: str, cloud_dir: CloudDir, broker: BrokerProcess
+) -> None:
+    """A device that could write these would set its own desired state (and so target itself
+    with any artifact the store holds) or forge the replica's answers."""
+    tag = uuid.uuid4().hex[:8]
+    async with (
+        mqtt_client(cloud_dir, "replica", broker, identifier=f"svc-{tag}") as service,
+        mqtt_client(cloud_dir, "dev1", broker, identifier=f"dev1-{tag}") as dev1,
+    ):
+        await service.subscribe("state/dev1/#", qos=1)
+        await dev1.publish(topic, b'{"state":{"desired":{"software":{"url":"x"}}}}', qos=1)
+        await dev1.publish("state/dev1/update", b'{"state":{}}', qos=1)  # control: allowed
+        seen = await collect(service, "state/dev1/update", deadline=10)
+    assert seen == ["state/dev1/update"], seen
 
 
 async def test_broker_device_cannot_publish_on_another_device(
@@ -171,3 +203,36 @@ async def test_broker_restart_keeps_serving_on_the_same_port(
     assert broker.port == port and broker.running
     async with mqtt_client(cloud_dir, "dev1", broker, identifier="dev1-restart") as client:
         await client.publish("state/dev1/ping", b"1", qos=1)
+
+
+async def test_broker_device_in_a_well_known_share_group_takes_no_requests(
+    cloud: Any, cloud_dir: CloudDir, broker: BrokerProcess
+) -> None:
+    """Mosquitto lets any client join a shared subscription, then drops what it hands to a
+    member that may not read it. With the replica in the well-known group "otad-replica" a
+    device that joined it ate half of every device's and the fleet's requests; the replica's
+    group is now derived from the cloud dir's secret."""
+    assert cloud.replica.filters[0].startswith("$share/otad-replica-")
+    assert cloud.replica.filters[0] != "$share/otad-replica/state/+/update"
+    tag = uuid.uuid4().hex[:8]
+    async with mqtt_client(
+        cloud_dir, "dev1", broker, identifier=f"dev1-{tag}", protocol=aiomqtt.ProtocolVersion.V5
+    ) as rogue:
+        for suffix in ("update", "get", "fleet/update"):
+            await rogue.subscribe(f"$share/otad-replica/state/+/{suffix}", qos=1)
+        # a lost request is only answered after the client's timeout and resend (seconds)
+        async with asyncio.timeout(5):
+            for n in range(8):
+                accepted = await cloud.set_desired("dev2", {"n": n})
+                assert accepted["state"]["desired"] == {"n": n}
+
+
+def test_broker_replica_share_group_is_the_cloud_dirs_own(
+    cloud_dir: CloudDir, tmp_path: Path
+) -> None:
+    config = cloud_dir.config()
+    group = config.replica_share_group()
+    assert group == config.replica_share_group() and group != "otad-replica"
+    other = tmp_path / "other.key"
+    other.write_bytes(b"x" * 64)
+    assert config.with_overrides(presign_secret_file=other).replica_share_group() != group

@@ -109,12 +109,14 @@ def test_broker_process_names_a_missing_binary(
 async def test_broker_process_stop_and_start_keeps_retained_state(
     cloud_dir: CloudDir, broker: BrokerProcess
 ) -> None:
+    # a topic of its own, so later tests never see the retained message (no device may write
+    # or read it: the fleet identity does both)
     topic = f"state/dev2/retained/{uuid.uuid4().hex[:6]}"
-    async with mqtt_client(cloud_dir, "dev2", broker, identifier="dev2-retain") as client:
+    async with mqtt_client(cloud_dir, "fleet", broker, identifier="fleet-retain") as client:
         await client.publish(topic, b"kept", qos=1, retain=True)
     broker.stop()
     broker.start()
-    async with mqtt_client(cloud_dir, "dev2", broker, identifier="dev2-retain2") as client:
+    async with mqtt_client(cloud_dir, "fleet", broker, identifier="fleet-retain2") as client:
         await client.subscribe(topic, qos=1)
         async with asyncio.timeout(10):
             message = await anext(aiter(client.messages))

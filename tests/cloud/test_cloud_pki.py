@@ -184,7 +184,9 @@ def test_pki_acl_follows_the_topic_template(tmp_path: Path) -> None:
     )
     cloud = init_cloud(tmp_path, ["d1"], topic_template="$aws/things/{device_id}/shadow")
     acl = render_acl(cloud.config())
-    assert "pattern readwrite $aws/things/%u/shadow/#" in acl
+    assert "pattern write $aws/things/%u/shadow/update\n" in acl
+    assert "pattern read $aws/things/%u/shadow/update/delta\n" in acl
+    assert "/fleet/" not in acl and "pattern readwrite" not in acl
     assert "user otad-svc-replica\ntopic readwrite $aws/things/+/shadow/#" in acl
     assert cloud.acl_file.read_text() == acl
 
@@ -265,4 +267,4 @@ def test_pki_broker_files_follow_an_edited_config(tmp_path: Path) -> None:
     cloud.config_file.write_text(text)
     write_broker_files(cloud, cloud.config())
     assert "listener 28883 127.0.0.1" in cloud.mosquitto_conf.read_text()
-    assert "pattern readwrite t/%u/#" in cloud.acl_file.read_text()
+    assert "pattern write t/%u/update\n" in cloud.acl_file.read_text()

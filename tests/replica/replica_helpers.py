@@ -103,10 +103,17 @@ class Device:
 
 @asynccontextmanager
 async def device(
-    cloud_dir: CloudDir, broker: Any, device_id: str, template: str = "state/{device_id}"
+    cloud_dir: CloudDir,
+    broker: Any,
+    device_id: str,
+    template: str = "state/{device_id}",
+    *,
+    identity: str | None = None,
 ) -> AsyncIterator[Device]:
+    """A client on ``device_id``'s shadow topics, as that device or as ``identity`` (e.g.
+    "fleet": the fleet side, which may also publish on ``fleet/update``)."""
     prefix = template.replace("{device_id}", device_id)
-    async with mqtt_client(cloud_dir, device_id, broker) as client:
+    async with mqtt_client(cloud_dir, identity or device_id, broker) as client:
         # The answers only: update/# would also bring back the device's own (maybe malformed)
         # requests.
         for suffix in ("accepted", "rejected", "delta", "documents"):

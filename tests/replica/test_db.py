@@ -211,7 +211,9 @@ async def test_db_replica_unit_stores_one_outbox_row_closed_by_its_last_accepted
     from otad.cloud.replica import _process_batch, _Request
 
     requests = [
-        _Request("state/dev1/update", b'{"state": {"desired": {"a": 1}}, "clientToken": "1"}'),
+        _Request(
+            "state/dev1/fleet/update", b'{"state": {"desired": {"a": 1}}, "clientToken": "1"}'
+        ),
         _Request("state/dev1/update", b"{nope"),
         _Request("state/dev2/update", b'{"state": {"reported": {"b": 2}}, "clientToken": "2"}'),
         _Request("state/dev2/get", b""),

@@ -37,6 +37,32 @@ async def test_replica_desired_set_sends_delta_to_the_device(
         assert documents["current"]["state"] == {"desired": {"software": SOFTWARE}}
 
 
+@pytest.mark.parametrize(
+    "state",
+    [{"desired": {"software": SOFTWARE}}, {"desired": None}, {"desired": {}, "reported": {"a": 1}}],
+    ids=["set", "delete", "with_reported"],
+)
+async def test_replica_device_cannot_change_its_desired_state(
+    state: dict[str, Any],
+    cloud_dir: CloudDir,
+    broker: Any,
+    replica: Replica,
+    fleet: ShadowClient,
+) -> None:
+    """On its own update topic a device may only report. One that set its own desired
+    software would make the store issue it any artifact whose id it knows."""
+    await fleet.update_desired("dev1", {"software": {**SOFTWARE, "jobId": "fleet"}})
+    async with device(cloud_dir, broker, "dev1") as dev:
+        rejected = await dev.request(
+            "update", {"state": state, "clientToken": "self"}, "update/rejected"
+        )
+        assert rejected["code"] == 403 and rejected["clientToken"] == "self", rejected
+        assert "fleet side" in rejected["message"]
+    document = await fleet.get("dev1")
+    assert document["state"]["desired"] == {"software": {**SOFTWARE, "jobId": "fleet"}}
+    assert "reported" not in document["state"] and document["version"] == 1
+
+
 async def test_replica_reported_matching_desired_sends_no_delta(
     cloud_dir: CloudDir, broker: Any, replica: Replica, fleet: ShadowClient
 ) -> None:
@@ -212,7 +238,11 @@ async def test_replica_aws_template_end_to_end(tmp_path: Path) -> None:
             device(cloud, broker, "thing1", template) as dev,
         ):
             # $ filters cannot be shared on Mosquitto: the replica subscribes plainly.
-            assert replica.filters == ["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+            assert replica.filters == [
+                "$aws/things/+/shadow/update",
+                "$aws/things/+/shadow/get",
+                "$aws/things/+/shadow/fleet/update",
+            ]
             await fleet.update_desired("thing1", {"software": SOFTWARE})
             delta = (await dev.wait_for("update/delta"))[0]
             assert delta["state"] == {"software": SOFTWARE}

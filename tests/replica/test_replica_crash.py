@@ -93,10 +93,10 @@ async def test_replica_killed_in_committed__outbox_republishes_on_restart(
     cloud_dir: CloudDir, broker: Any, tmp_path: Path
 ) -> None:
     db = tmp_path / "shadow.db"
-    async with device(cloud_dir, broker, "dev2") as dev:
+    async with device(cloud_dir, broker, "dev2", identity="fleet") as dev:
         with replica_process(cloud_dir, db, "--kill-at", "committed") as proc:
             await dev.publish(
-                "update", {"state": {"desired": {"led": "on"}}, "clientToken": "crash-1"}
+                "fleet/update", {"state": {"desired": {"led": "on"}}, "clientToken": "crash-1"}
             )
             assert await asyncio.to_thread(wait_exit, proc) == -signal.SIGKILL
         # Durable, not published: the document and its outbox row are on disk.
@@ -119,20 +119,20 @@ async def test_replica_killed_in_committed__outbox_republishes_on_restart(
 async def test_replica_killed_in_committed__retry_with_same_token_is_applied_once(
     cloud_dir: CloudDir, broker: Any, tmp_path: Path
 ) -> None:
-    """Kill -9 between the durable write and the publish; the device retries with the same
-    clientToken after the restart: one version, the outbox's accepted and the retry's answer are
-    the same message, one delta, no documents."""
+    """Kill -9 between the durable write and the publish; the fleet side retries with the
+    same clientToken after the restart: one version, the outbox's accepted and the retry's
+    answer are the same message, one delta, no documents."""
     db = tmp_path / "shadow.db"
     request = {"state": {"desired": {"led": "off"}}, "clientToken": "dev1-job-7"}
-    async with device(cloud_dir, broker, "dev1") as dev:
+    async with device(cloud_dir, broker, "dev1", identity="fleet") as dev:
         with replica_process(cloud_dir, db, "--kill-at", "committed") as proc:
-            await dev.publish("update", request)
+            await dev.publish("fleet/update", request)
             assert await asyncio.to_thread(wait_exit, proc) == -signal.SIGKILL
         assert stored(db, "dev1") == (1, 1)  # durable, in the outbox, never published
         with replica_process(cloud_dir, db) as proc:
             republished = (await dev.wait_for("update/accepted"))[0]
-            # The device's timeout fired before the republish reached it: it retries.
-            await dev.publish("update", request)
+            # The client's timeout fired before the republish reached it: it retries.
+            await dev.publish("fleet/update", request)
             accepted = await dev.wait_for("update/accepted", count=2)
             await dev.wait_for("update/delta")
             deadline = time.monotonic() + 10

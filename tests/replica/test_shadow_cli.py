@@ -86,7 +86,6 @@ def test_shadow_cli_imports_no_network_library_at_module_level() -> None:
     from pathlib import Path
 
     import otad.cli.shadow as cli
-    from otad.cloud import replica
 
     tree = ast.parse(Path(cli.__file__).read_text())
     top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
@@ -95,4 +94,3 @@ def test_shadow_cli_imports_no_network_library_at_module_level() -> None:
         for node in top_level
     }
     assert not {n for n in names if n.startswith(("otad.cloud", "aiomqtt", "aiohttp"))}
-    assert cli.SHARE_GROUP == replica.SHARE_GROUP

@@ -120,11 +120,13 @@ def test_topics_request_filters_share_only_plain_topics() -> None:
     assert request_filters("state/{device_id}", "otad-replica") == [
         "$share/otad-replica/state/+/update",
         "$share/otad-replica/state/+/get",
+        "$share/otad-replica/state/+/fleet/update",
     ]
     # Mosquitto delivers nothing to a shared subscription on a $ filter: plain ones instead.
     assert request_filters(AWS_TEMPLATE, "otad-replica") == [
         "$aws/things/+/shadow/update",
         "$aws/things/+/shadow/get",
+        "$aws/things/+/shadow/fleet/update",
     ]
 
 
@@ -133,6 +135,11 @@ def test_topics_parse_request_topic_round_trips(template: str) -> None:
     t = Topics("dev-7", template)
     assert parse_request_topic(t.update, template) == ("dev-7", "update")
     assert parse_request_topic(t.get, template) == ("dev-7", "get")
+    assert parse_request_topic(t.fleet_update, template) == ("dev-7", "fleet_update")
+    # a device named "fleet" has an update topic that ends like the fleet side's
+    fleet = Topics("fleet", template)
+    assert parse_request_topic(fleet.update, template) == ("fleet", "update")
+    assert parse_request_topic(fleet.fleet_update, template) == ("fleet", "fleet_update")
 
 
 @pytest.mark.parametrize(
@@ -144,6 +151,9 @@ def test_topics_parse_request_topic_round_trips(template: str) -> None:
         "state//update",
         "state/dev1",
         "state/dev1/get/x",
+        "state/dev1/fleet/x",
+        "state/dev1/fleet/get",
+        "state/a/b/fleet/update",
     ],
 )
 def test_topics_parse_request_topic_rejects_others(topic: str) -> None:
