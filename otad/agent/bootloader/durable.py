@@ -14,12 +14,30 @@ Two ways, each with its use:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __layer__ = "adapter"
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, failed: Callable[[OSError], Exception]) -> Iterator[None]:
+    """Hold ``flock(LOCK_EX)`` on ``path`` (created if missing, never the env itself) for one
+    read-modify-write, so two writers (the daemon and the CLI, or ``fw_setenv``) never read
+    the same env and lose one change. ``failed`` turns an OSError opening it into the
+    caller's error."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise failed(exc) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last fd of the open file releases the flock
 
 
 def fsync_dir(path: Path) -> None:

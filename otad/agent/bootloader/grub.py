@@ -42,17 +42,15 @@ BootloaderError, not a corrupt env, and only :func:`write_initial` (image builde
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, grubenv, other_slot
-from otad.agent.bootloader.durable import FaultHook, overwrite_file, replace_file
+from otad.agent.bootloader.durable import FaultHook, held_lock, overwrite_file, replace_file
 from otad.errors import BootloaderEnvCorrupt, BootloaderError
 
 __layer__ = "adapter"
@@ -206,22 +204,17 @@ class GrubBootloader:
         self.lock_path = self.env_dir / LOCK_NAME
         self._fault = fault  # test-only: see durable.overwrite_file
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the env lock (a file next to the copies, not a copy) for one read-modify-write."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError as exc:
-            raise self._no_dir() from exc
-        except OSError as exc:
-            raise BootloaderError(
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        """The env lock (a file next to the copies, not a copy) for one read-modify-write."""
+
+        def failed(exc: OSError) -> BootloaderError:
+            if isinstance(exc, FileNotFoundError):
+                return self._no_dir()
+            return BootloaderError(
                 f"grub: cannot open the env lock {self.lock_path}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+            )
+
+        return held_lock(self.lock_path, failed)
 
     def _no_dir(self) -> BootloaderError:
         return BootloaderError(

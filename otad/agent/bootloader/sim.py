@@ -19,17 +19,15 @@ Every read-modify-write of the state file holds ``flock(LOCK_EX)`` on ``<state f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, other_slot
-from otad.agent.bootloader.durable import replace_file
+from otad.agent.bootloader.durable import held_lock, replace_file
 from otad.errors import BootloaderEnvCorrupt, BootloaderError
 
 __layer__ = "adapter"
@@ -234,20 +232,14 @@ class SimBootloader:
 
     # --- storage --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the lock next to the state file (not the state file) for a read-modify-write."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise BootloaderError(
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        """The lock next to the state file (not the state file) for a read-modify-write."""
+        return held_lock(
+            self.lock_path,
+            lambda exc: BootloaderError(
                 f"sim: cannot open the lock {self.lock_path}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+            ),
+        )
 
     def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
         with self._locked():

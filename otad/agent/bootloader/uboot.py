@@ -36,16 +36,15 @@ Every read-modify-write holds ``flock(LOCK_EX)`` on libubootenv's lock file
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from otad.agent.bootloader import SLOTS, BootState, SlotBoot, check_slot, other_slot, ubootenv
-from otad.agent.bootloader.durable import FaultHook, overwrite_file
+from otad.agent.bootloader.durable import FaultHook, held_lock, overwrite_file
 from otad.errors import BootloaderEnvCorrupt, BootloaderError, ConfigError
 
 __layer__ = "adapter"
@@ -190,20 +189,14 @@ class UBootBootloader:
 
     # --- raw env ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold libubootenv's lock (the one fw_setenv takes) for one read-modify-write."""
-        try:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise BootloaderError(
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        """libubootenv's lock (the one fw_setenv takes) for one read-modify-write."""
+        return held_lock(
+            self.lock_file,
+            lambda exc: BootloaderError(
                 f"u-boot: cannot open the env lock {self.lock_file}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the last fd of the open file releases the flock
+            ),
+        )
 
     def _missing(self, loc: EnvLocation) -> BootloaderError:
         return BootloaderError(
