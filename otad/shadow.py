@@ -1091,9 +1091,12 @@ def error_from_rejected(payload: Mapping[str, Any]) -> ShadowError:
 
 
 def client_token_of(payload: bytes) -> str | None:
-    """Best effort: the valid clientToken of a payload that may be invalid otherwise."""
+    """Best effort: the valid clientToken of a payload that may be invalid otherwise.
+
+    Also of one over the request limit (up to what a broker delivers): the 413 must echo the
+    token, or the client waits for its timeout instead of learning why."""
     try:
-        doc = _decode(payload, allow_empty=True)
+        doc = _decode(payload, allow_empty=True, limit=MAX_RESPONSE_BYTES)
         return _client_token(doc) if isinstance(doc, dict) else None
     except ShadowError:
         return None

@@ -167,6 +167,12 @@ async def test_replica_retry_with_same_client_token__same_accepted_no_new_versio
             None,
             id="oversize_request",
         ),
+        pytest.param(
+            b'{"state": {"reported": {"a": "' + b"x" * 20000 + b'"}}, "clientToken": "huge"}',
+            413,
+            "huge",
+            id="oversize_request_with_token",
+        ),
     ],
 )
 async def test_replica_bad_input_is_rejected_and_stores_nothing(

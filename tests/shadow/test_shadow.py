@@ -524,6 +524,10 @@ def test_client_token_of_is_best_effort() -> None:
     assert shadow.client_token_of(b'{"clientToken": "a", "state": 5}') == "a"
     assert shadow.client_token_of(b"garbage") is None
     assert shadow.client_token_of(b'{"clientToken": 1}') is None
+    # over the request limit: the 413 still names the request
+    big = b'{"state": {"reported": {"a": "' + b"x" * 20000 + b'"}}, "clientToken": "t"}'
+    assert shadow.client_token_of(big) == "t"
+    assert shadow.client_token_of(b" " * (shadow.MAX_RESPONSE_BYTES + 1)) is None
 
 
 # --- payloads built from texts match the documents they stand for ------------------------------
