@@ -280,7 +280,9 @@ class ArtifactRepository:
         if target.exists():
             tmp.unlink()  # content addressed: the same bytes are already here
         else:
-            meta_tmp = self.meta_path(artifact_id).with_suffix(".json.tmp")
+            # beside the upload's own temp file: two uploads of the same bundle at once each
+            # write their own (and a crash leaves it where the stale-upload sweep looks)
+            meta_tmp = tmp.with_name(f"{tmp.stem}.meta.part")
             meta_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
             with meta_tmp.open("rb") as f:
                 os.fsync(f.fileno())

@@ -27,10 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from plugins.cloud_env import CloudEnv, identity, make_bundle
+from plugins.threads import race
 
 from otad.bundle import Keyring
 from otad.cloud.pki import CloudDir, init_cloud
 from otad.cloud.store import SHUTDOWN_GRACE, ArtifactStore
+from otad.cloud.store_files import ArtifactRepository
 from otad.errors import StoreError
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -601,3 +603,27 @@ def test_store_sweeps_only_stale_upload_leftovers(tmp_path: Path) -> None:
     assert repo.sweep_incoming() == 1
     assert not stale.exists() and fresh.exists()
     assert ArtifactRepository(tmp_path / "none").sweep_incoming() == 0
+
+
+def test_store_same_bundle_uploaded_twice_at_once_stores_it_once(
+    cloud_dir: CloudDir, signed_bundle: Path, tmp_path: Path
+) -> None:
+    """Both uploads used one temp metadata file: whichever renamed it second failed, and the
+    error blamed the source bundle ("cannot read ..."). Each upload now has its own."""
+    keyring = Keyring.load(cloud_dir.keyring_dir)
+    for n in range(20):  # the window is small: several rounds, each on a fresh directory
+        repo_dir = tmp_path / f"artifacts-{n}"
+        repo_dir.mkdir()
+        repo = ArtifactRepository(repo_dir)
+        results: list[object] = []
+
+        def upload(repo: ArtifactRepository = repo, results: list[object] = results) -> None:
+            try:
+                results.append(repo.import_file(signed_bundle, keyring, uploader="fleet"))
+            except Exception as exc:  # the assertion below names it
+                results.append(exc)
+
+        race(upload, upload)
+        assert len(results) == 2 and not [r for r in results if isinstance(r, Exception)], results
+        assert len(list(repo_dir.glob("*.bundle"))) == 1 and len(list(repo_dir.glob("*.json"))) == 1
+        assert not list((repo_dir / ".incoming").glob("*"))
