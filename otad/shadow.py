@@ -254,8 +254,9 @@ def merge_state(base: Mapping[str, JsonValue], patch: Mapping[str, JsonValue]) -
             merged = merge_state(current if isinstance(current, dict) else {}, value)
             if merged:
                 out[key] = merged
-            else:
-                out.pop(key, None)
+            elif isinstance(current, dict):
+                out.pop(key, None)  # emptied by its deletions
+            # else: an object that sets nothing (only nulls, empty objects) leaves a value be
             continue
         out[key] = value
     return out
@@ -309,12 +310,13 @@ def _merge_metadata(
         elif isinstance(value, dict):
             current = out.get(key)
             # A leaf's metadata ({"timestamp": T}) is not an object of per-key metadata.
-            nested = current if isinstance(current, dict) and not _is_leaf_meta(current) else {}
+            leaf_before = isinstance(current, dict) and _is_leaf_meta(current)
+            nested = current if isinstance(current, dict) and not leaf_before else {}
             merged = _merge_metadata(nested, value, leaf)
             if merged:
                 out[key] = merged
-            else:
-                out.pop(key, None)
+            elif not leaf_before:
+                out.pop(key, None)  # as in merge_state: a value's own metadata stays
         else:
             out[key] = leaf
     return out

@@ -303,6 +303,21 @@ def test_merge_null_deletes_and_values_replace(
             assert merged[key] == state[key]
 
 
+def test_merge_an_object_that_sets_nothing_leaves_a_value() -> None:
+    """`{"a": {}}` on its own changes nothing, also when `a` holds a value (it used to delete
+    it), and so does an object of deletions only."""
+    state = {"a": 5, "b": {"c": 1}}
+    assert merge_state(state, {"a": {}}) == state
+    assert merge_state(state, {"a": {"x": None}}) == state
+    assert merge_state(state, {"b": {"c": None}}) == {"a": 5}  # an emptied object goes
+    assert merge_state(state, {"a": {"x": 1}}) == {"a": {"x": 1}, "b": {"c": 1}}
+    # through an update: the value and its metadata both stay
+    first = update(None, {"state": {"reported": {"a": 5}}})
+    second = update(first.document, {"state": {"reported": {"a": {}}}}, NOW + 1)
+    assert second.document.reported == {"a": 5}
+    assert second.document.metadata_reported == first.document.metadata_reported
+
+
 @given(states, patches)
 def test_merge_leaves_no_nulls_or_empty_objects(
     state: dict[str, Any], patch: dict[str, Any]
