@@ -301,6 +301,11 @@ class ArtifactStore:
         return len(self._readers)
 
     @property
+    def sending(self) -> int:
+        """Downloads streaming a body right now (they share the read buffer budget)."""
+        return self._sending
+
+    @property
     def open_files(self) -> int:
         """Bundle descriptors of this store not closed yet (0 once stopped)."""
         self._forget_closed_readers()
