@@ -419,7 +419,11 @@ class _Wire(asyncio.Protocol):
                 if first & 0x06:
                     self._write(b"\x40\x02" + buf[at : at + 2])  # PUBACK
                     at += 2
-                requests.append(_Request(topic, bytes(buf[at:stop])))
+                # RETAIN set: not a request now but a stored one that the broker replays to
+                # every new subscription (a device may publish its update retained): applying
+                # it at each replica (re)start would repeat an old update
+                if not first & 0x01:
+                    requests.append(_Request(topic, bytes(buf[at:stop])))
             elif kind == 4:  # PUBACK
                 acked.append((buf[i] << 8) | buf[i + 1])
             elif kind == 2:  # CONNACK

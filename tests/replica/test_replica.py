@@ -366,3 +366,32 @@ async def test_replica_keepalive_notices_a_silent_broker(
         finally:
             stop.set()
             await asyncio.wait_for(task, 15)
+
+
+async def test_replica_does_not_apply_a_retained_request_again(
+    cloud_dir: CloudDir, broker: Any, tmp_path: Path, fleet: ShadowClient
+) -> None:
+    """A device publishes its report with the retain flag. The broker replays a retained
+    message to every new plain subscription (the AWS layout's; shared ones get none), so each
+    replica (re)start applied the old update again: a new version, and a report the device
+    never sent twice."""
+    db = tmp_path / "shadow.db"
+    try:
+        async with (
+            running_replica(cloud_dir, broker, db, share_group=None),
+            device(cloud_dir, broker, "dev3") as dev,
+        ):
+            await dev.client.publish(
+                "state/dev3/update",
+                b'{"state": {"reported": {"boot": 1}}}',  # no token: nothing marks a replay
+                qos=1,
+                retain=True,
+            )
+            await dev.wait_for("update/accepted")
+        async with running_replica(cloud_dir, broker, db, share_group=None):
+            await asyncio.sleep(1.0)  # the broker replays the retained request at subscription
+            got = await fleet.get("dev3")
+        assert got["version"] == 1 and got["state"]["reported"] == {"boot": 1}, got
+    finally:
+        async with device(cloud_dir, broker, "dev3") as dev:
+            await dev.client.publish("state/dev3/update", b"", qos=1, retain=True)  # clears it
