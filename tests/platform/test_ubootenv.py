@@ -361,6 +361,10 @@ def test_uboot_unwritable_env_is_a_bootloader_error(
         ("/a zero 0x4000\n", "bad number"),
         ("/a 0 4\n", "bad offset or size"),
         ("/a 0 0x4000\n/b 0 0x2000\n", "same size"),
+        # raw flash: erase cycles and other flag values; written the block way, U-Boot would
+        # not read it back
+        ("/dev/mtd1 0x0 0x10000 0x10000\n/dev/mtd2 0x0 0x10000 0x10000\n", "raw MTD"),
+        ("/dev/mtd0 0x3c0000 0x20000\n", "raw MTD"),
     ],
 )
 def test_uboot_bad_fw_env_config_is_a_config_error(text: str, match: str) -> None:

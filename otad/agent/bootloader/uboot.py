@@ -85,6 +85,13 @@ def parse_fw_env_config(text: str, where: str = "fw_env.config") -> tuple[EnvLoc
             raise ConfigError(f"u-boot: {where}:{lineno}: bad number: {exc}") from exc
         if offset < 0 or size <= ubootenv.HEADER_REDUNDANT + 2:
             raise ConfigError(f"u-boot: {where}:{lineno}: bad offset or size")
+        if Path(fields[0]).name.startswith("mtd"):
+            # flash needs erase cycles and libubootenv marks its copies with other flag values
+            # there: an env written the block-device way would not be read back by U-Boot
+            raise ConfigError(
+                f"u-boot: {where}:{lineno}: {fields[0]} is a raw MTD device, which otad does "
+                "not write; keep the env on a block device (eMMC, SD) or in a file"
+            )
         found.append(EnvLocation(Path(fields[0]), offset, size))
     if len(found) not in (1, 2):
         raise ConfigError(f"u-boot: {where} must name one or two env copies, has {len(found)}")
