@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from plugins.threads import race
+from plugins.threads import assert_concurrent_marks_lose_nothing
 
 from otad.agent.bootloader import Bootloader, ubootenv
 from otad.agent.bootloader.uboot import (
@@ -524,13 +524,7 @@ def test_uboot_concurrent_writers_never_lose_an_update(
 ) -> None:
     # the daemon and `otad agent mark-bad`: separate instances, real flock on separate fds
     one, cfg = redundant
-    two = backend(cfg, tmp_path)
-    for i in range(200):
-        one.mark_good("A")
-        one.mark_good("B")
-        race(lambda: one.mark_bad("A"), lambda: two.try_once("B"))
-        st_ = one.state()
-        assert st_.slot("A").bad and st_.slot("B").on_trial, f"round {i}: {st_.to_dict()}"
+    assert_concurrent_marks_lose_nothing(one, backend(cfg, tmp_path))
 
 
 def test_uboot_agent_and_fw_setenv_never_lose_each_others_change(tmp_path: Path) -> None:
