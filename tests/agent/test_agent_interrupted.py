@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,28 @@ async def test_agent_with_an_unreadable_journal_on_a_slot_on_trial_rolls_back(
     assert dev.reboot_requests == 2
     record = Journal(dev.state_dir, boot_id="x").load()
     assert record is not None and record.state == State.ROLLED_BACK and record.reported
+
+
+async def test_agent_with_an_unreadable_journal_on_trial_and_no_job_known_still_rolls_back(
+    cloud: Any, make_device: Any
+) -> None:
+    """The same, on a device.json that names no job (an older agent wrote it): the rollback
+    still happens, reported under the jobId "unknown"."""
+    dev = make_device("dev1")
+    dev.sim.try_once("B")
+    assert dev.sim.power_on() == "B"
+    device_json = dev.state_dir / "device.json"
+    doc = json.loads(device_json.read_text())
+    doc.pop("jobs", None)
+    device_json.write_text(json.dumps(doc))
+    (dev.state_dir / "journal.json").write_bytes(b"\0" * 512)
+
+    await dev.start()
+    await dev.wait_reboot_requested()
+    assert dev.sim.state().slot("B").bad
+    assert await dev.reboot() == "A"
+    sw = await wait_reported(cloud, "dev1", lambda s: s["state"] == "rolled_back")
+    assert sw["jobId"] == "unknown" and sw["error"]["code"] == "journal_corrupt", sw
 
 
 async def test_agent_with_an_unreadable_journal_and_no_good_slot_refuses_to_start(
