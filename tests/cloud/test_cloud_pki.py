@@ -20,7 +20,7 @@ from otad.cloud.pki import (
     add_device,
     init_cloud,
     render_acl,
-    topic_acl_filters,
+    service_acl_filter,
     validate_device_id,
     write_broker_files,
 )
@@ -178,10 +178,7 @@ def test_pki_init_rejects_duplicate_devices(tmp_path: Path) -> None:
 
 
 def test_pki_acl_follows_the_topic_template(tmp_path: Path) -> None:
-    assert topic_acl_filters("$aws/things/{device_id}/shadow") == (
-        "$aws/things/%u/shadow/#",
-        "$aws/things/+/shadow/#",
-    )
+    assert service_acl_filter("$aws/things/{device_id}/shadow") == "$aws/things/+/shadow/#"
     cloud = init_cloud(tmp_path, ["d1"], topic_template="$aws/things/{device_id}/shadow")
     acl = render_acl(cloud.config())
     assert "pattern write $aws/things/%u/shadow/update\n" in acl
